@@ -1,0 +1,106 @@
+//! The gRPC service adapter. Each RPC converts its request to a checked
+//! engine request (INVALID_ARGUMENT naming the field on failure), makes one
+//! engine call, and converts the answer back. No rules live here.
+
+mod convert;
+mod status;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt, stream};
+use tonic::{Request, Response, Status};
+
+use crate::pb;
+use crate::pb::upstream_service_server::{UpstreamService, UpstreamServiceServer};
+use crate::upstream::{BlobRequest, Engine, ManifestRequest, TagsRequest};
+use convert::HeadBlob;
+
+/// Stream type of FetchBlob.
+pub type FetchBlobStream =
+    Pin<Box<dyn Stream<Item = Result<pb::FetchBlobResponse, Status>> + Send>>;
+
+/// The `oci.upstream.v1.UpstreamService` implementation.
+#[derive(Debug, Clone)]
+pub struct UpstreamApi {
+    engine: Arc<Engine>,
+}
+
+impl UpstreamApi {
+    /// The service over `engine`.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+
+    /// The tonic server for this service.
+    pub fn into_server(self) -> UpstreamServiceServer<Self> {
+        UpstreamServiceServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl UpstreamService for UpstreamApi {
+    async fn fetch_manifest(
+        &self,
+        request: Request<pb::FetchManifestRequest>,
+    ) -> Result<Response<pb::FetchManifestResponse>, Status> {
+        let req = ManifestRequest::try_from(request.into_inner())?;
+        let manifest = self.engine.fetch_manifest(req).await?;
+        Ok(Response::new(manifest.into()))
+    }
+
+    async fn head_manifest(
+        &self,
+        request: Request<pb::HeadManifestRequest>,
+    ) -> Result<Response<pb::HeadManifestResponse>, Status> {
+        let req = ManifestRequest::try_from(request.into_inner())?;
+        let meta = self.engine.head_manifest(req).await?;
+        Ok(Response::new(meta.into()))
+    }
+
+    type FetchBlobStream = FetchBlobStream;
+
+    async fn fetch_blob(
+        &self,
+        request: Request<pb::FetchBlobRequest>,
+    ) -> Result<Response<Self::FetchBlobStream>, Status> {
+        let req = BlobRequest::try_from(request.into_inner())?;
+        let offset = req.range.offset;
+        let blob = self.engine.fetch_blob(req).await?;
+        let first = pb::FetchBlobResponse {
+            info: Some(blob.info.into()),
+            offset: i64::try_from(offset).unwrap_or(i64::MAX),
+            ..Default::default()
+        };
+        let data = blob.chunks.map(|item| {
+            item.map(|chunk| convert::blob_data(chunk.offset, chunk.data))
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(
+            stream::once(async { Ok(first) }).chain(data),
+        )))
+    }
+
+    async fn head_blob(
+        &self,
+        request: Request<pb::HeadBlobRequest>,
+    ) -> Result<Response<pb::HeadBlobResponse>, Status> {
+        let req = HeadBlob::try_from(request.into_inner())?;
+        let meta = self
+            .engine
+            .head_blob(&req.repository, &req.digest, req.upstream.as_deref())
+            .await?;
+        Ok(Response::new(meta.into()))
+    }
+
+    async fn fetch_tags(
+        &self,
+        request: Request<pb::FetchTagsRequest>,
+    ) -> Result<Response<pb::FetchTagsResponse>, Status> {
+        let request = request.into_inner();
+        let name = request.repository.clone();
+        let req = TagsRequest::try_from(request)?;
+        let page = self.engine.fetch_tags(req).await?;
+        Ok(Response::new(convert::tags_response(name, page)))
+    }
+}

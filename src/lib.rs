@@ -1,0 +1,24 @@
+//! oci-upstream: a gRPC gateway that fetches OCI content (manifests, blobs,
+//! tag lists) from upstream container registries on behalf of internal
+//! services, verifying every byte against its digest.
+//!
+//! # Layout
+//! - [`config`]: the TOML configuration, parsed into typed values.
+//! - [`oci`]: validated domain types (repository, reference, digest, media
+//!   types, platform) and manifest inspection.
+//! - [`upstream`]: the engine. Routing, authentication and the OCI
+//!   operations against upstream registries; knows nothing of gRPC.
+//! - [`grpc`]: the tonic service adapter; converts requests and maps errors.
+//! - [`pb`]: generated protobuf code.
+//! - [`app`]: wiring and serving; [`telemetry`]: logging.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod config;
+pub mod grpc;
+pub mod oci;
+pub mod pb;
+pub mod telemetry;
+pub mod upstream;

@@ -1,0 +1,94 @@
+//! The `oci-upstream` command: `serve` (the default) or `check-config FILE`.
+//! Parses flags and config, starts logging, binds, and hands over to
+//! [`oci_upstream::app::run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use oci_upstream::config::{CONFIG_ENV, Config};
+
+/// Exit status for a bad command line or configuration (EX_USAGE).
+const EX_USAGE: u8 = 64;
+
+/// gRPC gateway that fetches OCI manifests, blobs and tags from upstream
+/// registries, verifying every byte.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Config file (TOML). Without one, Docker Hub is the only upstream.
+    #[arg(long, global = true, env = CONFIG_ENV, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve gRPC (the default).
+    Serve,
+    /// Validate a config file and exit.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env = |key: &str| std::env::var(key).ok();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::CheckConfig { file } => match Config::load(Some(&file), env) {
+            Ok(config) => {
+                println!(
+                    "{}: OK ({} upstream{})",
+                    file.display(),
+                    config.upstreams.len(),
+                    if config.upstreams.len() == 1 { "" } else { "s" }
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", file.display());
+                ExitCode::from(EX_USAGE)
+            }
+        },
+        Command::Serve => {
+            let config = match Config::load(cli.config.as_deref(), env) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("invalid configuration: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            serve(config)
+        }
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    oci_upstream::telemetry::init(config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(listen = %config.listen, error = %e, "cannot bind");
+                return ExitCode::FAILURE;
+            }
+        };
+        match oci_upstream::app::run(config, listener, oci_upstream::app::shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "server failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

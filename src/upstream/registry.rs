@@ -1,0 +1,235 @@
+//! The OCI distribution API as an upstream speaks it: URLs for manifests,
+//! blobs and tag lists, the `Accept` header, the `Link` header, and the
+//! registry error envelope turned into a typed [`Fault`].
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+use serde::Deserialize;
+use url::Url;
+
+use super::error::{Fault, FaultKind};
+use super::remote::{Remote, Request, read_prefix};
+use crate::oci::{Digest, MediaType, Reference, Repository};
+
+/// Most bytes of an error body read for a message.
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// The pull scope for a repository on `remote`.
+pub fn pull_scope(remote: &Remote, repository: &Repository) -> String {
+    format!("repository:{}:pull", remote.remote_name(repository))
+}
+
+fn endpoint(remote: &Remote, repository: &Repository, tail: &str) -> Url {
+    let mut url = remote.base().clone();
+    let path = format!(
+        "{}/v2/{}/{tail}",
+        url.path().trim_end_matches('/'),
+        remote.remote_name(repository)
+    );
+    url.set_path(&path);
+    url
+}
+
+/// `GET|HEAD /v2/NAME/manifests/REFERENCE`.
+pub fn manifest_request(
+    remote: &Remote,
+    method: reqwest::Method,
+    repository: &Repository,
+    reference: &Reference,
+    accept: &[MediaType],
+) -> Request {
+    Request {
+        method,
+        url: endpoint(remote, repository, &format!("manifests/{reference}")),
+        accept: Some(accept_header(accept)),
+        scope: pull_scope(remote, repository),
+        what: format!("manifest `{}`", display_ref(repository, reference)),
+    }
+}
+
+/// `GET|HEAD /v2/NAME/blobs/DIGEST`.
+pub fn blob_request(
+    remote: &Remote,
+    method: reqwest::Method,
+    repository: &Repository,
+    digest: &Digest,
+) -> Request {
+    Request {
+        method,
+        url: endpoint(remote, repository, &format!("blobs/{digest}")),
+        accept: None,
+        scope: pull_scope(remote, repository),
+        what: format!("blob `{repository}@{digest}`"),
+    }
+}
+
+/// `GET /v2/NAME/tags/list`, or the page at `url` (from a `Link` header).
+pub fn tags_request(remote: &Remote, repository: &Repository, url: Option<Url>) -> Request {
+    Request {
+        method: reqwest::Method::GET,
+        url: url.unwrap_or_else(|| endpoint(remote, repository, "tags/list")),
+        accept: Some(HeaderValue::from_static("application/json")),
+        scope: pull_scope(remote, repository),
+        what: format!("tags of `{repository}`"),
+    }
+}
+
+/// `repo:tag` or `repo@digest`, for messages.
+pub fn display_ref(repository: &Repository, reference: &Reference) -> String {
+    match reference {
+        Reference::Tag(tag) => format!("{repository}:{tag}"),
+        Reference::Digest(digest) => format!("{repository}@{digest}"),
+    }
+}
+
+/// The `Accept` header for manifest requests: the caller's types, or every
+/// OCI and Docker v2 type when none are given.
+fn accept_header(accept: &[MediaType]) -> HeaderValue {
+    let text = if accept.is_empty() {
+        MediaType::DEFAULT_ACCEPT.join(", ")
+    } else {
+        accept
+            .iter()
+            .map(MediaType::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // MediaType admits only header-safe characters.
+    HeaderValue::from_str(&text).expect("media types are valid header values")
+}
+
+/// The `rel="next"` target of a `Link` header, resolved against `current`.
+/// Only links on the same scheme, host and port are followed.
+pub fn next_link(headers: &HeaderMap, current: &Url) -> Result<Option<Url>, String> {
+    for value in headers.get_all(reqwest::header::LINK) {
+        let Ok(value) = value.to_str() else { continue };
+        for link in value.split(',') {
+            let Some((target, params)) = link.trim().split_once(';') else {
+                continue;
+            };
+            let is_next = params.split(';').any(|p| {
+                let p = p.trim().to_ascii_lowercase();
+                p == "rel=\"next\"" || p == "rel=next"
+            });
+            if !is_next {
+                continue;
+            }
+            let target = target.trim().trim_start_matches('<').trim_end_matches('>');
+            let next = current
+                .join(target)
+                .map_err(|e| format!("unusable Link {target:?}: {e}"))?;
+            if next.origin() != current.origin() {
+                return Err(format!(
+                    "Link points to another origin ({}); not followed",
+                    next.origin().ascii_serialization()
+                ));
+            }
+            return Ok(Some(next));
+        }
+    }
+    Ok(None)
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(default)]
+    errors: Vec<RegistryError>,
+}
+
+#[derive(Deserialize)]
+struct RegistryError {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// Turns a non-2xx answer into a [`Fault`]: 404 or a `*_UNKNOWN` code is
+/// "not found", 401/403 refused credentials, 429 a rate limit (with
+/// `Retry-After`), anything else an upstream that could not answer.
+pub async fn fault_from_response(
+    remote: &Remote,
+    what: &str,
+    response: reqwest::Response,
+) -> Fault {
+    let status = response.status();
+    let retry_after = retry_after(response.headers());
+    let body = read_prefix(response, ERROR_BODY_LIMIT).await;
+    let errors = serde_json::from_slice::<Envelope>(&body)
+        .map(|e| e.errors)
+        .unwrap_or_default();
+    let detail = errors
+        .first()
+        .map(|e| {
+            let message: String = e.message.chars().take(200).collect();
+            format!(" ({}: {})", e.code, message)
+        })
+        .unwrap_or_default();
+    let unknown = errors.iter().any(|e| e.code.ends_with("_UNKNOWN"));
+    let kind = match status {
+        StatusCode::NOT_FOUND => FaultKind::NotFound,
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => FaultKind::Denied,
+        StatusCode::TOO_MANY_REQUESTS => FaultKind::RateLimited,
+        s if s.is_client_error() && unknown => FaultKind::NotFound,
+        _ => FaultKind::Unavailable,
+    };
+    Fault::new(
+        kind,
+        format!(
+            "upstream `{}` answered {} for {what}{detail}",
+            remote.name(),
+            status.as_u16()
+        ),
+    )
+    .with_retry_after(retry_after)
+}
+
+/// `Retry-After` in seconds (HTTP dates are read as "unknown" for now).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(value: &str) -> Result<Option<Url>, String> {
+        let mut headers = HeaderMap::new();
+        headers.insert(reqwest::header::LINK, HeaderValue::from_str(value).unwrap());
+        next_link(
+            &headers,
+            &Url::parse("https://r.example/v2/a/tags/list").unwrap(),
+        )
+    }
+
+    #[test]
+    fn link_headers() {
+        assert_eq!(
+            link(r#"</v2/a/tags/list?n=2&last=b>; rel="next""#)
+                .unwrap()
+                .unwrap()
+                .as_str(),
+            "https://r.example/v2/a/tags/list?n=2&last=b"
+        );
+        assert_eq!(
+            link(r#"<https://r.example/v2/a/tags/list?last=c>; rel=next"#)
+                .unwrap()
+                .unwrap()
+                .as_str(),
+            "https://r.example/v2/a/tags/list?last=c"
+        );
+        assert!(link(r#"</x>; rel="prev""#).unwrap().is_none());
+        assert!(link(r#"<https://evil.example/v2/a/tags/list>; rel="next""#).is_err());
+        assert!(link(r#"<http://r.example/v2/a/tags/list>; rel="next""#).is_err());
+        assert!(link(r#"<https://r.example:8443/x>; rel="next""#).is_err());
+    }
+}

@@ -1,0 +1,147 @@
+//! Routing: which upstreams may serve a repository, in which order.
+
+use std::sync::Arc;
+
+use super::error::Error;
+use super::remote::Remote;
+use crate::oci::Repository;
+
+/// The configured upstreams, sorted by priority (ties keep file order).
+#[derive(Debug)]
+pub struct Router {
+    remotes: Vec<Arc<Remote>>,
+}
+
+impl Router {
+    /// Sorts `remotes` (given in file order) by priority.
+    pub fn new(mut remotes: Vec<Remote>) -> Self {
+        // A stable sort keeps file order among equal priorities.
+        remotes.sort_by_key(Remote::priority);
+        Self {
+            remotes: remotes.into_iter().map(Arc::new).collect(),
+        }
+    }
+
+    /// The upstreams to try for `repository`, in order. With `only`, just that
+    /// upstream: an unknown name is an error, and so is one whose rules (or
+    /// `enabled = false`) exclude the repository.
+    pub fn candidates(
+        &self,
+        repository: &Repository,
+        only: Option<&str>,
+    ) -> Result<Vec<Arc<Remote>>, Error> {
+        if let Some(name) = only {
+            let remote = self
+                .remotes
+                .iter()
+                .find(|r| r.name() == name)
+                .ok_or_else(|| Error::UnknownUpstream(name.to_owned()))?;
+            if !remote.enabled() || !remote.admits(repository) {
+                return Err(Error::NotRouted {
+                    upstream: name.to_owned(),
+                    repository: repository.to_string(),
+                });
+            }
+            return Ok(vec![remote.clone()]);
+        }
+        let candidates: Vec<_> = self
+            .remotes
+            .iter()
+            .filter(|r| r.enabled() && r.admits(repository))
+            .cloned()
+            .collect();
+        if candidates.is_empty() {
+            return Err(Error::NoRoute(repository.to_string()));
+        }
+        Ok(candidates)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn router(toml: &str) -> Router {
+        let config = Config::parse(toml).unwrap();
+        config.validate().unwrap();
+        Router::new(
+            config
+                .upstreams
+                .iter()
+                .enumerate()
+                .map(|(i, u)| Remote::new(u, i).unwrap())
+                .collect(),
+        )
+    }
+
+    fn names(r: &Router, repo: &str, only: Option<&str>) -> Result<Vec<String>, String> {
+        r.candidates(&Repository::parse(repo).unwrap(), only)
+            .map(|c| c.iter().map(|r| r.name().to_owned()).collect())
+            .map_err(|e| e.to_string())
+    }
+
+    const THREE: &str = r#"
+        [[upstreams]]
+        name = "a"
+        url = "http://a"
+        priority = 1
+        exclude = ["private/**"]
+        [[upstreams]]
+        name = "b"
+        url = "http://b"
+        priority = 0
+        repositories = ["team/*"]
+        [[upstreams]]
+        name = "c"
+        url = "http://c"
+        [[upstreams]]
+        name = "off"
+        url = "http://off"
+        enabled = false
+    "#;
+
+    #[test]
+    fn priority_then_file_order_and_rules() {
+        let r = router(THREE);
+        assert_eq!(names(&r, "team/app", None).unwrap(), ["b", "a", "c"]);
+        assert_eq!(names(&r, "team/app/x", None).unwrap(), ["a", "c"]);
+        assert_eq!(names(&r, "private/x", None).unwrap(), ["c"]);
+    }
+
+    #[test]
+    fn ties_keep_file_order() {
+        let r = router(
+            "[[upstreams]]\nname = \"x\"\nurl = \"http://x\"\npriority = 5\n[[upstreams]]\nname = \"y\"\nurl = \"http://y\"\npriority = 5\n[[upstreams]]\nname = \"z\"\nurl = \"http://z\"",
+        );
+        assert_eq!(names(&r, "a", None).unwrap(), ["z", "x", "y"]);
+    }
+
+    #[test]
+    fn named_upstream() {
+        let r = router(THREE);
+        assert_eq!(names(&r, "team/app", Some("c")).unwrap(), ["c"]);
+        assert!(
+            names(&r, "x", Some("nope"))
+                .unwrap_err()
+                .contains("unknown upstream `nope`")
+        );
+        assert!(
+            names(&r, "private/x", Some("a"))
+                .unwrap_err()
+                .contains("does not serve")
+        );
+        assert!(
+            names(&r, "x", Some("off"))
+                .unwrap_err()
+                .contains("does not serve")
+        );
+    }
+
+    #[test]
+    fn no_route() {
+        let r =
+            router("[[upstreams]]\nname = \"a\"\nurl = \"http://a\"\nrepositories = [\"x/**\"]");
+        assert!(names(&r, "y", None).unwrap_err().contains("admit"));
+    }
+}

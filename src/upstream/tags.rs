@@ -1,0 +1,184 @@
+//! Tag listing. Upstreams differ (some ignore `n`/`last`, some do not sort),
+//! so the engine reads the whole list, following same-origin `Link` pages,
+//! sorts it, and pages it itself: walking with `next_last` visits every tag
+//! exactly once, in lexical order.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use super::registry::{fault_from_response, next_link, tags_request};
+use super::remote::Remote;
+use super::{Engine, Error, Fault, Source};
+use crate::oci::{Repository, Tag};
+
+/// Most bytes read for one page of a tag list.
+const TAG_PAGE_LIMIT: usize = 16 * 1024 * 1024;
+
+/// A request for a page of tags.
+#[derive(Debug, Clone)]
+pub struct TagsRequest {
+    /// The repository, as the caller named it.
+    pub repository: Repository,
+    /// Page size; `None` means all.
+    pub n: Option<usize>,
+    /// Only tags lexically after this one.
+    pub last: Option<Tag>,
+    /// Ask only this upstream.
+    pub upstream: Option<String>,
+}
+
+/// A page of tags.
+#[derive(Debug, Clone)]
+pub struct TagPage {
+    /// Tags in lexical order.
+    pub tags: Vec<String>,
+    /// The `last` for the next page; `None` when no tags remain.
+    pub next_last: Option<String>,
+    /// Where the list came from.
+    pub source: Source,
+}
+
+#[derive(Deserialize)]
+struct TagList {
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+}
+
+impl Engine {
+    /// Lists a page of tags.
+    #[tracing::instrument(skip_all, fields(repository = %req.repository))]
+    pub async fn fetch_tags(&self, req: TagsRequest) -> Result<TagPage, Error> {
+        let repository = &req.repository;
+        let (remote, mut tags) = self
+            .first_success(
+                repository,
+                req.upstream.as_deref(),
+                move |remote| async move { self.list_tags(&remote, repository).await },
+            )
+            .await?;
+        tags.sort_unstable();
+        tags.dedup();
+        Ok(page(
+            tags,
+            req.last.as_ref().map(Tag::as_str),
+            req.n,
+            Source::fetched(&remote),
+        ))
+    }
+
+    async fn list_tags(
+        &self,
+        remote: &Arc<Remote>,
+        repository: &Repository,
+    ) -> Result<Vec<String>, Fault> {
+        let mut tags = Vec::new();
+        let mut next = None;
+        loop {
+            let request = tags_request(remote, repository, next.take());
+            let response = remote.send(&request).await?;
+            if !response.status().is_success() {
+                return Err(fault_from_response(remote, &request.what, response).await);
+            }
+            let link = next_link(response.headers(), &request.url).map_err(|e| {
+                Fault::unavailable(format!(
+                    "upstream `{}` listing {}: {e}",
+                    remote.name(),
+                    request.what
+                ))
+            })?;
+            let body = remote
+                .read_body(response, TAG_PAGE_LIMIT, &request.what)
+                .await?;
+            let list: TagList = serde_json::from_slice(&body).map_err(|e| {
+                Fault::unavailable(format!(
+                    "upstream `{}` sent an unusable tag list for {}: {e}",
+                    remote.name(),
+                    request.what
+                ))
+            })?;
+            let page = list.tags.unwrap_or_default();
+            let empty_page = page.is_empty();
+            tags.extend(page);
+            if tags.len() > self.limits.max_tags {
+                return Err(Fault::unavailable(format!(
+                    "upstream `{}` lists more than {} tags for {} (max_tags)",
+                    remote.name(),
+                    self.limits.max_tags,
+                    request.what
+                )));
+            }
+            match link {
+                // A page without tags that points onward would loop forever.
+                Some(url) if !empty_page => next = Some(url),
+                _ => return Ok(tags),
+            }
+        }
+    }
+}
+
+/// Cuts the page after `last` of at most `n` tags from a sorted list.
+fn page(sorted: Vec<String>, last: Option<&str>, n: Option<usize>, source: Source) -> TagPage {
+    let start = last.map_or(0, |last| sorted.partition_point(|t| t.as_str() <= last));
+    let mut rest = sorted;
+    rest.drain(..start);
+    let next_last = match n {
+        Some(n) if rest.len() > n => {
+            rest.truncate(n);
+            rest.last().cloned()
+        }
+        _ => None,
+    };
+    TagPage {
+        tags: rest,
+        next_last,
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn src() -> Source {
+        Source {
+            upstream: "a".into(),
+            cache_hit: false,
+        }
+    }
+
+    fn tags(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn pages_visit_every_tag_once() {
+        let all = tags(&["1", "2", "a", "b", "c"]);
+        let mut seen = Vec::new();
+        let mut last: Option<String> = None;
+        loop {
+            let p = page(all.clone(), last.as_deref(), Some(2), src());
+            seen.extend(p.tags.clone());
+            match p.next_last {
+                Some(l) => last = Some(l),
+                None => break,
+            }
+        }
+        assert_eq!(seen, all);
+    }
+
+    #[test]
+    fn edges() {
+        let all = tags(&["a", "b", "c"]);
+        assert_eq!(page(all.clone(), None, None, src()).tags, all);
+        assert_eq!(page(all.clone(), None, Some(3), src()).next_last, None);
+        assert_eq!(page(all.clone(), Some("b"), None, src()).tags, ["c"]);
+        assert_eq!(page(all.clone(), Some("bb"), None, src()).tags, ["c"]);
+        assert!(page(all.clone(), Some("z"), Some(1), src()).tags.is_empty());
+        let p = page(all, None, Some(2), src());
+        assert_eq!(
+            (p.tags, p.next_last.as_deref()),
+            (tags(&["a", "b"]), Some("b"))
+        );
+    }
+}
