@@ -105,6 +105,16 @@ pub enum Credentials {
     DockerConfig(PathBuf),
 }
 
+/// Credentials resolved for one token or registry request.
+#[derive(Debug, Clone, Default)]
+pub struct Resolved {
+    /// Username and password, for Basic auth and the token GET.
+    pub basic: Option<BasicAuth>,
+    /// An OAuth2 refresh token (a Docker config's `identitytoken`), for the
+    /// token POST form.
+    pub refresh_token: Option<Secret>,
+}
+
 /// A username and password, resolved for one request.
 #[derive(Debug, Clone)]
 pub struct BasicAuth {
@@ -135,15 +145,18 @@ impl Credentials {
         }
     }
 
-    /// The username and password for `host` (`host` or `host:port`), if these
-    /// credentials have them.
-    pub fn basic(&self, host: &str) -> Result<Option<BasicAuth>, String> {
+    /// The username/password and refresh token for `host` (`host` or
+    /// `host:port`), read now (files are re-read on every call).
+    pub fn resolve(&self, host: &str) -> Result<Resolved, String> {
         match self {
-            Credentials::Anonymous | Credentials::Bearer(_) => Ok(None),
-            Credentials::Basic { username, password } => Ok(Some(BasicAuth {
-                username: username.clone(),
-                password: password.read()?,
-            })),
+            Credentials::Anonymous | Credentials::Bearer(_) => Ok(Resolved::default()),
+            Credentials::Basic { username, password } => Ok(Resolved {
+                basic: Some(BasicAuth {
+                    username: username.clone(),
+                    password: password.read()?,
+                }),
+                refresh_token: None,
+            }),
             Credentials::DockerConfig(path) => docker_config_lookup(path, host),
         }
     }
@@ -168,16 +181,21 @@ struct DockerAuthEntry {
     auth: Option<String>,
     username: Option<String>,
     password: Option<String>,
+    identitytoken: Option<String>,
 }
 
 /// Finds `host`'s entry in a Docker config file. Keys may be bare hosts or
 /// URLs (`https://index.docker.io/v1/`); Docker Hub's keys serve its
 /// registry hosts.
-fn docker_config_lookup(path: &Path, host: &str) -> Result<Option<BasicAuth>, String> {
+fn docker_config_lookup(path: &Path, host: &str) -> Result<Resolved, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read docker config {}: {e}", path.display()))?;
-    let file: DockerConfigFile = serde_json::from_str(&text)
-        .map_err(|e| format!("docker config {} is not valid: {e}", path.display()))?;
+    let file: DockerConfigFile = serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "docker config {} is not valid JSON of the expected shape: {e}",
+            path.display()
+        )
+    })?;
     let is_hub = |h: &str| {
         matches!(
             h,
@@ -194,37 +212,46 @@ fn docker_config_lookup(path: &Path, host: &str) -> Result<Option<BasicAuth>, St
         (key_host == host || (is_hub(key_host) && is_hub(host))).then_some(entry)
     });
     let Some(entry) = entry else {
-        return Ok(None);
+        return Ok(Resolved::default());
     };
-    if let (Some(username), Some(password)) = (&entry.username, &entry.password) {
-        return Ok(Some(BasicAuth {
+    let refresh_token = entry
+        .identitytoken
+        .as_deref()
+        .filter(|t| !t.is_empty())
+        .map(Secret::new);
+    let basic = match (&entry.username, &entry.password, &entry.auth) {
+        (Some(username), Some(password), _) => Some(BasicAuth {
             username: username.clone(),
             password: Secret::new(password.clone()),
-        }));
-    }
-    let Some(auth) = &entry.auth else {
-        return Ok(None);
+        }),
+        (_, _, Some(auth)) if !auth.trim().is_empty() => {
+            let decoded = BASE64
+                .decode(auth.trim())
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| {
+                    format!(
+                        "docker config {}: `auth` for {host} is not base64",
+                        path.display()
+                    )
+                })?;
+            let (username, password) = decoded.split_once(':').ok_or_else(|| {
+                format!(
+                    "docker config {}: `auth` for {host} is not user:password",
+                    path.display()
+                )
+            })?;
+            Some(BasicAuth {
+                username: username.to_owned(),
+                password: Secret::new(password),
+            })
+        }
+        _ => None,
     };
-    let decoded = BASE64
-        .decode(auth.trim())
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(|| {
-            format!(
-                "docker config {}: `auth` for {host} is not base64",
-                path.display()
-            )
-        })?;
-    let (username, password) = decoded.split_once(':').ok_or_else(|| {
-        format!(
-            "docker config {}: `auth` for {host} is not user:password",
-            path.display()
-        )
-    })?;
-    Ok(Some(BasicAuth {
-        username: username.to_owned(),
-        password: Secret::new(password),
-    }))
+    Ok(Resolved {
+        basic,
+        refresh_token,
+    })
 }
 
 /// One challenge of a `WWW-Authenticate` header.
@@ -424,13 +451,36 @@ mod tests {
         )
         .unwrap();
         let creds = Credentials::DockerConfig(path);
-        let hub = creds.basic("registry-1.docker.io").unwrap().unwrap();
+        let hub = creds
+            .resolve("registry-1.docker.io")
+            .unwrap()
+            .basic
+            .unwrap();
         assert_eq!((hub.username.as_str(), hub.password.expose()), ("u", "p"));
-        let other = creds.basic("r.example:5000").unwrap().unwrap();
+        let other = creds.resolve("r.example:5000").unwrap();
+        let basic = other.basic.unwrap();
         assert_eq!(
-            (other.username.as_str(), other.password.expose()),
+            (basic.username.as_str(), basic.password.expose()),
             ("a", "b")
         );
-        assert!(creds.basic("ghcr.io").unwrap().is_none());
+        assert!(other.refresh_token.is_none());
+        let none = creds.resolve("ghcr.io").unwrap();
+        assert!(none.basic.is_none() && none.refresh_token.is_none());
+    }
+
+    #[test]
+    fn docker_config_identity_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(
+            &path,
+            r#"{"auths":{"r.example":{"auth":"","identitytoken":"refresh-me"}}}"#,
+        )
+        .unwrap();
+        let resolved = Credentials::DockerConfig(path)
+            .resolve("r.example")
+            .unwrap();
+        assert!(resolved.basic.is_none());
+        assert_eq!(resolved.refresh_token.unwrap().expose(), "refresh-me");
     }
 }

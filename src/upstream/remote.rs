@@ -15,7 +15,7 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use url::Url;
 
-use super::auth::{BasicAuth, Challenge, Credentials, Secret, parse_challenges};
+use super::auth::{BasicAuth, Challenge, Credentials, Resolved, Secret, parse_challenges};
 use super::error::{Fault, FaultKind};
 use super::glob::Glob;
 use super::token_cache::TokenCache;
@@ -86,6 +86,8 @@ pub struct Remote {
     timeout: Duration,
     realm_hosts: Vec<String>,
     http: reqwest::Client,
+    /// For token requests: follows only redirects that the realm policy allows.
+    token_http: reqwest::Client,
     credentials: Credentials,
     tokens: TokenCache,
     /// Set once the upstream asked for Basic auth, so later requests send it
@@ -96,19 +98,42 @@ pub struct Remote {
 impl Remote {
     /// Builds the upstream at `position` in the config file.
     pub fn new(config: &UpstreamConfig, position: usize) -> Result<Self, String> {
-        let mut http = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .read_timeout(config.timeout)
-            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
-            .user_agent(concat!("oci-upstream/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(Duration::from_secs(90));
-        http = match &config.proxy {
-            Some(proxy) => http.proxy(
-                reqwest::Proxy::all(proxy.as_str())
-                    .map_err(|e| format!("upstream `{}`: invalid proxy: {e}", config.name))?,
-            ),
-            None => http.no_proxy(),
+        let realm_hosts: Vec<String> = config
+            .realm_hosts
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
+        let client = |redirect| {
+            let builder = reqwest::Client::builder()
+                .connect_timeout(config.connect_timeout)
+                .read_timeout(config.timeout)
+                .redirect(redirect)
+                .user_agent(concat!("oci-upstream/", env!("CARGO_PKG_VERSION")))
+                .pool_idle_timeout(Duration::from_secs(90));
+            let builder = match &config.proxy {
+                Some(proxy) => builder.proxy(
+                    reqwest::Proxy::all(proxy.as_str())
+                        .map_err(|e| format!("upstream `{}`: invalid proxy: {e}", config.name))?,
+                ),
+                None => builder.no_proxy(),
+            };
+            builder
+                .build()
+                .map_err(|e| format!("upstream `{}`: cannot build HTTP client: {e}", config.name))
         };
+        let http = client(reqwest::redirect::Policy::limited(MAX_REDIRECTS))?;
+        let (base, hosts) = (config.url.clone(), realm_hosts.clone());
+        let token_http = client(reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= MAX_REDIRECTS {
+                attempt.error("too many redirects from the token endpoint")
+            } else if let Err(why) = realm_allowed(&base, &hosts, attempt.url()) {
+                attempt.error(format!(
+                    "token endpoint redirected to a refused realm: {why}"
+                ))
+            } else {
+                attempt.follow()
+            }
+        }))?;
         let glob = |g: &String| Glob::parse(g);
         Ok(Self {
             name: config.name.clone(),
@@ -123,14 +148,9 @@ impl Remote {
             exclude: config.exclude.iter().map(glob).collect::<Result<_, _>>()?,
             library_prefix: config.library_prefix(),
             timeout: config.timeout,
-            realm_hosts: config
-                .realm_hosts
-                .iter()
-                .map(|h| h.to_ascii_lowercase())
-                .collect(),
-            http: http.build().map_err(|e| {
-                format!("upstream `{}`: cannot build HTTP client: {e}", config.name)
-            })?,
+            realm_hosts,
+            http,
+            token_http,
             credentials: Credentials::from_config(&config.auth),
             tokens: TokenCache::default(),
             basic_first: AtomicBool::new(false),
@@ -232,12 +252,17 @@ impl Remote {
     }
 
     fn basic(&self) -> Result<Option<BasicAuth>, Fault> {
+        Ok(self.resolved()?.basic)
+    }
+
+    /// The credentials for this upstream's host, read now.
+    fn resolved(&self) -> Result<Resolved, Fault> {
         let host = match self.base.port() {
             Some(port) => format!("{}:{port}", self.base.host_str().unwrap_or_default()),
             None => self.base.host_str().unwrap_or_default().to_owned(),
         };
         self.credentials
-            .basic(&host)
+            .resolve(&host)
             .map_err(|e| Fault::new(FaultKind::Denied, format!("upstream `{}`: {e}", self.name)))
     }
 
@@ -289,7 +314,7 @@ impl Remote {
                 self.name
             ))
         })?;
-        self.check_realm(&realm)?;
+        self.check_realm(&realm).await?;
         let scope = if scope.is_empty() {
             challenge.param("scope").unwrap_or_default()
         } else {
@@ -307,20 +332,44 @@ impl Remote {
         service: Option<&str>,
         scope: &str,
     ) -> Result<(Secret, Duration), Fault> {
-        {
-            let mut query = realm.query_pairs_mut();
+        let what = format!("a token for `{scope}`");
+        let credentials = self.resolved()?;
+        let builder = if let Some(refresh) = &credentials.refresh_token {
+            // OAuth2 form, as for a Docker config's `identitytoken`.
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("grant_type", "refresh_token")
+                .append_pair("refresh_token", refresh.expose())
+                .append_pair("client_id", "oci-upstream");
             if let Some(service) = service {
-                query.append_pair("service", service);
+                form.append_pair("service", service);
             }
             if !scope.is_empty() {
-                query.append_pair("scope", scope);
+                form.append_pair("scope", scope);
             }
-        }
-        let what = format!("a token for `{scope}`");
-        let mut builder = self.http.get(realm).header(ACCEPT_ENCODING, "identity");
-        if let Some(basic) = self.basic()? {
-            builder = builder.header(AUTHORIZATION, Authorization::Basic(basic).header());
-        }
+            self.token_http
+                .post(realm)
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    "application/x-www-form-urlencoded",
+                )
+                .body(form.finish())
+        } else {
+            {
+                let mut query = realm.query_pairs_mut();
+                if let Some(service) = service {
+                    query.append_pair("service", service);
+                }
+                if !scope.is_empty() {
+                    query.append_pair("scope", scope);
+                }
+            }
+            let builder = self.token_http.get(realm);
+            match credentials.basic {
+                Some(basic) => builder.header(AUTHORIZATION, Authorization::Basic(basic).header()),
+                None => builder,
+            }
+        };
+        let builder = builder.header(ACCEPT_ENCODING, "identity");
         let response = self.timed(&what, builder.send()).await?;
         let status = response.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
@@ -372,44 +421,28 @@ impl Remote {
         Ok((Secret::new(token), lifetime))
     }
 
-    /// A realm must belong to the upstream: its own host, the same
-    /// registrable domain, or an allow-listed host; https unless the upstream
-    /// itself is http; never a loopback, private or link-local address unless
-    /// the upstream is one.
-    fn check_realm(&self, realm: &Url) -> Result<(), Fault> {
+    /// A realm must pass [`realm_allowed`], and when the upstream is not
+    /// itself on an internal address, the realm's host must not resolve to one.
+    async fn check_realm(&self, realm: &Url) -> Result<(), Fault> {
         let refuse = |why: &str| {
-            Err(Fault::unavailable(format!(
+            Fault::unavailable(format!(
                 "upstream `{}` sent token realm `{}`, which is refused: {why}",
                 self.name,
                 realm.origin().ascii_serialization()
-            )))
+            ))
         };
-        match realm.scheme() {
-            "https" => {}
-            "http" if self.base.scheme() == "http" => {}
-            _ => {
-                return refuse(
-                    "credentials go only over https (or http when the upstream itself is http)",
-                );
-            }
+        realm_allowed(&self.base, &self.realm_hosts, realm).map_err(refuse)?;
+        let base_host = self.base.host_str().unwrap_or_default();
+        if is_internal(base_host) || is_internal_resolved(base_host).await {
+            return Ok(());
         }
-        let (Some(realm_host), Some(base_host)) = (realm.host_str(), self.base.host_str()) else {
-            return refuse("it has no host");
-        };
-        let realm_host = realm_host.to_ascii_lowercase();
-        let base_host = base_host.to_ascii_lowercase();
-        if is_internal(&realm_host) && !is_internal(&base_host) {
-            return refuse("it is a loopback, private or link-local address");
+        let host = realm.host_str().unwrap_or_default();
+        if is_internal_resolved(host).await {
+            return Err(refuse(
+                "its host resolves to a loopback, private or link-local address",
+            ));
         }
-        let allowed = realm_host == base_host
-            || self.realm_hosts.contains(&realm_host)
-            || registrable_domain(&realm_host)
-                .is_some_and(|d| Some(d) == registrable_domain(&base_host));
-        if allowed {
-            Ok(())
-        } else {
-            refuse("its host is not the upstream's host, domain, or in `realm_hosts`")
-        }
+        Ok(())
     }
 
     fn read_fault(&self, what: &str, e: ReadError) -> Fault {
@@ -509,6 +542,48 @@ pub fn describe(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// The realm policy that needs no DNS: https unless the upstream itself is
+/// http; the upstream's host, its registrable domain, or a `realm_hosts`
+/// entry; never an internal address literal unless the upstream is internal.
+fn realm_allowed(base: &Url, realm_hosts: &[String], realm: &Url) -> Result<(), &'static str> {
+    match realm.scheme() {
+        "https" => {}
+        "http" if base.scheme() == "http" => {}
+        _ => {
+            return Err("credentials go only over https (or http when the upstream itself is http)");
+        }
+    }
+    let (Some(realm_host), Some(base_host)) = (realm.host_str(), base.host_str()) else {
+        return Err("it has no host");
+    };
+    let realm_host = realm_host.to_ascii_lowercase();
+    let base_host = base_host.to_ascii_lowercase();
+    if is_internal(&realm_host) && !is_internal(&base_host) {
+        return Err("it is a loopback, private or link-local address");
+    }
+    let allowed = realm_host == base_host
+        || realm_hosts.contains(&realm_host)
+        || registrable_domain(&realm_host)
+            .is_some_and(|d| Some(d) == registrable_domain(&base_host));
+    if allowed {
+        Ok(())
+    } else {
+        Err("its host is not the upstream's host, domain, or in `realm_hosts`")
+    }
+}
+
+/// True when `host` (a DNS name) resolves to any internal address. Names that
+/// do not resolve are not internal (the request will fail on its own).
+async fn is_internal_resolved(host: &str) -> bool {
+    if host.parse::<IpAddr>().is_ok() || host.starts_with('[') {
+        return is_internal(host);
+    }
+    match tokio::net::lookup_host((host, 0)).await {
+        Ok(addrs) => addrs.into_iter().any(|a| is_internal(&a.ip().to_string())),
+        Err(_) => false,
+    }
+}
+
 /// True for loopback, private, link-local and unspecified IP literals, and
 /// `localhost`.
 fn is_internal(host: &str) -> bool {
@@ -555,9 +630,23 @@ mod tests {
     }
 
     fn allowed(upstream: &str, realm: &str) -> bool {
-        remote(upstream, &["auth.example.net"])
-            .check_realm(&Url::parse(realm).unwrap())
-            .is_ok()
+        let remote = remote(upstream, &["auth.example.net"]);
+        realm_allowed(
+            &remote.base,
+            &remote.realm_hosts,
+            &Url::parse(realm).unwrap(),
+        )
+        .is_ok()
+    }
+
+    #[tokio::test]
+    async fn realms_resolving_to_internal_addresses_are_refused() {
+        let hub = remote("https://registry.example.com", &["localhost"]);
+        let realm = Url::parse("https://localhost/token").unwrap();
+        assert!(hub.check_realm(&realm).await.is_err());
+        let local = remote("http://localhost:5000", &[]);
+        let realm = Url::parse("http://localhost:5001/token").unwrap();
+        assert!(local.check_realm(&realm).await.is_ok());
     }
 
     #[test]
