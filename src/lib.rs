@@ -8,6 +8,8 @@
 //!   types, platform) and manifest inspection.
 //! - [`upstream`]: the engine. Routing, authentication and the OCI
 //!   operations against upstream registries; knows nothing of gRPC.
+//! - [`cache`]: the content-addressable disk store, tag entries, negative
+//!   entries and the shared state of downloads in flight.
 //! - [`grpc`]: the tonic service adapter; converts requests and maps errors.
 //! - [`pb`]: generated protobuf code.
 //! - [`app`]: wiring and serving; [`telemetry`]: logging.
@@ -16,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod cache;
 pub mod config;
 pub mod grpc;
 pub mod oci;

@@ -37,7 +37,7 @@ impl From<Error> for Status {
                     None => Status::resource_exhausted(message),
                 };
             }
-            Error::Unavailable(_) => Code::Unavailable,
+            Error::Unavailable(_) | Error::Cache(_) => Code::Unavailable,
             Error::DataLoss(_) => Code::DataLoss,
         };
         match code {

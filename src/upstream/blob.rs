@@ -1,28 +1,42 @@
 //! Blob operations: a verifying stream of a blob or a range of it, and head.
 //!
-//! The stream is produced by a task that reads the upstream body, hashes every
-//! byte of the whole blob, and forwards the requested range in messages of at
-//! most [`CHUNK_SIZE`] bytes through a small bounded channel. The last data
-//! message is held back until the digest has passed, so a caller never holds
-//! a complete-looking range of a wrong blob: a mismatch ends the stream with
-//! [`Error::DataLoss`] instead. Memory per stream is a few chunks, whatever
-//! the blob's size. The task stops when the caller goes away.
+//! Every blob reaches callers through the cache. On a miss, one download
+//! task per digest reads the upstream body, hashes every byte and appends it
+//! to a temp file; when the digest passes, the file is committed to the
+//! store. Each caller (the first and any that join while the download runs)
+//! has a reader task that follows the file as it grows and forwards the
+//! requested range in messages of at most [`CHUNK_SIZE`] bytes through a
+//! small bounded channel. A reader holds its last data message back until
+//! the download is verified, so a caller never holds a complete-looking range
+//! of a wrong blob: a mismatch ends the stream with [`Error::DataLoss`]
+//! instead. Memory per stream is a few chunks, whatever the blob's size; a
+//! reader stops when its caller goes away, and the download goes on to fill
+//! the cache for the others.
 
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use reqwest::Method;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::registry::{blob_request, fault_from_response};
 use super::remote::{Remote, content_length, describe};
-use super::{Engine, Error, Fault, Source};
+use super::{
+    Engine, EngineCache, Error, Fault, Source, cache_error, holder_for, known_holder, try_in_order,
+};
+use crate::cache::download::complete;
+use crate::cache::{Download, Progress, State};
 use crate::oci::{Digest, Repository};
 
 /// Largest data message (the contract allows up to 1 MiB).
 pub const CHUNK_SIZE: usize = 256 * 1024;
-/// Messages buffered between the producer and the caller.
+/// Bytes gathered from the upstream before they are written and announced.
+const FLUSH_SIZE: usize = 64 * 1024;
+/// Messages buffered between a reader and its caller.
 const CHANNEL_DEPTH: usize = 4;
 
 /// A byte range of a blob: from `offset`, at most `length` bytes (`None`:
@@ -89,19 +103,55 @@ pub struct BlobMeta {
     pub source: Source,
 }
 
+/// Where a caller's bytes come from.
+enum Origin {
+    /// A committed object in the store.
+    Stored {
+        file: File,
+        size: u64,
+        upstream: String,
+    },
+    /// A download in flight (started by this caller or joined).
+    Download {
+        file: File,
+        download: Arc<Download<Error>>,
+        progress: watch::Receiver<Progress<Error>>,
+        upstream: String,
+    },
+}
+
 impl Engine {
-    /// Starts streaming a blob (or a range of it) from the first upstream
-    /// that has it.
+    /// Starts streaming a blob (or a range of it): from the cache when this
+    /// route is known to hold it, else from the first upstream that has it
+    /// (joining a download of the same blob already under way).
     #[tracing::instrument(skip_all, fields(repository = %req.repository, digest = %req.digest))]
     pub async fn fetch_blob(&self, req: BlobRequest) -> Result<BlobStream, Error> {
-        let (remote, (response, size)) = {
-            let req = &req;
-            self.first_success(
-                &req.repository,
-                req.upstream.as_deref(),
-                move |remote| async move { open_blob(&remote, &req.repository, &req.digest).await },
-            )
-            .await?
+        let candidates = self
+            .router
+            .candidates(&req.repository, req.upstream.as_deref())?;
+        let origin = self
+            .blob_origin(&candidates, &req.repository, &req.digest)
+            .await?;
+        let (file, size, progress, source) = match origin {
+            Origin::Stored {
+                file,
+                size,
+                upstream,
+            } => (file, size, complete(size), Source::cached(&upstream)),
+            Origin::Download {
+                file,
+                download,
+                progress,
+                upstream,
+            } => (
+                file,
+                download.size,
+                progress,
+                Source {
+                    upstream,
+                    cache_hit: false,
+                },
+            ),
         };
         let BlobRange { offset, length } = req.range;
         if offset > size {
@@ -112,29 +162,22 @@ impl Engine {
             });
         }
         let end = length.map_or(size, |len| offset.saturating_add(len).min(size));
-        let info = BlobInfo {
-            digest: req.digest.clone(),
-            size,
-            source: Source::fetched(&remote),
-        };
+        tracing::debug!(cache_hit = source.cache_hit, upstream = %source.upstream, size, "streaming blob");
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-        let producer = Producer {
-            remote,
-            digest: req.digest,
-            size,
-            start: offset,
-            end,
-            tx,
-        };
-        tokio::spawn(producer.run(response));
+        tokio::spawn(read_range(file, progress, offset, end, tx));
         Ok(BlobStream {
-            info,
+            info: BlobInfo {
+                digest: req.digest,
+                size,
+                source,
+            },
             chunks: ReceiverStream::new(rx),
         })
     }
 
-    /// Tells whether a blob exists. `Ok(None)` only when every eligible
-    /// upstream answered "not found".
+    /// Tells whether a blob exists, from the cache when this route is known
+    /// to hold it. `Ok(None)` only when every eligible upstream answered "not
+    /// found".
     #[tracing::instrument(skip_all, fields(repository = %repository, digest = %digest))]
     pub async fn head_blob(
         &self,
@@ -142,13 +185,45 @@ impl Engine {
         digest: &Digest,
         upstream: Option<&str>,
     ) -> Result<Option<BlobMeta>, Error> {
-        let found = self
-            .first_success(repository, upstream, move |remote| async move {
-                let remote = &remote;
-                let request = blob_request(remote, Method::HEAD, repository, digest);
+        let candidates = self.router.candidates(repository, upstream)?;
+        if let Some(object) = self.cache.store.lookup(digest) {
+            if let Some(remote) = known_holder(&candidates, repository, &object.holders) {
+                return Ok(Some(BlobMeta {
+                    digest: digest.clone(),
+                    size: object.size,
+                    source: Source::cached(remote.name()),
+                }));
+            }
+        }
+        match self.head_blob_in(&candidates, repository, digest).await {
+            Ok((remote, meta)) => {
+                self.cache
+                    .store
+                    .add_holder(digest, holder_for(&remote, repository))
+                    .map_err(cache_error)?;
+                Ok(Some(meta))
+            }
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn head_blob_in(
+        &self,
+        candidates: &[Arc<Remote>],
+        repository: &Repository,
+        digest: &Digest,
+    ) -> Result<(Arc<Remote>, BlobMeta), Error> {
+        let key = format!("blob `{repository}@{digest}`");
+        try_in_order(
+            &self.cache.negative,
+            candidates,
+            &key,
+            |remote| async move {
+                let request = blob_request(&remote, Method::HEAD, repository, digest);
                 let response = remote.send(&request).await?;
                 if !response.status().is_success() {
-                    return Err(fault_from_response(remote, &request.what, response).await);
+                    return Err(fault_from_response(&remote, &request.what, response).await);
                 }
                 let size = content_length(response.headers()).ok_or_else(|| {
                     Fault::unavailable(format!(
@@ -160,15 +235,131 @@ impl Engine {
                 Ok(BlobMeta {
                     digest: digest.clone(),
                     size,
-                    source: Source::fetched(remote),
+                    source: Source::fetched(&remote),
                 })
-            })
-            .await;
-        match found {
-            Ok((_, meta)) => Ok(Some(meta)),
-            Err(Error::NotFound(_)) => Ok(None),
-            Err(e) => Err(e),
+            },
+        )
+        .await
+    }
+
+    /// The committed object or download this route may read, if any.
+    fn known_origin(
+        &self,
+        candidates: &[Arc<Remote>],
+        repository: &Repository,
+        digest: &Digest,
+    ) -> Option<Origin> {
+        if let Some(object) = self.cache.store.lookup(digest) {
+            if let Some(remote) = known_holder(candidates, repository, &object.holders) {
+                if let Ok(file) = File::open(&object.path) {
+                    return Some(Origin::Stored {
+                        file,
+                        size: object.size,
+                        upstream: remote.name().to_owned(),
+                    });
+                }
+            }
         }
+        let download = self.in_flight(digest)?;
+        let remote = known_holder(
+            candidates,
+            repository,
+            std::slice::from_ref(&download.holder),
+        )?;
+        let upstream = remote.name().to_owned();
+        self.join(download, upstream)
+    }
+
+    fn in_flight(&self, digest: &Digest) -> Option<Arc<Download<Error>>> {
+        let downloads = self
+            .cache
+            .downloads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        downloads.get(digest.as_str()).cloned()
+    }
+
+    /// Opens a download's file for reading. If the download already finished
+    /// and was committed, the store's copy is read instead.
+    fn join(&self, download: Arc<Download<Error>>, upstream: String) -> Option<Origin> {
+        let progress = download.subscribe();
+        let file = File::open(&download.path).ok()?;
+        Some(Origin::Download {
+            file,
+            download,
+            progress,
+            upstream,
+        })
+    }
+
+    async fn blob_origin(
+        &self,
+        candidates: &[Arc<Remote>],
+        repository: &Repository,
+        digest: &Digest,
+    ) -> Result<Origin, Error> {
+        if let Some(origin) = self.known_origin(candidates, repository, digest) {
+            return Ok(origin);
+        }
+        // Concurrent misses for one digest wait here for the first caller's
+        // download to start, then join it.
+        let _guard = self.cache.locks.lock(&format!("blob {digest}")).await;
+        if let Some(origin) = self.known_origin(candidates, repository, digest) {
+            return Ok(origin);
+        }
+        let present = self.cache.store.lookup(digest).is_some() || self.in_flight(digest).is_some();
+        if present {
+            // Cached, but not known to be on this route: an upstream of this
+            // route must confirm it has the blob before we serve our copy.
+            let (remote, _) = self.head_blob_in(candidates, repository, digest).await?;
+            let holder = holder_for(&remote, repository);
+            self.cache
+                .store
+                .add_holder(digest, holder)
+                .map_err(cache_error)?;
+            if let Some(object) = self.cache.store.lookup(digest) {
+                if let Ok(file) = File::open(&object.path) {
+                    return Ok(Origin::Stored {
+                        file,
+                        size: object.size,
+                        upstream: remote.name().to_owned(),
+                    });
+                }
+            }
+            if let Some(origin) = self
+                .in_flight(digest)
+                .and_then(|d| self.join(d, remote.name().to_owned()))
+            {
+                return Ok(origin);
+            }
+        }
+        let key = format!("blob `{repository}@{digest}`");
+        let (remote, (response, size)) = try_in_order(
+            &self.cache.negative,
+            candidates,
+            &key,
+            |remote| async move { open_blob(&remote, repository, digest).await },
+        )
+        .await?;
+        let (path, file) = self.cache.store.temp_file().map_err(cache_error)?;
+        let download = Arc::new(Download::new(path, size, holder_for(&remote, repository)));
+        let origin = self
+            .join(download.clone(), remote.name().to_owned())
+            .ok_or_else(|| Error::Cache("cannot open the download's temp file".to_owned()))?;
+        self.cache
+            .downloads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(digest.to_string(), download.clone());
+        tokio::spawn(fill(
+            self.cache.clone(),
+            download,
+            response,
+            file,
+            remote,
+            digest.clone(),
+        ));
+        Ok(origin)
     }
 }
 
@@ -194,113 +385,197 @@ async fn open_blob(
     Ok((response, size))
 }
 
-/// The task that reads, hashes and forwards one blob.
-struct Producer {
+/// The download task: writes the upstream body to the temp file while
+/// hashing it, publishes progress, and commits the file once verified.
+async fn fill(
+    cache: Arc<EngineCache>,
+    download: Arc<Download<Error>>,
+    response: reqwest::Response,
+    file: File,
     remote: Arc<Remote>,
     digest: Digest,
-    size: u64,
-    /// Requested range `[start, end)`.
+) {
+    let state = match write_verified(&download, response, file, &remote, &digest).await {
+        Ok(()) => {
+            let store = cache.store.clone();
+            let (path, size, holder) = (
+                download.path.clone(),
+                download.size,
+                download.holder.clone(),
+            );
+            let committed = {
+                let digest = digest.clone();
+                tokio::task::spawn_blocking(move || {
+                    store.commit(&path, &digest, size, None, holder)
+                })
+                .await
+            };
+            match committed {
+                Ok(Ok(kept)) => tracing::debug!(%digest, kept, "blob verified"),
+                Ok(Err(e)) => tracing::warn!(%digest, error = %e, "verified blob not cached"),
+                Err(e) => tracing::error!(%digest, error = %e, "cache commit task failed"),
+            }
+            // Readers hold the file open, so the bytes stay readable even if
+            // the commit failed.
+            State::Verified
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&download.path);
+            State::Failed(e)
+        }
+    };
+    {
+        let mut downloads = cache.downloads.lock().unwrap_or_else(|e| e.into_inner());
+        if downloads
+            .get(digest.as_str())
+            .is_some_and(|d| Arc::ptr_eq(d, &download))
+        {
+            downloads.remove(digest.as_str());
+        }
+    }
+    download.finish(state);
+}
+
+async fn write_verified(
+    download: &Download<Error>,
+    mut response: reqwest::Response,
+    mut file: File,
+    remote: &Remote,
+    digest: &Digest,
+) -> Result<(), Error> {
+    let what = format!("blob `{digest}`");
+    let size = download.size;
+    let mut verifier = digest.algorithm().verifier();
+    let mut received: u64 = 0;
+    let mut batch = BytesMut::with_capacity(FLUSH_SIZE);
+    let integrity = |detail: String| {
+        tracing::warn!(upstream = remote.name(), %digest, %detail, "blob failed verification");
+        Error::from_fault(Fault::integrity(format!(
+            "upstream `{}` sent {what} with {detail}",
+            remote.name()
+        )))
+    };
+    loop {
+        let chunk = match response.chunk().await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(e) => {
+                return Err(Error::from_fault(Fault::unavailable(format!(
+                    "upstream `{}` broke off {what} after {received} of {size} bytes: {}",
+                    remote.name(),
+                    describe(&e)
+                ))));
+            }
+        };
+        received += chunk.len() as u64;
+        if received > size {
+            return Err(integrity("more bytes than its Content-Length".to_owned()));
+        }
+        verifier.update(&chunk);
+        batch.extend_from_slice(&chunk);
+        if batch.len() >= FLUSH_SIZE {
+            file = write_at_end(file, batch.split().freeze()).await?;
+            download.advance(received);
+        }
+    }
+    if received != size {
+        return Err(integrity("fewer bytes than its Content-Length".to_owned()));
+    }
+    if !batch.is_empty() {
+        file = write_at_end(file, batch.split().freeze()).await?;
+    }
+    let computed = verifier.finish();
+    if computed != *digest {
+        return Err(integrity(format!("bytes that hash to {computed}")));
+    }
+    // Durable before it is renamed into the store.
+    tokio::task::spawn_blocking(move || file.sync_data())
+        .await
+        .map_err(|e| Error::Cache(e.to_string()))?
+        .map_err(|e| Error::Cache(format!("cannot sync a download: {e}")))?;
+    download.advance(received);
+    Ok(())
+}
+
+/// Appends `bytes` to `file` on the blocking pool, handing the file back.
+async fn write_at_end(mut file: File, bytes: Bytes) -> Result<File, Error> {
+    tokio::task::spawn_blocking(move || file.write_all(&bytes).map(|()| file))
+        .await
+        .map_err(|e| Error::Cache(e.to_string()))?
+        .map_err(|e| Error::Cache(format!("cannot write a download: {e}")))
+}
+
+/// Reads `len` bytes at `offset` on the blocking pool, handing the file back.
+async fn read_at(file: File, offset: u64, len: usize) -> Result<(File, Bytes), Error> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0; len];
+        file.read_exact_at(&mut buf, offset)
+            .map(|()| (file, Bytes::from(buf)))
+    })
+    .await
+    .map_err(|e| Error::Cache(e.to_string()))?
+    .map_err(|e| Error::Cache(format!("cannot read a cached blob: {e}")))
+}
+
+/// A reader task: follows `progress` and forwards bytes `[start, end)` of
+/// `file`, holding the last message back until the blob is verified.
+async fn read_range(
+    mut file: File,
+    mut progress: watch::Receiver<Progress<Error>>,
     start: u64,
     end: u64,
     tx: mpsc::Sender<Result<BlobChunk, Error>>,
-}
-
-impl Producer {
-    async fn run(self, mut response: reqwest::Response) {
-        let what = format!("blob `{}`", self.digest);
-        let mut verifier = self.digest.algorithm().verifier();
-        let mut position: u64 = 0;
-        // The range bytes not yet sent, and the last full message held back.
-        let mut pending = BytesMut::new();
-        let mut pending_offset = self.start;
-        let mut held: Option<BlobChunk> = None;
-        loop {
-            let chunk = match response.chunk().await {
-                Ok(Some(chunk)) => chunk,
-                Ok(None) => break,
+) {
+    let mut position = start;
+    let mut held: Option<BlobChunk> = None;
+    let mut closed = false;
+    loop {
+        let (written, state) = {
+            let p = progress.borrow_and_update();
+            (p.written, p.state.clone())
+        };
+        if let State::Failed(e) = state {
+            let _ = tx.send(Err(e)).await;
+            return;
+        }
+        let available = written.min(end);
+        while position < available {
+            let len = usize::try_from(available - position)
+                .unwrap_or(CHUNK_SIZE)
+                .min(CHUNK_SIZE);
+            let data;
+            (file, data) = match read_at(file, position, len).await {
+                Ok(read) => read,
                 Err(e) => {
-                    let fault = Fault::unavailable(format!(
-                        "upstream `{}` broke off {what} after {position} of {} bytes: {}",
-                        self.remote.name(),
-                        self.size,
-                        describe(&e)
-                    ));
-                    let _ = self.tx.send(Err(Error::from_fault(fault))).await;
+                    let _ = tx.send(Err(e)).await;
                     return;
                 }
             };
-            let chunk_start = position;
-            position += chunk.len() as u64;
-            if position > self.size {
-                let _ = self
-                    .tx
-                    .send(Err(
-                        self.integrity(&what, "more bytes than its Content-Length")
-                    ))
-                    .await;
-                return;
-            }
-            verifier.update(&chunk);
-            // The part of this chunk inside the requested range.
-            let from = self.start.max(chunk_start);
-            let to = self.end.min(position);
-            if from < to {
-                let mut slice =
-                    chunk.slice((from - chunk_start) as usize..(to - chunk_start) as usize);
-                while !slice.is_empty() {
-                    let take = slice.len().min(CHUNK_SIZE - pending.len());
-                    pending.extend_from_slice(&slice.split_to(take));
-                    if pending.len() == CHUNK_SIZE {
-                        let full = BlobChunk {
-                            offset: pending_offset,
-                            data: pending.split().freeze(),
-                        };
-                        pending_offset += CHUNK_SIZE as u64;
-                        if let Some(previous) = held.replace(full) {
-                            if self.tx.send(Ok(previous)).await.is_err() {
-                                return; // the caller went away
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        if position != self.size {
-            let _ = self
-                .tx
-                .send(Err(
-                    self.integrity(&what, "fewer bytes than its Content-Length")
-                ))
-                .await;
-            return;
-        }
-        if !pending.is_empty() {
-            let last = BlobChunk {
-                offset: pending_offset,
-                data: pending.split().freeze(),
+            let chunk = BlobChunk {
+                offset: position,
+                data,
             };
-            if let Some(previous) = held.replace(last) {
-                if self.tx.send(Ok(previous)).await.is_err() {
-                    return;
+            position += len as u64;
+            if let Some(previous) = held.replace(chunk) {
+                if tx.send(Ok(previous)).await.is_err() {
+                    return; // the caller went away
                 }
             }
         }
-        let computed = verifier.finish();
-        if computed != self.digest {
-            let detail = format!("bytes that hash to {computed}");
-            let _ = self.tx.send(Err(self.integrity(&what, &detail))).await;
+        if matches!(state, State::Verified) && position >= end {
+            break;
+        }
+        if closed {
+            let error = Error::Cache("a download ended without a result".to_owned());
+            let _ = tx.send(Err(error)).await;
             return;
         }
-        if let Some(last) = held {
-            let _ = self.tx.send(Ok(last)).await;
+        if progress.changed().await.is_err() {
+            // The download is gone; its final state is in the last value.
+            closed = true;
         }
     }
-
-    fn integrity(&self, what: &str, detail: &str) -> Error {
-        tracing::warn!(upstream = self.remote.name(), digest = %self.digest, detail, "blob failed verification");
-        Error::from_fault(Fault::integrity(format!(
-            "upstream `{}` sent {what} with {detail}",
-            self.remote.name()
-        )))
+    if let Some(last) = held {
+        let _ = tx.send(Ok(last)).await;
     }
 }

@@ -133,7 +133,7 @@ impl fmt::Display for Faults {
 }
 
 /// Why the engine could not answer a request.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The request named an upstream that is not configured.
     #[error("unknown upstream `{0}`")]
@@ -183,6 +183,9 @@ pub enum Error {
     /// Content did not match its digest, and no upstream had the right bytes.
     #[error("{0}")]
     DataLoss(Faults),
+    /// The cache failed (disk full, I/O error) while content was fetched.
+    #[error("cache: {0}")]
+    Cache(String),
     /// The requested offset is past the end of the blob.
     #[error("offset {offset} is past the end of blob `{digest}` ({size} bytes)")]
     OutOfRange {

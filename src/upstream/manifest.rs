@@ -1,4 +1,9 @@
-//! Manifest operations: fetch (with platform resolution) and head.
+//! Manifest operations: fetch (with platform resolution) and head, through
+//! the cache. Manifests by digest are immutable and served from the store
+//! when this route is known to hold them. A tag resolves through a tag entry:
+//! fresh entries are served as they are; stale ones are served while a
+//! background refresh asks the upstream again (stale-while-revalidate), up to
+//! `stale_if_error` old; older ones are fetched before answering.
 
 use std::sync::Arc;
 
@@ -8,11 +13,12 @@ use reqwest::Method;
 use super::registry::{display_ref, fault_from_response, manifest_request};
 use super::remote::{Remote, content_length};
 use super::{
-    Engine, Error, Fault, Source, content_type, header_digest, media_types_or_default,
-    verify_digest,
+    Engine, EngineCache, Error, Fault, Limits, Source, cache_error, content_type, header_digest,
+    holder_for, known_holder, media_types_or_default, try_in_order, verify_digest,
 };
+use crate::cache::TagEntry;
 use crate::oci::manifest::{inspect, select_platform};
-use crate::oci::{Digest, MediaType, Platform, Reference, Repository};
+use crate::oci::{Digest, MediaType, Platform, Reference, Repository, Tag};
 
 /// A request for a manifest.
 #[derive(Debug, Clone)]
@@ -55,23 +61,45 @@ pub struct ManifestMeta {
     pub source: Source,
 }
 
+impl From<Manifest> for ManifestMeta {
+    fn from(m: Manifest) -> Self {
+        Self {
+            size: m.bytes.len() as u64,
+            media_type: m.media_type,
+            digest: m.digest,
+            source: m.source,
+        }
+    }
+}
+
+/// How fresh a tag entry is.
+enum Freshness {
+    Fresh,
+    /// Servable while a refresh runs.
+    Stale,
+    /// Older than `stale_if_error`: never served.
+    Expired,
+}
+
 impl Engine {
     /// Fetches a manifest; with a platform, resolves an index to that
     /// platform's manifest (fetched from the upstream that served the index).
     #[tracing::instrument(skip_all, fields(repository = %req.repository, reference = %req.reference))]
     pub async fn fetch_manifest(&self, req: ManifestRequest) -> Result<Manifest, Error> {
-        let accept = &media_types_or_default(&req.accept);
-        let req = &req;
-        let (remote, manifest) = self
-            .first_success(
-                &req.repository,
-                req.upstream.as_deref(),
-                move |remote| async move {
-                    self.get_manifest(&remote, &req.repository, &req.reference, accept)
-                        .await
-                },
-            )
-            .await?;
+        let candidates = self
+            .router
+            .candidates(&req.repository, req.upstream.as_deref())?;
+        let accept = media_types_or_default(&req.accept);
+        let manifest = match &req.reference {
+            Reference::Digest(digest) => {
+                self.manifest_by_digest(&candidates, &req.repository, digest, &accept)
+                    .await?
+            }
+            Reference::Tag(tag) => {
+                self.manifest_by_tag(&candidates, &req, tag, &accept)
+                    .await?
+            }
+        };
         let Some(platform) = &req.platform else {
             return Ok(manifest);
         };
@@ -82,130 +110,420 @@ impl Engine {
             .map_err(|e| {
                 Error::from_fault(Fault::unavailable(format!(
                     "upstream `{}` sent an unusable index for {}: {e}",
-                    remote.name(),
+                    manifest.source.upstream,
                     display_ref(&req.repository, &req.reference)
                 )))
             })?
             .ok_or_else(|| Error::PlatformNotFound {
                 reference: display_ref(&req.repository, &req.reference),
-                upstream: remote.name().to_owned(),
+                upstream: manifest.source.upstream.clone(),
                 platform: platform.clone(),
             })?;
         tracing::debug!(%child, %platform, "resolved index to platform manifest");
+        let origin: Vec<_> = candidates
+            .iter()
+            .filter(|c| c.name() == manifest.source.upstream)
+            .cloned()
+            .collect();
         let all = media_types_or_default(&[]);
-        self.get_manifest(&remote, &req.repository, &Reference::Digest(child), &all)
+        self.manifest_by_digest(&origin, &req.repository, &child, &all)
             .await
-            .map_err(Error::from_fault)
     }
 
-    /// Tells whether a manifest exists. `Ok(None)` only when every eligible
-    /// upstream answered "not found".
+    /// Tells whether a manifest exists, from the cache when it can. `Ok(None)`
+    /// only when every eligible upstream answered "not found".
     #[tracing::instrument(skip_all, fields(repository = %req.repository, reference = %req.reference))]
     pub async fn head_manifest(&self, req: ManifestRequest) -> Result<Option<ManifestMeta>, Error> {
-        let accept = &media_types_or_default(&req.accept);
-        let req = &req;
-        let found = self
-            .first_success(
-                &req.repository,
-                req.upstream.as_deref(),
-                move |remote| async move {
-                    self.head_manifest_at(&remote, &req.repository, &req.reference, accept)
-                        .await
-                },
-            )
-            .await;
+        let candidates = self
+            .router
+            .candidates(&req.repository, req.upstream.as_deref())?;
+        let accept = media_types_or_default(&req.accept);
+        let mut stale = None;
+        match &req.reference {
+            Reference::Digest(digest) => {
+                if let Some(m) = self
+                    .cached_manifest(&candidates, &req.repository, digest)
+                    .await
+                {
+                    return Ok(Some(m.into()));
+                }
+            }
+            Reference::Tag(tag) => {
+                let key = tag_key(&req.repository, tag, req.upstream.as_deref(), &accept);
+                if let Some((entry, freshness)) = self.tag_entry(&key) {
+                    let meta = self.meta_of_entry(&candidates, &entry).await;
+                    match freshness {
+                        Freshness::Fresh if meta.is_some() => return Ok(meta),
+                        Freshness::Fresh | Freshness::Stale => stale = meta,
+                        Freshness::Expired => {}
+                    }
+                }
+            }
+        }
+        let key = format!(
+            "manifest `{}`",
+            display_ref(&req.repository, &req.reference)
+        );
+        let (repository, reference, accept) = (&req.repository, &req.reference, &accept[..]);
+        let found = try_in_order(
+            &self.cache.negative,
+            &candidates,
+            &key,
+            |remote| async move {
+                head_manifest_at(&remote, self.limits, repository, reference, accept).await
+            },
+        )
+        .await;
         match found {
             Ok((_, meta)) => Ok(Some(meta)),
             Err(Error::NotFound(_)) => Ok(None),
-            Err(e) => Err(e),
+            Err(e) => match stale {
+                Some(meta) => {
+                    tracing::warn!(error = %e, "every upstream failed; answering from a stale tag entry");
+                    Ok(Some(meta))
+                }
+                None => Err(e),
+            },
         }
     }
 
-    async fn get_manifest(
+    /// The manifest from the store, if this route is known to hold it.
+    async fn cached_manifest(
         &self,
-        remote: &Arc<Remote>,
+        candidates: &[Arc<Remote>],
         repository: &Repository,
-        reference: &Reference,
+        digest: &Digest,
+    ) -> Option<Manifest> {
+        let object = self.cache.store.lookup(digest)?;
+        let remote = known_holder(candidates, repository, &object.holders)?;
+        read_stored(&self.cache, digest, remote.name()).await
+    }
+
+    async fn manifest_by_digest(
+        &self,
+        candidates: &[Arc<Remote>],
+        repository: &Repository,
+        digest: &Digest,
         accept: &[MediaType],
-    ) -> Result<Manifest, Fault> {
-        let request = manifest_request(remote, Method::GET, repository, reference, accept);
-        let response = remote.send(&request).await?;
-        if !response.status().is_success() {
-            return Err(fault_from_response(remote, &request.what, response).await);
+    ) -> Result<Manifest, Error> {
+        if let Some(m) = self.cached_manifest(candidates, repository, digest).await {
+            return Ok(m);
         }
-        let header = header_digest(response.headers());
-        let content_type = content_type(response.headers());
-        let bytes = remote
-            .read_body(response, self.limits.max_manifest, &request.what)
+        let _guard = self.cache.locks.lock(&format!("manifest {digest}")).await;
+        if let Some(m) = self.cached_manifest(candidates, repository, digest).await {
+            return Ok(m);
+        }
+        let reference = Reference::Digest(digest.clone());
+        let key = format!("manifest `{}`", display_ref(repository, &reference));
+        if self.cache.store.lookup(digest).is_some() {
+            // Cached, but not known to be on this route: confirm first.
+            let reference = &reference;
+            let (remote, _) = try_in_order(
+                &self.cache.negative,
+                candidates,
+                &key,
+                |remote| async move {
+                    head_manifest_at(&remote, self.limits, repository, reference, accept).await
+                },
+            )
             .await?;
-        let digest = verify_digest(
-            remote,
-            &request.what,
-            &bytes,
-            reference.digest(),
-            header.as_ref(),
-        )?;
-        let media_type = inspect(&bytes, &content_type).map_err(|e| {
-            Fault::unavailable(format!(
-                "upstream `{}` sent an unusable {}: {e}",
-                remote.name(),
-                request.what
-            ))
-        })?;
-        Ok(Manifest {
-            bytes,
-            media_type,
+            self.cache
+                .store
+                .add_holder(digest, holder_for(&remote, repository))
+                .map_err(cache_error)?;
+            if let Some(m) = read_stored(&self.cache, digest, remote.name()).await {
+                return Ok(m);
+            }
+        }
+        let reference = &reference;
+        let (remote, manifest) = try_in_order(
+            &self.cache.negative,
+            candidates,
+            &key,
+            |remote| async move {
+                get_manifest(&remote, self.limits, repository, reference, accept).await
+            },
+        )
+        .await?;
+        store_manifest(&self.cache, &manifest, &remote, repository).await;
+        Ok(manifest)
+    }
+
+    async fn manifest_by_tag(
+        &self,
+        candidates: &[Arc<Remote>],
+        req: &ManifestRequest,
+        tag: &Tag,
+        accept: &[MediaType],
+    ) -> Result<Manifest, Error> {
+        let key = tag_key(&req.repository, tag, req.upstream.as_deref(), accept);
+        let refresh = TagRefresh {
+            cache: self.cache.clone(),
+            limits: self.limits,
+            candidates: candidates.to_vec(),
+            repository: req.repository.clone(),
+            tag: tag.clone(),
+            accept: accept.to_vec(),
+            key: key.clone(),
+        };
+        if let Some((entry, freshness)) = self.tag_entry(&key) {
+            let fresh = matches!(freshness, Freshness::Fresh);
+            if !matches!(freshness, Freshness::Expired) {
+                if let Some(m) = self.manifest_of_entry(candidates, &entry).await {
+                    if !fresh {
+                        refresh.spawn();
+                    }
+                    return Ok(m);
+                }
+            }
+        }
+        let _guard = self.cache.locks.lock(&key).await;
+        if let Some((entry, Freshness::Fresh)) = self.tag_entry(&key) {
+            if let Some(m) = self.manifest_of_entry(candidates, &entry).await {
+                return Ok(m);
+            }
+        }
+        refresh.run().await
+    }
+
+    fn tag_entry(&self, key: &str) -> Option<(TagEntry, Freshness)> {
+        let entry = self.cache.tags.get(key)?;
+        let age = entry.age();
+        let freshness = if age < self.cache.config.tag_ttl {
+            Freshness::Fresh
+        } else if age < self.cache.config.stale_if_error {
+            Freshness::Stale
+        } else {
+            Freshness::Expired
+        };
+        Some((entry, freshness))
+    }
+
+    async fn manifest_of_entry(
+        &self,
+        candidates: &[Arc<Remote>],
+        entry: &TagEntry,
+    ) -> Option<Manifest> {
+        let digest = Digest::parse(&entry.digest).ok()?;
+        if !candidates.iter().any(|c| c.name() == entry.upstream) {
+            return None;
+        }
+        read_stored(&self.cache, &digest, &entry.upstream).await
+    }
+
+    async fn meta_of_entry(
+        &self,
+        candidates: &[Arc<Remote>],
+        entry: &TagEntry,
+    ) -> Option<ManifestMeta> {
+        let digest = Digest::parse(&entry.digest).ok()?;
+        if !candidates.iter().any(|c| c.name() == entry.upstream) {
+            return None;
+        }
+        let object = self.cache.store.lookup(&digest)?;
+        Some(ManifestMeta {
+            media_type: MediaType::parse(&entry.media_type).ok()?,
             digest,
-            source: Source::fetched(remote),
+            size: object.size,
+            source: Source::cached(&entry.upstream),
         })
     }
+}
 
-    async fn head_manifest_at(
-        &self,
-        remote: &Arc<Remote>,
-        repository: &Repository,
-        reference: &Reference,
-        accept: &[MediaType],
-    ) -> Result<ManifestMeta, Fault> {
-        let request = manifest_request(remote, Method::HEAD, repository, reference, accept);
-        let response = remote.send(&request).await?;
-        if !response.status().is_success() {
-            return Err(fault_from_response(remote, &request.what, response).await);
-        }
-        let headers = response.headers();
-        let digest = header_digest(headers);
-        let size = content_length(headers);
-        let media_type = MediaType::parse(&content_type(headers)).ok();
-        if let (Some(expected), Some(digest)) = (reference.digest(), &digest) {
-            if expected != digest {
-                return Err(Fault::integrity(format!(
-                    "upstream `{}` answered HEAD for {} with Docker-Content-Digest {digest}",
-                    remote.name(),
-                    request.what
-                )));
+/// The cache key of a tag entry: what was asked, of which upstreams, with
+/// which acceptable types (the answer may depend on them).
+fn tag_key(
+    repository: &Repository,
+    tag: &Tag,
+    upstream: Option<&str>,
+    accept: &[MediaType],
+) -> String {
+    let accept: Vec<&str> = accept.iter().map(MediaType::as_str).collect();
+    format!(
+        "{repository}:{tag} upstream={} accept={}",
+        upstream.unwrap_or("*"),
+        accept.join(",")
+    )
+}
+
+/// Everything a tag refresh needs, owned, so it can run in the background.
+struct TagRefresh {
+    cache: Arc<EngineCache>,
+    limits: Limits,
+    candidates: Vec<Arc<Remote>>,
+    repository: Repository,
+    tag: Tag,
+    accept: Vec<MediaType>,
+    key: String,
+}
+
+impl TagRefresh {
+    /// Asks the upstreams for the tag and records the answer.
+    async fn run(&self) -> Result<Manifest, Error> {
+        let reference = Reference::Tag(self.tag.clone());
+        let key = format!("manifest `{}`", display_ref(&self.repository, &reference));
+        let (reference, repository, accept, limits) =
+            (&reference, &self.repository, &self.accept[..], self.limits);
+        let (remote, manifest) =
+            try_in_order(
+                &self.cache.negative,
+                &self.candidates,
+                &key,
+                |remote| async move {
+                    get_manifest(&remote, limits, repository, reference, accept).await
+                },
+            )
+            .await?;
+        if store_manifest(&self.cache, &manifest, &remote, repository).await {
+            let entry = TagEntry {
+                digest: manifest.digest.to_string(),
+                media_type: manifest.media_type.to_string(),
+                upstream: remote.name().to_owned(),
+                fetched_at_ms: TagEntry::now_ms(),
+            };
+            if let Err(e) = self.cache.tags.put(&self.key, entry) {
+                tracing::warn!(error = %e, "tag entry not saved");
             }
         }
-        let digest = digest.or_else(|| reference.digest().cloned());
-        match (digest, size, media_type) {
-            (Some(digest), Some(size), Some(media_type)) => Ok(ManifestMeta {
-                media_type,
-                digest,
-                size,
-                source: Source::fetched(remote),
-            }),
-            // The upstream did not say enough: fetch and measure instead.
-            _ => {
-                drop(response);
-                let manifest = self
-                    .get_manifest(remote, repository, reference, accept)
-                    .await?;
-                Ok(ManifestMeta {
-                    size: manifest.bytes.len() as u64,
-                    media_type: manifest.media_type,
-                    digest: manifest.digest,
-                    source: manifest.source,
-                })
+        Ok(manifest)
+    }
+
+    /// Refreshes in the background, unless a refresh of the tag is running.
+    fn spawn(self) {
+        tokio::spawn(async move {
+            let Some(_guard) = self.cache.locks.try_lock(&self.key) else {
+                return;
+            };
+            match self.run().await {
+                Ok(m) => tracing::debug!(tag = %self.tag, digest = %m.digest, "tag refreshed"),
+                Err(e) => {
+                    tracing::info!(tag = %self.tag, error = %e, "tag refresh failed; serving the stale entry")
+                }
             }
+        });
+    }
+}
+
+/// Reads a stored manifest; `None` if it is gone (evicted) or unreadable.
+async fn read_stored(cache: &EngineCache, digest: &Digest, upstream: &str) -> Option<Manifest> {
+    let object = cache.store.lookup(digest)?;
+    let media_type = object.media_type?;
+    let bytes = tokio::fs::read(&object.path).await.ok()?;
+    Some(Manifest {
+        bytes: Bytes::from(bytes),
+        media_type,
+        digest: digest.clone(),
+        source: Source::cached(upstream),
+    })
+}
+
+/// Stores a verified manifest; false (logged) when the store failed.
+async fn store_manifest(
+    cache: &Arc<EngineCache>,
+    manifest: &Manifest,
+    remote: &Remote,
+    repository: &Repository,
+) -> bool {
+    let store = cache.store.clone();
+    let (digest, bytes, media_type, holder) = (
+        manifest.digest.clone(),
+        manifest.bytes.clone(),
+        manifest.media_type.clone(),
+        holder_for(remote, repository),
+    );
+    let result =
+        tokio::task::spawn_blocking(move || store.put(&digest, &bytes, &media_type, holder)).await;
+    match result {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "manifest not cached");
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cache task failed");
+            false
+        }
+    }
+}
+
+async fn get_manifest(
+    remote: &Arc<Remote>,
+    limits: Limits,
+    repository: &Repository,
+    reference: &Reference,
+    accept: &[MediaType],
+) -> Result<Manifest, Fault> {
+    let request = manifest_request(remote, Method::GET, repository, reference, accept);
+    let response = remote.send(&request).await?;
+    if !response.status().is_success() {
+        return Err(fault_from_response(remote, &request.what, response).await);
+    }
+    let header = header_digest(response.headers());
+    let content_type = content_type(response.headers());
+    let bytes = remote
+        .read_body(response, limits.max_manifest, &request.what)
+        .await?;
+    let digest = verify_digest(
+        remote,
+        &request.what,
+        &bytes,
+        reference.digest(),
+        header.as_ref(),
+    )?;
+    let media_type = inspect(&bytes, &content_type).map_err(|e| {
+        Fault::unavailable(format!(
+            "upstream `{}` sent an unusable {}: {e}",
+            remote.name(),
+            request.what
+        ))
+    })?;
+    Ok(Manifest {
+        bytes,
+        media_type,
+        digest,
+        source: Source::fetched(remote),
+    })
+}
+
+async fn head_manifest_at(
+    remote: &Arc<Remote>,
+    limits: Limits,
+    repository: &Repository,
+    reference: &Reference,
+    accept: &[MediaType],
+) -> Result<ManifestMeta, Fault> {
+    let request = manifest_request(remote, Method::HEAD, repository, reference, accept);
+    let response = remote.send(&request).await?;
+    if !response.status().is_success() {
+        return Err(fault_from_response(remote, &request.what, response).await);
+    }
+    let headers = response.headers();
+    let digest = header_digest(headers);
+    let size = content_length(headers);
+    let media_type = MediaType::parse(&content_type(headers)).ok();
+    if let (Some(expected), Some(digest)) = (reference.digest(), &digest) {
+        if expected != digest {
+            return Err(Fault::integrity(format!(
+                "upstream `{}` answered HEAD for {} with Docker-Content-Digest {digest}",
+                remote.name(),
+                request.what
+            )));
+        }
+    }
+    let digest = digest.or_else(|| reference.digest().cloned());
+    match (digest, size, media_type) {
+        (Some(digest), Some(size), Some(media_type)) => Ok(ManifestMeta {
+            media_type,
+            digest,
+            size,
+            source: Source::fetched(remote),
+        }),
+        // The upstream did not say enough: fetch and measure instead.
+        _ => {
+            drop(response);
+            get_manifest(remote, limits, repository, reference, accept)
+                .await
+                .map(ManifestMeta::from)
         }
     }
 }

@@ -1,8 +1,9 @@
 //! The engine: fetches OCI content from upstream registries. It routes a
-//! request to the upstreams whose rules admit the repository, tries them in
-//! priority order, authenticates as each asks, and verifies every byte it
-//! hands out against its digest. It knows nothing of gRPC; the service
-//! adapter in [`crate::grpc`] translates to and from it.
+//! request to the upstreams whose rules admit the repository, serves what
+//! the cache holds for that route, tries the upstreams in priority order on
+//! a miss, authenticates as each asks, and verifies every byte it hands out
+//! against its digest. It knows nothing of gRPC; the service adapter in
+//! [`crate::grpc`] translates to and from it.
 
 mod auth;
 mod blob;
@@ -27,15 +28,20 @@ pub use glob::Glob;
 pub use manifest::{Manifest, ManifestMeta, ManifestRequest};
 pub use tags::{TagPage, TagsRequest};
 
+use crate::cache::{Cache, CacheError, Holder, negative::Negative};
 use crate::config::Config;
 use crate::oci::{Digest, MediaType, Repository};
 use remote::Remote;
 use routing::Router;
 
+/// The cache as the engine uses it: downloads fail with engine errors.
+type EngineCache = Cache<Error>;
+
 /// Where an answer came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Source {
-    /// The upstream that served the content.
+    /// The upstream that served the content (on a cache hit, the one that
+    /// filled the cache for this route).
     pub upstream: String,
     /// True when served from cache.
     pub cache_hit: bool,
@@ -46,6 +52,13 @@ impl Source {
         Self {
             upstream: remote.name().to_owned(),
             cache_hit: false,
+        }
+    }
+
+    fn cached(upstream: &str) -> Self {
+        Self {
+            upstream: upstream.to_owned(),
+            cache_hit: true,
         }
     }
 }
@@ -61,16 +74,23 @@ struct Limits {
 #[derive(Debug)]
 pub struct Engine {
     router: Router,
+    cache: Arc<EngineCache>,
     limits: Limits,
 }
 
 /// Why the engine could not be built from a configuration.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BuildError(String);
+pub enum BuildError {
+    /// An upstream's HTTP client could not be built.
+    #[error("{0}")]
+    Upstream(String),
+    /// The cache could not be opened.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
 
 impl Engine {
-    /// Builds the engine from a validated configuration.
+    /// Builds the engine from a validated configuration, opening the cache.
     pub fn new(config: &Config) -> Result<Self, BuildError> {
         let remotes = config
             .upstreams
@@ -78,9 +98,10 @@ impl Engine {
             .enumerate()
             .map(|(i, u)| Remote::new(u, i))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(BuildError)?;
+            .map_err(BuildError::Upstream)?;
         Ok(Self {
             router: Router::new(remotes),
+            cache: Arc::new(Cache::open(&config.cache)?),
             limits: Limits {
                 max_manifest: usize::try_from(config.max_manifest_size.as_u64())
                     .unwrap_or(usize::MAX),
@@ -88,37 +109,75 @@ impl Engine {
             },
         })
     }
+}
 
-    /// Tries `attempt` on each candidate for `repository` in order and returns
-    /// the first success with the upstream that gave it; when all fail, the
-    /// error their faults add up to.
-    async fn first_success<T, F, Fut>(
-        &self,
-        repository: &Repository,
-        only: Option<&str>,
-        attempt: F,
-    ) -> Result<(Arc<Remote>, T), Error>
-    where
-        F: Fn(Arc<Remote>) -> Fut,
-        Fut: Future<Output = Result<T, Fault>>,
-    {
-        let candidates = self.router.candidates(repository, only)?;
-        let mut faults = Faults::default();
-        for remote in candidates {
-            match attempt(remote.clone()).await {
-                Ok(value) => return Ok((remote, value)),
-                Err(fault) => {
-                    tracing::debug!(upstream = remote.name(), %fault, "upstream failed; trying the next");
-                    faults.push(fault);
+/// Tries `attempt` on each candidate in order and returns the first success
+/// with the upstream that gave it; when all fail, the error their faults add
+/// up to. A "not found" is remembered per (upstream, `key`) for the negative
+/// TTL, and a remembered one skips the upstream.
+async fn try_in_order<T, F, Fut>(
+    negative: &Negative,
+    candidates: &[Arc<Remote>],
+    key: &str,
+    attempt: F,
+) -> Result<(Arc<Remote>, T), Error>
+where
+    F: Fn(Arc<Remote>) -> Fut,
+    Fut: Future<Output = Result<T, Fault>>,
+{
+    let mut faults = Faults::default();
+    for remote in candidates {
+        if negative.contains(remote.name(), key) {
+            faults.push(Fault::new(
+                FaultKind::NotFound,
+                format!(
+                    "upstream `{}` answered \"not found\" for {key} recently",
+                    remote.name()
+                ),
+            ));
+            continue;
+        }
+        match attempt(remote.clone()).await {
+            Ok(value) => return Ok((remote.clone(), value)),
+            Err(fault) => {
+                tracing::debug!(upstream = remote.name(), %fault, "upstream failed; trying the next");
+                if fault.is_not_found() {
+                    negative.insert(remote.name(), key);
                 }
+                faults.push(fault);
             }
         }
-        let error = faults.into_error();
-        if !matches!(error, Error::NotFound(_)) {
-            tracing::warn!(%error, "no upstream could answer");
-        }
-        Err(error)
     }
+    let error = faults.into_error();
+    if !matches!(error, Error::NotFound(_)) {
+        tracing::warn!(%error, "no upstream could answer");
+    }
+    Err(error)
+}
+
+/// The cache's record that `remote` holds content for `repository`.
+fn holder_for(remote: &Remote, repository: &Repository) -> Holder {
+    Holder {
+        upstream: remote.name().to_owned(),
+        repository: remote.remote_name(repository),
+    }
+}
+
+/// The first candidate known to hold content for `repository`, given the
+/// cache's holders of that content.
+fn known_holder<'a>(
+    candidates: &'a [Arc<Remote>],
+    repository: &Repository,
+    holders: &[Holder],
+) -> Option<&'a Arc<Remote>> {
+    candidates
+        .iter()
+        .find(|c| holders.contains(&holder_for(c, repository)))
+}
+
+fn cache_error(e: CacheError) -> Error {
+    tracing::error!(error = %e, "cache failure");
+    Error::Cache(e.to_string())
 }
 
 /// The caller's acceptable media types, or every OCI and Docker v2 type.

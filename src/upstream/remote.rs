@@ -550,7 +550,9 @@ fn realm_allowed(base: &Url, realm_hosts: &[String], realm: &Url) -> Result<(), 
         "https" => {}
         "http" if base.scheme() == "http" => {}
         _ => {
-            return Err("credentials go only over https (or http when the upstream itself is http)");
+            return Err(
+                "credentials go only over https (or http when the upstream itself is http)",
+            );
         }
     }
     let (Some(realm_host), Some(base_host)) = (realm.host_str(), base.host_str()) else {

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::registry::{fault_from_response, next_link, tags_request};
 use super::remote::Remote;
-use super::{Engine, Error, Fault, Source};
+use super::{Engine, Error, Fault, Source, try_in_order};
 use crate::oci::{Repository, Tag};
 
 /// Most bytes read for one page of a tag list.
@@ -50,13 +50,17 @@ impl Engine {
     #[tracing::instrument(skip_all, fields(repository = %req.repository))]
     pub async fn fetch_tags(&self, req: TagsRequest) -> Result<TagPage, Error> {
         let repository = &req.repository;
-        let (remote, mut tags) = self
-            .first_success(
-                repository,
-                req.upstream.as_deref(),
-                move |remote| async move { self.list_tags(&remote, repository).await },
-            )
-            .await?;
+        let candidates = self
+            .router
+            .candidates(repository, req.upstream.as_deref())?;
+        let key = format!("tags of `{repository}`");
+        let (remote, mut tags) = try_in_order(
+            &self.cache.negative,
+            &candidates,
+            &key,
+            |remote| async move { self.list_tags(&remote, repository).await },
+        )
+        .await?;
         tags.sort_unstable();
         tags.dedup();
         Ok(page(

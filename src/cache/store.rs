@@ -1,0 +1,434 @@
+//! The content-addressable disk store. Objects (blobs and manifests) are
+//! immutable and keyed by digest:
+//!
+//! ```text
+//! objects/sha256/<hex>        the bytes
+//! objects/sha256/<hex>.meta   JSON: size, media type, holders
+//! tmp/                        downloads in progress (emptied at start)
+//! ```
+//!
+//! An object enters the store only by [`Store::commit`]: its bytes were
+//! written to a temp file, hashed, synced, and then renamed into place, so a
+//! crash at any point leaves either nothing or a whole verified object. The
+//! `.meta` is renamed in before the bytes; bytes without one are never
+//! indexed. The store is bounded by `max_size` with least-recently-used
+//! eviction; a reader keeps its open file across eviction (unlinking does not
+//! disturb open descriptors).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use super::CacheError;
+use crate::oci::{Digest, MediaType};
+
+/// An upstream and the repository name on it that is known to hold an object.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Holder {
+    /// The upstream's configured name.
+    pub upstream: String,
+    /// The repository's name on that upstream.
+    pub repository: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Meta {
+    size: u64,
+    #[serde(default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    holders: Vec<Holder>,
+}
+
+/// A committed object.
+#[derive(Debug, Clone)]
+pub struct Object {
+    /// Its size.
+    pub size: u64,
+    /// Its media type, for manifests.
+    pub media_type: Option<MediaType>,
+    /// Upstream repositories known to hold it.
+    pub holders: Vec<Holder>,
+    /// Where the bytes are.
+    pub path: PathBuf,
+}
+
+#[derive(Debug)]
+struct Entry {
+    size: u64,
+    media_type: Option<String>,
+    holders: Vec<Holder>,
+    tick: u64,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    entries: HashMap<String, Entry>,
+    /// Use order: tick → digest, oldest first.
+    order: BTreeMap<u64, String>,
+    tick: u64,
+    total: u64,
+}
+
+impl Index {
+    fn touch(&mut self, digest: &str) {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(entry) = self.entries.get_mut(digest) {
+            self.order.remove(&entry.tick);
+            entry.tick = tick;
+            self.order.insert(tick, digest.to_owned());
+        }
+    }
+
+    fn insert(&mut self, digest: String, mut entry: Entry) {
+        self.tick += 1;
+        entry.tick = self.tick;
+        self.total += entry.size;
+        self.order.insert(entry.tick, digest.clone());
+        if let Some(old) = self.entries.insert(digest, entry) {
+            self.order.remove(&old.tick);
+            self.total -= old.size;
+        }
+    }
+
+    fn pop_oldest(&mut self) -> Option<String> {
+        let (_, digest) = self.order.pop_first()?;
+        if let Some(entry) = self.entries.remove(&digest) {
+            self.total -= entry.size;
+        }
+        Some(digest)
+    }
+}
+
+/// The disk store.
+#[derive(Debug)]
+pub struct Store {
+    objects: PathBuf,
+    tmp: PathBuf,
+    max_size: u64,
+    index: Mutex<Index>,
+    counter: AtomicU64,
+}
+
+impl Store {
+    /// Opens the store: creates the directories, deletes leftovers of
+    /// interrupted downloads and indexes committed objects (oldest modified
+    /// first, as the best guess at use order).
+    pub fn open(objects: &Path, tmp: &Path, max_size: u64) -> Result<Self, CacheError> {
+        fs::create_dir_all(objects).map_err(|e| CacheError::at(objects, e))?;
+        if tmp.exists() {
+            fs::remove_dir_all(tmp).map_err(|e| CacheError::at(tmp, e))?;
+        }
+        fs::create_dir_all(tmp).map_err(|e| CacheError::at(tmp, e))?;
+        let store = Self {
+            objects: objects.to_owned(),
+            tmp: tmp.to_owned(),
+            max_size,
+            index: Mutex::new(Index::default()),
+            counter: AtomicU64::new(0),
+        };
+        store.scan()?;
+        Ok(store)
+    }
+
+    fn scan(&self) -> Result<(), CacheError> {
+        let mut found = Vec::new();
+        for algorithm in
+            fs::read_dir(&self.objects).map_err(|e| CacheError::at(&self.objects, e))?
+        {
+            let dir = algorithm
+                .map_err(|e| CacheError::at(&self.objects, e))?
+                .path();
+            let Some(alg) = dir.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+                continue;
+            };
+            for file in fs::read_dir(&dir).map_err(|e| CacheError::at(&dir, e))? {
+                let path = file.map_err(|e| CacheError::at(&dir, e))?.path();
+                let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                    continue;
+                };
+                let Some(hex) = name.strip_suffix(".meta") else {
+                    continue;
+                };
+                let Ok(digest) = Digest::parse(&format!("{alg}:{hex}")) else {
+                    continue;
+                };
+                let data = self.path(&digest);
+                let meta = fs::read(&path)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Meta>(&b).ok());
+                let data_len = fs::metadata(&data)
+                    .ok()
+                    .map(|m| (m.len(), m.modified().ok()));
+                match (meta, data_len) {
+                    (Some(meta), Some((len, modified))) if len == meta.size => {
+                        found.push((modified, digest.to_string(), meta));
+                    }
+                    // A crash between the two renames, or a damaged pair.
+                    _ => {
+                        let _ = fs::remove_file(&path);
+                        let _ = fs::remove_file(&data);
+                    }
+                }
+            }
+        }
+        found.sort_by_key(|(modified, _, _)| *modified);
+        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, digest, meta) in found {
+            index.insert(
+                digest,
+                Entry {
+                    size: meta.size,
+                    media_type: meta.media_type,
+                    holders: meta.holders,
+                    tick: 0,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Where an object's bytes live.
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        self.objects
+            .join(digest.algorithm().name())
+            .join(digest.hex())
+    }
+
+    fn meta_path(&self, digest: &Digest) -> PathBuf {
+        self.objects
+            .join(digest.algorithm().name())
+            .join(format!("{}.meta", digest.hex()))
+    }
+
+    /// The committed object, marking it used.
+    pub fn lookup(&self, digest: &Digest) -> Option<Object> {
+        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        index.touch(digest.as_str());
+        let entry = index.entries.get(digest.as_str())?;
+        Some(Object {
+            size: entry.size,
+            media_type: entry
+                .media_type
+                .as_deref()
+                .and_then(|m| MediaType::parse(m).ok()),
+            holders: entry.holders.clone(),
+            path: self.path(digest),
+        })
+    }
+
+    /// A new temp file for a download.
+    pub fn temp_file(&self) -> Result<(PathBuf, fs::File), CacheError> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let path = self.tmp.join(format!("{}-{n}", std::process::id()));
+        let file = fs::File::create(&path).map_err(|e| CacheError::at(&path, e))?;
+        Ok((path, file))
+    }
+
+    /// Moves a verified temp file into the store (blocking I/O). Returns
+    /// false when the object is larger than the whole store and was dropped.
+    /// Evicts least-recently-used objects to stay under `max_size`.
+    pub fn commit(
+        &self,
+        temp: &Path,
+        digest: &Digest,
+        size: u64,
+        media_type: Option<&MediaType>,
+        holder: Holder,
+    ) -> Result<bool, CacheError> {
+        if size > self.max_size {
+            let _ = fs::remove_file(temp);
+            return Ok(false);
+        }
+        if self.lookup(digest).is_some() {
+            let _ = fs::remove_file(temp);
+            self.add_holder(digest, holder)?;
+            return Ok(true);
+        }
+        let meta = Meta {
+            size,
+            media_type: media_type.map(|m| m.to_string()),
+            holders: vec![holder],
+        };
+        let dir = self.objects.join(digest.algorithm().name());
+        fs::create_dir_all(&dir).map_err(|e| CacheError::at(&dir, e))?;
+        self.write_meta(digest, &meta)?;
+        let data = self.path(digest);
+        fs::rename(temp, &data).map_err(|e| CacheError::at(&data, e))?;
+        let evicted = {
+            let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            let mut evicted = Vec::new();
+            while index.total + size > self.max_size {
+                match index.pop_oldest() {
+                    Some(d) => evicted.push(d),
+                    None => break,
+                }
+            }
+            index.insert(
+                digest.to_string(),
+                Entry {
+                    size,
+                    media_type: meta.media_type,
+                    holders: meta.holders,
+                    tick: 0,
+                },
+            );
+            evicted
+        };
+        for d in evicted {
+            if let Ok(d) = Digest::parse(&d) {
+                tracing::debug!(digest = %d, "evicting from cache");
+                let _ = fs::remove_file(self.meta_path(&d));
+                let _ = fs::remove_file(self.path(&d));
+            }
+        }
+        Ok(true)
+    }
+
+    /// Writes a small object (a manifest) straight into the store.
+    pub fn put(
+        &self,
+        digest: &Digest,
+        bytes: &[u8],
+        media_type: &MediaType,
+        holder: Holder,
+    ) -> Result<bool, CacheError> {
+        let (temp, mut file) = self.temp_file()?;
+        file.write_all(bytes)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| CacheError::at(&temp, e))?;
+        drop(file);
+        self.commit(&temp, digest, bytes.len() as u64, Some(media_type), holder)
+    }
+
+    /// Records that `holder` holds the object.
+    pub fn add_holder(&self, digest: &Digest, holder: Holder) -> Result<(), CacheError> {
+        let meta = {
+            let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(entry) = index.entries.get_mut(digest.as_str()) else {
+                return Ok(());
+            };
+            if entry.holders.contains(&holder) {
+                return Ok(());
+            }
+            entry.holders.push(holder);
+            Meta {
+                size: entry.size,
+                media_type: entry.media_type.clone(),
+                holders: entry.holders.clone(),
+            }
+        };
+        self.write_meta(digest, &meta)
+    }
+
+    fn write_meta(&self, digest: &Digest, meta: &Meta) -> Result<(), CacheError> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let temp = self.tmp.join(format!("{}-{n}.meta", std::process::id()));
+        let bytes = serde_json::to_vec(meta).map_err(|e| CacheError::at(&temp, e.into()))?;
+        fs::write(&temp, bytes).map_err(|e| CacheError::at(&temp, e))?;
+        let path = self.meta_path(digest);
+        fs::rename(&temp, &path).map_err(|e| CacheError::at(&path, e))
+    }
+
+    /// Bytes of committed objects.
+    pub fn total_size(&self) -> u64 {
+        self.index.lock().unwrap_or_else(|e| e.into_inner()).total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::Algorithm;
+
+    fn holder() -> Holder {
+        Holder {
+            upstream: "a".into(),
+            repository: "r".into(),
+        }
+    }
+
+    fn put(store: &Store, bytes: &[u8]) -> Digest {
+        let digest = Algorithm::Sha256.digest(bytes);
+        store
+            .put(
+                &digest,
+                bytes,
+                &MediaType::known(MediaType::OCI_MANIFEST),
+                holder(),
+            )
+            .unwrap();
+        digest
+    }
+
+    #[test]
+    fn survives_reopen_and_cleans_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (objects, tmp) = (dir.path().join("objects"), dir.path().join("tmp"));
+        let store = Store::open(&objects, &tmp, 1 << 20).unwrap();
+        let digest = put(&store, b"hello");
+        let (leftover, _) = store.temp_file().unwrap();
+        // A data file with no .meta, as after a crash mid-commit.
+        let orphan = Algorithm::Sha256.digest(b"orphan");
+        std::fs::write(store.path(&orphan), b"orphan").unwrap();
+        drop(store);
+
+        let store = Store::open(&objects, &tmp, 1 << 20).unwrap();
+        let object = store.lookup(&digest).unwrap();
+        assert_eq!(object.size, 5);
+        assert_eq!(object.holders, [holder()]);
+        assert_eq!(std::fs::read(object.path).unwrap(), b"hello");
+        assert!(!leftover.exists());
+        assert!(store.lookup(&orphan).is_none());
+    }
+
+    #[test]
+    fn evicts_least_recently_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("o"), &dir.path().join("t"), 10).unwrap();
+        let a = put(&store, b"aaaa");
+        let b = put(&store, b"bbbb");
+        assert!(store.lookup(&a).is_some()); // a is now newer than b
+        let c = put(&store, b"cccc");
+        assert!(store.lookup(&b).is_none(), "b was least recently used");
+        assert!(!store.path(&b).exists());
+        assert!(store.lookup(&a).is_some() && store.lookup(&c).is_some());
+        assert!(store.total_size() <= 10);
+        // Larger than the whole store: not kept.
+        let big = Algorithm::Sha256.digest(&[0u8; 11]);
+        assert!(
+            !store
+                .put(
+                    &big,
+                    &[0u8; 11],
+                    &MediaType::known(MediaType::OCI_MANIFEST),
+                    holder()
+                )
+                .unwrap()
+        );
+        assert!(store.lookup(&big).is_none());
+    }
+
+    #[test]
+    fn holders_accumulate_and_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let (objects, tmp) = (dir.path().join("objects"), dir.path().join("tmp"));
+        let store = Store::open(&objects, &tmp, 1 << 20).unwrap();
+        let digest = put(&store, b"x");
+        let other = Holder {
+            upstream: "b".into(),
+            repository: "s".into(),
+        };
+        store.add_holder(&digest, other.clone()).unwrap();
+        store.add_holder(&digest, other.clone()).unwrap();
+        drop(store);
+        let store = Store::open(&objects, &tmp, 1 << 20).unwrap();
+        assert_eq!(store.lookup(&digest).unwrap().holders, [holder(), other]);
+    }
+}
