@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -11,9 +12,14 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use crate::config::Config;
-use crate::grpc::UpstreamApi;
+use crate::grpc::{Admission, UpstreamApi};
 use crate::pb;
 use crate::upstream::{BuildError, Engine};
+
+/// Largest request message accepted (requests are a few strings).
+const REQUEST_LIMIT: usize = 64 * 1024;
+/// Time after the grace period for connections to close by themselves.
+const CLOSE_MARGIN: Duration = Duration::from_secs(2);
 
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -32,14 +38,19 @@ pub enum AppError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves until `shutdown` resolves; then health turns NOT_SERVING and the
-/// server stops accepting and drains in-flight calls.
+/// Serves until `shutdown` resolves. Then, in order: health turns
+/// NOT_SERVING (so load balancers stop sending), new calls are refused with
+/// UNAVAILABLE while health still answers, calls in flight get up to
+/// `shutdown_grace` to finish, and the server stops; streams still running
+/// after the grace period are cut.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
     let engine = Arc::new(Engine::new(&config)?);
+    let admission = Arc::new(Admission::new(config.max_concurrent_rpcs));
+    let grace = config.shutdown_grace;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status(pb::SERVICE_NAME, ServingStatus::Serving)
@@ -55,22 +66,48 @@ pub async fn run(
 
     let addr = listener.local_addr()?;
     tracing::info!(%addr, upstreams = config.upstreams.len(), "serving gRPC");
+    let (began, mut has_begun) = tokio::sync::watch::channel(false);
+    let gate = admission.clone();
     let drain = async move {
         shutdown.await;
-        tracing::info!("shutting down: health NOT_SERVING, draining calls");
+        let _ = began.send(true);
+        tracing::info!(
+            ?grace,
+            "shutting down: health NOT_SERVING, refusing new calls, draining"
+        );
         for service in ["", pb::SERVICE_NAME] {
             health
                 .set_service_status(service, ServingStatus::NotServing)
                 .await;
         }
+        gate.start_draining();
+        if tokio::time::timeout(grace, gate.drained()).await.is_err() {
+            tracing::warn!("grace period over with calls still running");
+        }
     };
-    Server::builder()
+    let server = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(UpstreamApi::new(engine).into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
-        .await?;
+        .add_service(
+            UpstreamApi::new(engine, admission)
+                .into_server()
+                .max_decoding_message_size(REQUEST_LIMIT)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
+    // After the grace period, connections that still hold calls are closed.
+    let deadline = async move {
+        let _ = has_begun.wait_for(|b| *b).await;
+        tokio::time::sleep(grace + CLOSE_MARGIN).await;
+    };
+    tokio::select! {
+        served = server => served?,
+        () = deadline => tracing::warn!("closing connections still open after the grace period"),
+    }
     tracing::info!("stopped");
     Ok(())
 }

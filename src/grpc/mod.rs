@@ -1,8 +1,12 @@
-//! The gRPC service adapter. Each RPC converts its request to a checked
-//! engine request (INVALID_ARGUMENT naming the field on failure), makes one
-//! engine call, and converts the answer back. No rules live here.
+//! The gRPC service adapter. Each RPC passes admission (concurrency limit,
+//! shutdown), converts its request to a checked engine request
+//! (INVALID_ARGUMENT naming the field on failure), makes one engine call
+//! bounded by the caller's deadline, and converts the answer back. No rules
+//! live here.
 
+mod admission;
 mod convert;
+mod deadline;
 mod status;
 
 use std::pin::Pin;
@@ -10,6 +14,8 @@ use std::sync::Arc;
 
 use futures::{Stream, StreamExt, stream};
 use tonic::{Request, Response, Status};
+
+pub use admission::Admission;
 
 use crate::pb;
 use crate::pb::upstream_service_server::{UpstreamService, UpstreamServiceServer};
@@ -24,12 +30,13 @@ pub type FetchBlobStream =
 #[derive(Debug, Clone)]
 pub struct UpstreamApi {
     engine: Arc<Engine>,
+    admission: Arc<Admission>,
 }
 
 impl UpstreamApi {
-    /// The service over `engine`.
-    pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+    /// The service over `engine`, admitting RPCs through `admission`.
+    pub fn new(engine: Arc<Engine>, admission: Arc<Admission>) -> Self {
+        Self { engine, admission }
     }
 
     /// The tonic server for this service.
@@ -44,8 +51,11 @@ impl UpstreamService for UpstreamApi {
         &self,
         request: Request<pb::FetchManifestRequest>,
     ) -> Result<Response<pb::FetchManifestResponse>, Status> {
+        let _permit = self.admission.admit()?;
+        let limit = deadline::timeout(request.metadata());
         let req = ManifestRequest::try_from(request.into_inner())?;
-        let manifest = self.engine.fetch_manifest(req).await?;
+        let manifest =
+            deadline::within(limit, async { Ok(self.engine.fetch_manifest(req).await?) }).await?;
         Ok(Response::new(manifest.into()))
     }
 
@@ -53,8 +63,11 @@ impl UpstreamService for UpstreamApi {
         &self,
         request: Request<pb::HeadManifestRequest>,
     ) -> Result<Response<pb::HeadManifestResponse>, Status> {
+        let _permit = self.admission.admit()?;
+        let limit = deadline::timeout(request.metadata());
         let req = ManifestRequest::try_from(request.into_inner())?;
-        let meta = self.engine.head_manifest(req).await?;
+        let meta =
+            deadline::within(limit, async { Ok(self.engine.head_manifest(req).await?) }).await?;
         Ok(Response::new(meta.into()))
     }
 
@@ -64,15 +77,20 @@ impl UpstreamService for UpstreamApi {
         &self,
         request: Request<pb::FetchBlobRequest>,
     ) -> Result<Response<Self::FetchBlobStream>, Status> {
+        let permit = self.admission.admit()?;
+        let limit = deadline::timeout(request.metadata());
         let req = BlobRequest::try_from(request.into_inner())?;
         let offset = req.range.offset;
-        let blob = self.engine.fetch_blob(req).await?;
+        let blob =
+            deadline::within(limit, async { Ok(self.engine.fetch_blob(req).await?) }).await?;
         let first = pb::FetchBlobResponse {
             info: Some(blob.info.into()),
             offset: i64::try_from(offset).unwrap_or(i64::MAX),
             ..Default::default()
         };
-        let data = blob.chunks.map(|item| {
+        let data = blob.chunks.map(move |item| {
+            // The permit is released when the stream ends or is dropped.
+            let _held = &permit;
             item.map(|chunk| convert::blob_data(chunk.offset, chunk.data))
                 .map_err(Status::from)
         });
@@ -85,11 +103,16 @@ impl UpstreamService for UpstreamApi {
         &self,
         request: Request<pb::HeadBlobRequest>,
     ) -> Result<Response<pb::HeadBlobResponse>, Status> {
+        let _permit = self.admission.admit()?;
+        let limit = deadline::timeout(request.metadata());
         let req = HeadBlob::try_from(request.into_inner())?;
-        let meta = self
-            .engine
-            .head_blob(&req.repository, &req.digest, req.upstream.as_deref())
-            .await?;
+        let meta = deadline::within(limit, async {
+            Ok(self
+                .engine
+                .head_blob(&req.repository, &req.digest, req.upstream.as_deref())
+                .await?)
+        })
+        .await?;
         Ok(Response::new(meta.into()))
     }
 
@@ -97,10 +120,13 @@ impl UpstreamService for UpstreamApi {
         &self,
         request: Request<pb::FetchTagsRequest>,
     ) -> Result<Response<pb::FetchTagsResponse>, Status> {
+        let _permit = self.admission.admit()?;
+        let limit = deadline::timeout(request.metadata());
         let request = request.into_inner();
         let name = request.repository.clone();
         let req = TagsRequest::try_from(request)?;
-        let page = self.engine.fetch_tags(req).await?;
+        let page =
+            deadline::within(limit, async { Ok(self.engine.fetch_tags(req).await?) }).await?;
         Ok(Response::new(convert::tags_response(name, page)))
     }
 }

@@ -19,10 +19,13 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use reqwest::Method;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::error::Faults;
 use super::registry::{blob_request, fault_from_response};
 use super::remote::{Remote, content_length, describe};
 use super::{
@@ -351,13 +354,18 @@ impl Engine {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(digest.to_string(), download.clone());
+        let source = Resume {
+            candidates: candidates.to_vec(),
+            repository: repository.clone(),
+            digest: digest.clone(),
+        };
         tokio::spawn(fill(
             self.cache.clone(),
             download,
             response,
             file,
             remote,
-            digest.clone(),
+            source,
         ));
         Ok(origin)
     }
@@ -393,9 +401,10 @@ async fn fill(
     response: reqwest::Response,
     file: File,
     remote: Arc<Remote>,
-    digest: Digest,
+    source: Resume,
 ) {
-    let state = match write_verified(&download, response, file, &remote, &digest).await {
+    let digest = source.digest.clone();
+    let state = match write_verified(&download, response, file, remote, &source).await {
         Ok(()) => {
             let store = cache.store.clone();
             let (path, size, holder) = (
@@ -436,19 +445,49 @@ async fn fill(
     download.finish(state);
 }
 
+/// What a download needs to resume elsewhere after a broken connection.
+struct Resume {
+    candidates: Vec<Arc<Remote>>,
+    repository: Repository,
+    digest: Digest,
+}
+
+/// Longest a body may run below the upstream's `min_rate` before it counts
+/// as stalled.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+/// Resumes (HTTP Range requests) of one download before giving up.
+const MAX_RESUMES: u32 = 3;
+
+/// How one connection's body ended.
+enum BodyEnd {
+    /// The body ended (with all bytes, or fewer: the caller checks).
+    Complete,
+    /// The upstream sent more bytes than the blob's size.
+    TooLong,
+    /// The connection broke or stalled after some bytes; resume from there.
+    Broken(Fault),
+}
+
+/// Writes the blob to `file`, hashing as it goes, resuming with Range
+/// requests (same upstream first, then the others) when a connection breaks
+/// or stalls, and verifies the digest over the whole blob.
 async fn write_verified(
     download: &Download<Error>,
     mut response: reqwest::Response,
     mut file: File,
-    remote: &Remote,
-    digest: &Digest,
+    mut remote: Arc<Remote>,
+    resume: &Resume,
 ) -> Result<(), Error> {
+    let digest = &resume.digest;
     let what = format!("blob `{digest}`");
     let size = download.size;
-    let mut verifier = digest.algorithm().verifier();
-    let mut received: u64 = 0;
-    let mut batch = BytesMut::with_capacity(FLUSH_SIZE);
-    let integrity = |detail: String| {
+    let mut body = Body {
+        verifier: digest.algorithm().verifier(),
+        received: 0,
+        skip: 0,
+    };
+    let mut resumes = 0;
+    let integrity = |remote: &Remote, detail: String| {
         tracing::warn!(upstream = remote.name(), %digest, %detail, "blob failed verification");
         Error::from_fault(Fault::integrity(format!(
             "upstream `{}` sent {what} with {detail}",
@@ -456,45 +495,194 @@ async fn write_verified(
         )))
     };
     loop {
-        let chunk = match response.chunk().await {
-            Ok(Some(chunk)) => chunk,
-            Ok(None) => break,
-            Err(e) => {
-                return Err(Error::from_fault(Fault::unavailable(format!(
-                    "upstream `{}` broke off {what} after {received} of {size} bytes: {}",
-                    remote.name(),
-                    describe(&e)
-                ))));
+        let end;
+        (file, end) = body
+            .pump(download, &mut response, file, &remote, &what)
+            .await?;
+        match end {
+            BodyEnd::Complete if body.received == size => break,
+            BodyEnd::Complete => {
+                return Err(integrity(
+                    &remote,
+                    "fewer bytes than its Content-Length".to_owned(),
+                ));
             }
-        };
-        received += chunk.len() as u64;
-        if received > size {
-            return Err(integrity("more bytes than its Content-Length".to_owned()));
+            BodyEnd::TooLong => {
+                return Err(integrity(
+                    &remote,
+                    "more bytes than its Content-Length".to_owned(),
+                ));
+            }
+            BodyEnd::Broken(fault) => {
+                if resumes == MAX_RESUMES {
+                    return Err(Error::from_fault(fault));
+                }
+                resumes += 1;
+                tracing::info!(%fault, received = body.received, size, "blob transfer broke off; resuming");
+                (remote, response, body.skip) = reopen(&remote, resume, body.received, size)
+                    .await
+                    .map_err(|mut faults| {
+                        faults.push(fault);
+                        faults.into_error()
+                    })?;
+            }
         }
-        verifier.update(&chunk);
-        batch.extend_from_slice(&chunk);
-        if batch.len() >= FLUSH_SIZE {
-            file = write_at_end(file, batch.split().freeze()).await?;
-            download.advance(received);
-        }
     }
-    if received != size {
-        return Err(integrity("fewer bytes than its Content-Length".to_owned()));
-    }
-    if !batch.is_empty() {
-        file = write_at_end(file, batch.split().freeze()).await?;
-    }
-    let computed = verifier.finish();
+    let computed = body.verifier.finish();
     if computed != *digest {
-        return Err(integrity(format!("bytes that hash to {computed}")));
+        return Err(integrity(&remote, format!("bytes that hash to {computed}")));
     }
     // Durable before it is renamed into the store.
     tokio::task::spawn_blocking(move || file.sync_data())
         .await
         .map_err(|e| Error::Cache(e.to_string()))?
-        .map_err(|e| Error::Cache(format!("cannot sync a download: {e}")))?;
-    download.advance(received);
+        .map_err(io_error)?;
     Ok(())
+}
+
+/// The running state of a download across connections.
+struct Body {
+    verifier: crate::oci::Verifier,
+    /// Bytes of the blob written to the file.
+    received: u64,
+    /// Leading bytes of the current response to drop (a resume answered
+    /// with the whole blob).
+    skip: u64,
+}
+
+impl Body {
+    /// Moves one connection's body into the file: hashes and appends it in
+    /// batches and publishes progress. A transport error, an idle timeout or
+    /// a rate below `min_rate` over [`RATE_WINDOW`] ends it as broken.
+    async fn pump(
+        &mut self,
+        download: &Download<Error>,
+        response: &mut reqwest::Response,
+        mut file: File,
+        remote: &Remote,
+        what: &str,
+    ) -> Result<(File, BodyEnd), Error> {
+        let mut batch = BytesMut::with_capacity(FLUSH_SIZE);
+        let mut window_start = tokio::time::Instant::now();
+        let mut window_bytes: u64 = 0;
+        let min_in_window = remote.min_rate().saturating_mul(RATE_WINDOW.as_secs());
+        let end = loop {
+            let mut chunk = match response.chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break BodyEnd::Complete,
+                Err(e) => {
+                    break BodyEnd::Broken(Fault::unavailable(format!(
+                        "upstream `{}` broke off {what} after {} of {} bytes: {}",
+                        remote.name(),
+                        self.received + batch.len() as u64,
+                        download.size,
+                        describe(&e)
+                    )));
+                }
+            };
+            window_bytes += chunk.len() as u64;
+            if window_start.elapsed() >= RATE_WINDOW {
+                if window_bytes < min_in_window {
+                    break BodyEnd::Broken(Fault::unavailable(format!(
+                        "upstream `{}` sent blob bytes slower than min_rate ({} B/s)",
+                        remote.name(),
+                        remote.min_rate()
+                    )));
+                }
+                window_start = tokio::time::Instant::now();
+                window_bytes = 0;
+            }
+            if self.skip > 0 {
+                let n = self.skip.min(chunk.len() as u64);
+                self.skip -= n;
+                let _ = chunk.split_to(n as usize);
+            }
+            if self.received + (batch.len() + chunk.len()) as u64 > download.size {
+                break BodyEnd::TooLong;
+            }
+            self.verifier.update(&chunk);
+            batch.extend_from_slice(&chunk);
+            if batch.len() >= FLUSH_SIZE {
+                self.received += batch.len() as u64;
+                file = write_at_end(file, batch.split().freeze()).await?;
+                download.advance(self.received);
+            }
+        };
+        if !batch.is_empty() && !matches!(end, BodyEnd::TooLong) {
+            self.received += batch.len() as u64;
+            file = write_at_end(file, batch.split().freeze()).await?;
+            download.advance(self.received);
+        }
+        Ok((file, end))
+    }
+}
+
+fn io_error(e: std::io::Error) -> Error {
+    Error::Cache(format!("download file: {e}"))
+}
+
+/// Opens the rest of the blob from byte `from`: the same upstream first,
+/// then the route's others. Returns the response and how many leading bytes
+/// to skip (an upstream that ignores Range sends the whole blob).
+async fn reopen(
+    current: &Arc<Remote>,
+    resume: &Resume,
+    from: u64,
+    size: u64,
+) -> Result<(Arc<Remote>, reqwest::Response, u64), Faults> {
+    let mut faults = Faults::default();
+    let order = std::iter::once(current).chain(
+        resume
+            .candidates
+            .iter()
+            .filter(|c| !Arc::ptr_eq(c, current)),
+    );
+    for remote in order {
+        if !remote.circuit().allow() {
+            continue;
+        }
+        let mut request = blob_request(remote, Method::GET, &resume.repository, &resume.digest);
+        request.range = Some(from);
+        let response = match remote.send(&request).await {
+            Ok(r) => r,
+            Err(fault) => {
+                faults.push(fault);
+                continue;
+            }
+        };
+        match response.status() {
+            StatusCode::PARTIAL_CONTENT
+                if content_range_start(response.headers(), size) == Some(from) =>
+            {
+                return Ok((remote.clone(), response, 0));
+            }
+            StatusCode::OK if content_length(response.headers()) == Some(size) => {
+                return Ok((remote.clone(), response, from));
+            }
+            status if status.is_success() => faults.push(Fault::unavailable(format!(
+                "upstream `{}` answered a resume of {} with an unusable range ({})",
+                remote.name(),
+                request.what,
+                status.as_u16()
+            ))),
+            _ => faults.push(fault_from_response(remote, &request.what, response).await),
+        }
+    }
+    Err(faults)
+}
+
+/// The first byte of a `Content-Range: bytes FIRST-LAST/SIZE` for a blob of
+/// `size` bytes.
+fn content_range_start(headers: &reqwest::header::HeaderMap, size: u64) -> Option<u64> {
+    let value = headers.get(reqwest::header::CONTENT_RANGE)?.to_str().ok()?;
+    let range = value.trim().strip_prefix("bytes ")?;
+    let (span, total) = range.split_once('/')?;
+    if total.trim() != "*" && total.trim().parse::<u64>().ok()? != size {
+        return None;
+    }
+    let (first, last) = span.split_once('-')?;
+    let (first, last): (u64, u64) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
+    (last + 1 == size).then_some(first)
 }
 
 /// Appends `bytes` to `file` on the blocking pool, handing the file back.

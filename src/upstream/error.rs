@@ -29,6 +29,7 @@ pub struct Fault {
     kind: FaultKind,
     message: String,
     retry_after: Option<Duration>,
+    retryable: bool,
 }
 
 impl Fault {
@@ -38,7 +39,26 @@ impl Fault {
             kind,
             message: message.into(),
             retry_after: None,
+            retryable: false,
         }
+    }
+
+    /// Marks the fault as worth retrying on the same upstream (a connection
+    /// refused or reset before an answer).
+    pub fn retryable(mut self) -> Self {
+        self.retryable = true;
+        self
+    }
+
+    /// True when the same request may succeed if sent again.
+    pub fn is_retryable(&self) -> bool {
+        self.retryable
+    }
+
+    /// True when the fault counts against the upstream's health (for its
+    /// circuit breaker): it could not answer, as opposed to answering "no".
+    pub fn is_upstream_failure(&self) -> bool {
+        self.kind == FaultKind::Unavailable
     }
 
     /// The upstream could not answer.

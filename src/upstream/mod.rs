@@ -12,6 +12,7 @@ mod glob;
 mod manifest;
 mod registry;
 mod remote;
+mod resilience;
 mod routing;
 mod tags;
 mod token_cache;
@@ -127,6 +128,13 @@ where
 {
     let mut faults = Faults::default();
     for remote in candidates {
+        if !remote.circuit().allow() {
+            faults.push(Fault::unavailable(format!(
+                "upstream `{}` is skipped: its circuit is open after repeated failures",
+                remote.name()
+            )));
+            continue;
+        }
         if negative.contains(remote.name(), key) {
             faults.push(Fault::new(
                 FaultKind::NotFound,
@@ -138,9 +146,17 @@ where
             continue;
         }
         match attempt(remote.clone()).await {
-            Ok(value) => return Ok((remote.clone(), value)),
+            Ok(value) => {
+                remote.circuit().record_success();
+                return Ok((remote.clone(), value));
+            }
             Err(fault) => {
                 tracing::debug!(upstream = remote.name(), %fault, "upstream failed; trying the next");
+                if fault.is_upstream_failure() {
+                    remote.circuit().record_failure();
+                } else {
+                    remote.circuit().record_success();
+                }
                 if fault.is_not_found() {
                     negative.insert(remote.name(), key);
                 }

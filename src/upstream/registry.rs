@@ -2,15 +2,14 @@
 //! blobs and tag lists, the `Accept` header, the `Link` header, and the
 //! registry error envelope turned into a typed [`Fault`].
 
-use std::time::Duration;
-
 use reqwest::StatusCode;
-use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderValue};
 use serde::Deserialize;
 use url::Url;
 
 use super::error::{Fault, FaultKind};
 use super::remote::{Remote, Request, read_prefix};
+use super::resilience::retry_after;
 use crate::oci::{Digest, MediaType, Reference, Repository};
 
 /// Most bytes of an error body read for a message.
@@ -44,6 +43,7 @@ pub fn manifest_request(
         method,
         url: endpoint(remote, repository, &format!("manifests/{reference}")),
         accept: Some(accept_header(accept)),
+        range: None,
         scope: pull_scope(remote, repository),
         what: format!("manifest `{}`", display_ref(repository, reference)),
     }
@@ -60,6 +60,7 @@ pub fn blob_request(
         method,
         url: endpoint(remote, repository, &format!("blobs/{digest}")),
         accept: None,
+        range: None,
         scope: pull_scope(remote, repository),
         what: format!("blob `{repository}@{digest}`"),
     }
@@ -71,6 +72,7 @@ pub fn tags_request(remote: &Remote, repository: &Repository, url: Option<Url>) 
         method: reqwest::Method::GET,
         url: url.unwrap_or_else(|| endpoint(remote, repository, "tags/list")),
         accept: Some(HeaderValue::from_static("application/json")),
+        range: None,
         scope: pull_scope(remote, repository),
         what: format!("tags of `{repository}`"),
     }
@@ -184,18 +186,6 @@ pub async fn fault_from_response(
         ),
     )
     .with_retry_after(retry_after)
-}
-
-/// `Retry-After` in seconds (HTTP dates are read as "unknown" for now).
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    headers
-        .get(RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-        .map(Duration::from_secs)
 }
 
 #[cfg(test)]

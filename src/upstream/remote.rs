@@ -18,6 +18,7 @@ use url::Url;
 use super::auth::{BasicAuth, Challenge, Credentials, Resolved, Secret, parse_challenges};
 use super::error::{Fault, FaultKind};
 use super::glob::Glob;
+use super::resilience::{Circuit, backoff, retry_after};
 use super::token_cache::TokenCache;
 use crate::config::UpstreamConfig;
 use crate::oci::Repository;
@@ -38,6 +39,8 @@ pub struct Request {
     pub url: Url,
     /// The `Accept` header, if any.
     pub accept: Option<HeaderValue>,
+    /// Ask for the bytes from this offset on (`Range: bytes=N-`).
+    pub range: Option<u64>,
     /// Token scope, e.g. `repository:library/nginx:pull`.
     pub scope: String,
     /// What is asked for, for messages: "manifest `library/nginx:1.27`".
@@ -84,6 +87,10 @@ pub struct Remote {
     exclude: Vec<Glob>,
     library_prefix: bool,
     timeout: Duration,
+    retries: u32,
+    retry_max_delay: Duration,
+    min_rate: u64,
+    circuit: Circuit,
     realm_hosts: Vec<String>,
     http: reqwest::Client,
     /// For token requests: follows only redirects that the realm policy allows.
@@ -148,6 +155,10 @@ impl Remote {
             exclude: config.exclude.iter().map(glob).collect::<Result<_, _>>()?,
             library_prefix: config.library_prefix(),
             timeout: config.timeout,
+            retries: config.retries,
+            retry_max_delay: config.retry_max_delay,
+            min_rate: config.min_rate.0,
+            circuit: Circuit::new(config.circuit_failures, config.circuit_cooldown),
             realm_hosts,
             http,
             token_http,
@@ -194,11 +205,48 @@ impl Remote {
         &self.base
     }
 
-    /// Sends `req`, authenticating as the upstream asks: a cached or static
-    /// token up front, then on a 401 the challenge's flow (Bearer token or
-    /// Basic credentials) and one retry. The answer may still be a 401/403
-    /// (credentials refused); classifying statuses is the caller's job.
+    /// Slowest acceptable body rate, bytes per second.
+    pub fn min_rate(&self) -> u64 {
+        self.min_rate
+    }
+
+    /// The upstream's circuit breaker.
+    pub fn circuit(&self) -> &Circuit {
+        &self.circuit
+    }
+
+    /// Sends `req` (see [`Remote::send_once`]), retrying connection failures
+    /// and 429/502/503/504 answers up to `retries` times with backoff. The
+    /// last answer is returned as it is; classifying it is the caller's job.
     pub async fn send(&self, req: &Request) -> Result<reqwest::Response, Fault> {
+        let mut attempt = 0;
+        loop {
+            let result = self.send_once(req).await;
+            let retry = match &result {
+                Ok(response) if is_retryable_status(response.status()) => {
+                    Some(retry_after(response.headers()))
+                }
+                Err(fault) if fault.is_retryable() => Some(None),
+                _ => None,
+            };
+            match retry {
+                Some(asked) if attempt < self.retries => {
+                    let delay = backoff(attempt, asked, self.retry_max_delay);
+                    tracing::debug!(upstream = %self.name, what = %req.what, attempt, ?delay, "retrying");
+                    drop(result);
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                _ => return result,
+            }
+        }
+    }
+
+    /// Sends `req` once, authenticating as the upstream asks: a cached or
+    /// static token up front, then on a 401 the challenge's flow (Bearer
+    /// token or Basic credentials) and one retry. The answer may still be a
+    /// 401/403 (credentials refused).
+    async fn send_once(&self, req: &Request) -> Result<reqwest::Response, Fault> {
         let first = self.upfront_auth(&req.scope).await?;
         let response = self.execute(req, first.as_ref()).await?;
         if response.status() != StatusCode::UNAUTHORIZED
@@ -279,6 +327,9 @@ impl Remote {
         if let Some(accept) = &req.accept {
             builder = builder.header(ACCEPT, accept.clone());
         }
+        if let Some(offset) = req.range {
+            builder = builder.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        }
         if let Some(auth) = auth {
             builder = builder.header(AUTHORIZATION, auth.header());
         }
@@ -293,11 +344,20 @@ impl Remote {
     ) -> Result<reqwest::Response, Fault> {
         match tokio::time::timeout(self.timeout, send).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(Fault::unavailable(format!(
-                "upstream `{}` could not be reached for {what}: {}",
-                self.name,
-                describe(&e)
-            ))),
+            Ok(Err(e)) => {
+                let fault = Fault::unavailable(format!(
+                    "upstream `{}` could not be reached for {what}: {}",
+                    self.name,
+                    describe(&e)
+                ));
+                // Refused or reset before an answer: worth another try. A
+                // timeout already spent its time.
+                Err(if e.is_timeout() {
+                    fault
+                } else {
+                    fault.retryable()
+                })
+            }
             Err(_) => Err(Fault::unavailable(format!(
                 "upstream `{}` did not answer for {what} within {:?}",
                 self.name, self.timeout
@@ -470,6 +530,11 @@ impl Remote {
             .await
             .map_err(|e| self.read_fault(what, e))
     }
+}
+
+/// 429 and the 5xx answers that mean "try again".
+fn is_retryable_status(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 429 | 502 | 503 | 504)
 }
 
 /// Why a bounded body read failed.
