@@ -344,6 +344,11 @@ impl Remote {
     ) -> Result<reqwest::Response, Fault> {
         match tokio::time::timeout(self.timeout, send).await {
             Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) if e.is_redirect() => Err(Fault::unavailable(format!(
+                "upstream `{}` redirected the request for {what} where it may not go: {}",
+                self.name,
+                describe(&e)
+            ))),
             Ok(Err(e)) => {
                 let fault = Fault::unavailable(format!(
                     "upstream `{}` could not be reached for {what}: {}",
