@@ -8,6 +8,7 @@
 
 pub mod fake;
 pub mod registry;
+pub mod token_issuer;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -1,0 +1,804 @@
+//! Authentication policy end to end: Docker config credentials rotated while
+//! the service runs (real registry, htpasswd), the `WWW-Authenticate` parser's
+//! corner cases, the token-realm policy (which realms the service may call:
+//! a refused realm gets no request at all and the call fails), redirects from
+//! a token endpoint, and that a blob redirect to another host carries no
+//! `Authorization`. Fakes are small in-process axum servers on 127.0.0.1 that
+//! record what they receive; hosts that are not local (`registry.example.com`,
+//! `169.254.169.254`, `10.0.0.1`) are reached through the upstream's `proxy`,
+//! a recording fake that answers for every host, so "no request" is observable.
+
+mod common;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+use axum::serve::ListenerExt as _;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use common::Service;
+use common::token_issuer::{AuthRegistry, OCI_MANIFEST, sha256_digest};
+use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
+use oci_upstream::pb::{FetchBlobRequest, FetchManifestRequest, FetchManifestResponse};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+const REPO: &str = "team/app";
+/// The token the fake registries accept.
+const GOOD_TOKEN: &str = "tok-good-5b0e";
+/// A public-looking upstream host, reached through the recording proxy.
+const PUBLIC_REGISTRY: &str = "registry.example.com";
+
+/// Upper bound on one RPC so a hung service fails instead of hanging CI.
+const RPC_BOUND: Duration = Duration::from_secs(60);
+
+type Client = UpstreamServiceClient<Channel>;
+
+async fn bounded<F: Future>(fut: F) -> F::Output {
+    tokio::time::timeout(RPC_BOUND, fut)
+        .await
+        .expect("the service answered within the RPC bound")
+}
+
+async fn manifest(client: &mut Client, reference: &str) -> Result<FetchManifestResponse, Status> {
+    bounded(client.fetch_manifest(FetchManifestRequest {
+        repository: REPO.into(),
+        reference: reference.into(),
+        ..Default::default()
+    }))
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+async fn blob(client: &mut Client, digest: &str) -> Result<Vec<u8>, Status> {
+    bounded(async {
+        let mut stream = client
+            .fetch_blob(FetchBlobRequest {
+                repository: REPO.into(),
+                digest: digest.into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let mut data = Vec::new();
+        while let Some(msg) = stream.message().await? {
+            data.extend_from_slice(&msg.data);
+        }
+        Ok(data)
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------
+// A recording fake HTTP server.
+
+/// One request a fake received.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: String,
+    /// The authority asked for: the absolute-form target's (proxy requests)
+    /// or the `Host` header's, e.g. `auth.example.com` or `127.0.0.1:4000`.
+    host: String,
+    path: String,
+    query: String,
+    authorization: Option<String>,
+}
+
+impl Seen {
+    fn param(&self, name: &str) -> Option<String> {
+        url::form_urlencoded::parse(self.query.as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    }
+}
+
+type Handler = Arc<dyn Fn(&Seen) -> Response + Send + Sync>;
+
+#[derive(Clone)]
+struct FakeState {
+    handler: Arc<Mutex<Handler>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+/// An axum server on `127.0.0.1:0` that answers every request with a
+/// scriptable handler and records requests and accepted connections.
+struct Fake {
+    addr: std::net::SocketAddr,
+    state: FakeState,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Fake {
+    async fn start(handler: impl Fn(&Seen) -> Response + Send + Sync + 'static) -> Fake {
+        let state = FakeState {
+            handler: Arc::new(Mutex::new(Arc::new(handler))),
+            seen: Arc::default(),
+        };
+        let connections = Arc::new(AtomicUsize::new(0));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a fake");
+        let addr = listener.local_addr().expect("fake address");
+        let counter = connections.clone();
+        let listener = listener.tap_io(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        let app = Router::new().fallback(record).with_state(state.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Fake {
+            addr,
+            state,
+            connections,
+            task,
+        }
+    }
+
+    /// Replaces the handler.
+    fn set(&self, handler: impl Fn(&Seen) -> Response + Send + Sync + 'static) {
+        *self.state.handler.lock().expect("handler lock") = Arc::new(handler);
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().expect("seen lock").clone()
+    }
+
+    /// The requests that asked for `host` (a host name, or `host:port`).
+    fn seen_for(&self, host: &str) -> Vec<Seen> {
+        self.seen()
+            .into_iter()
+            .filter(|s| s.host == host || s.host.split(':').next() == Some(host))
+            .collect()
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn record(State(state): State<FakeState>, req: Request) -> Response {
+    let uri = req.uri();
+    let host = uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let seen = Seen {
+        method: req.method().to_string(),
+        host,
+        path: uri.path().to_string(),
+        query: uri.query().unwrap_or_default().to_string(),
+        authorization: req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+    };
+    state.seen.lock().expect("seen lock").push(seen.clone());
+    let handler = state.handler.lock().expect("handler lock").clone();
+    handler(&seen)
+}
+
+fn reply(status: u16) -> Response {
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::from_u16(status).expect("valid status");
+    resp
+}
+
+fn with_header(mut resp: Response, name: header::HeaderName, value: &str) -> Response {
+    resp.headers_mut().append(
+        name,
+        HeaderValue::from_str(value).expect("valid header value"),
+    );
+    resp
+}
+
+fn unauthorized(challenges: &[&str]) -> Response {
+    challenges.iter().fold(reply(401), |resp, c| {
+        with_header(resp, header::WWW_AUTHENTICATE, c)
+    })
+}
+
+fn redirect(location: &str) -> Response {
+    with_header(reply(307), header::LOCATION, location)
+}
+
+fn token_reply() -> Response {
+    let body = serde_json::json!({"token": GOOD_TOKEN, "expires_in": 300}).to_string();
+    let mut resp = with_header(reply(200), header::CONTENT_TYPE, "application/json");
+    *resp.body_mut() = Body::from(body);
+    resp
+}
+
+/// `team/app:v1`: a manifest and one blob, served by the fake registries.
+#[derive(Clone)]
+struct Content {
+    manifest: Bytes,
+    manifest_digest: String,
+    blob: Bytes,
+    blob_digest: String,
+}
+
+fn content() -> Content {
+    let blob = Bytes::from(
+        (0..5000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let blob_digest = sha256_digest(&blob);
+    let manifest = Bytes::from(
+        serde_json::to_vec_pretty(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": blob_digest,
+                "size": blob.len(),
+            },
+            "layers": [],
+        }))
+        .expect("manifest JSON"),
+    );
+    Content {
+        manifest_digest: sha256_digest(&manifest),
+        manifest,
+        blob,
+        blob_digest,
+    }
+}
+
+impl Content {
+    /// The answer for a registry path, once authorized.
+    fn serve(&self, path: &str) -> Response {
+        if path == format!("/v2/{REPO}/manifests/v1")
+            || path == format!("/v2/{REPO}/manifests/{}", self.manifest_digest)
+        {
+            let mut resp = with_header(reply(200), header::CONTENT_TYPE, OCI_MANIFEST);
+            resp = with_header(
+                resp,
+                "docker-content-digest".parse().expect("name"),
+                &self.manifest_digest,
+            );
+            *resp.body_mut() = Body::from(self.manifest.clone());
+            resp
+        } else if path == format!("/v2/{REPO}/blobs/{}", self.blob_digest) {
+            self.blob_body()
+        } else if path == "/v2/" {
+            reply(200)
+        } else {
+            let body = r#"{"errors":[{"code":"NAME_UNKNOWN","message":"unknown"}]}"#;
+            let mut resp = with_header(reply(404), header::CONTENT_TYPE, "application/json");
+            *resp.body_mut() = Body::from(body);
+            resp
+        }
+    }
+
+    fn blob_body(&self) -> Response {
+        let mut resp = with_header(reply(200), header::CONTENT_TYPE, "application/octet-stream");
+        resp = with_header(
+            resp,
+            "docker-content-digest".parse().expect("name"),
+            &self.blob_digest,
+        );
+        *resp.body_mut() = Body::from(self.blob.clone());
+        resp
+    }
+}
+
+fn upstream(url: &str, extra: &str) -> String {
+    format!("[[upstreams]]\nname = \"reg\"\nurl = \"{url}\"\nretries = 0\n{extra}\n")
+}
+
+// ---------------------------------------------------------------------------
+// Docker config credentials, rotated while the service runs.
+
+/// Writes a Kubernetes-style Secret volume: `DIR/.dockerconfigjson` ->
+/// `..data/.dockerconfigjson`, `..data` -> `..VERSION`; a rotation writes a
+/// new version and swaps `..data` atomically, as the kubelet does.
+fn write_secret_volume(dir: &std::path::Path, version: u32, registry: &str, auth: &str) {
+    let versioned = dir.join(format!("..v{version}"));
+    std::fs::create_dir(&versioned).expect("create the secret version dir");
+    let config = serde_json::json!({"auths": {registry: {"auth": auth}}});
+    std::fs::write(versioned.join(".dockerconfigjson"), config.to_string())
+        .expect("write .dockerconfigjson");
+    let tmp = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(format!("..v{version}"), &tmp).expect("symlink ..data_tmp");
+    std::fs::rename(&tmp, dir.join("..data")).expect("swap ..data");
+    let link = dir.join(".dockerconfigjson");
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink("..data/.dockerconfigjson", &link)
+            .expect("symlink .dockerconfigjson");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_config_credentials_are_picked_up_after_rotation_without_restart() {
+    let (user, old, new) = ("ci-bot", "old-Pa55-1d9", "new-Pa55-7c2");
+    let mut registry = AuthRegistry::start_htpasswd(user, old).await;
+    let v1 = registry.push_image(REPO, "v1").await;
+    let v2 = registry.push_image(REPO, "v2").await;
+    registry.push_image(REPO, "v3").await;
+
+    let secret = tempfile::tempdir().expect("temp dir for the secret volume");
+    let encode = |password: &str| BASE64.encode(format!("{user}:{password}"));
+    write_secret_volume(secret.path(), 1, &registry.host(), &encode(old));
+    let service = Service::start(&upstream(
+        &registry.url(),
+        &format!(
+            "[upstreams.auth]\ntype = \"docker-config\"\nfile = \"{}\"",
+            secret.path().join(".dockerconfigjson").display()
+        ),
+    ));
+    let mut client = service.client().await;
+    let resp = manifest(&mut client, "v1")
+        .await
+        .expect("FetchManifest with the original credentials");
+    assert_eq!(resp.digest, v1.digest);
+    assert_eq!(
+        blob(&mut client, &v1.layer.0).await.expect("FetchBlob"),
+        v1.layer.1.as_ref()
+    );
+
+    // The registry now only accepts the new password (same port, same storage).
+    registry.restart_htpasswd(user, new).await;
+    let status = manifest(&mut client, "v3")
+        .await
+        .expect_err("the old password must no longer work");
+    assert_eq!(
+        status.code(),
+        Code::PermissionDenied,
+        "old password after the registry rotated: {}",
+        status.message()
+    );
+
+    // Rotate the mounted secret; the service must pick it up by itself.
+    write_secret_volume(secret.path(), 2, &registry.host(), &encode(new));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let resp = loop {
+        match manifest(&mut client, "v2").await {
+            Ok(resp) => break resp,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!(
+                "5 s after the secret rotated, FetchManifest still fails: {:?}: {}",
+                s.code(),
+                s.message()
+            ),
+        }
+    };
+    assert_eq!(resp.digest, v2.digest);
+    assert_eq!(
+        blob(&mut client, &v2.layer.0)
+            .await
+            .expect("FetchBlob after rotation"),
+        v2.layer.1.as_ref()
+    );
+    let logs = service.logs();
+    assert!(
+        !logs.contains(old) && !logs.contains(new),
+        "the service logged a password"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Challenge parsing, end to end.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_challenge_among_several_lowercase_and_without_scope_is_followed() {
+    let content = content();
+    // Each case: the WWW-Authenticate header lines; `{realm}` is replaced.
+    let cases: [&[&str]; 3] = [
+        // Several challenges in one header, a comma inside a quoted value,
+        // a lower-case scheme, no scope.
+        &[r#"Basic realm="x, y", bearer realm="{realm}",service="s""#],
+        // Separate header lines, upper-case scheme and parameter names.
+        &[
+            r#"Basic realm="registry""#,
+            r#"BEARER Realm="{realm}", Service="s""#,
+        ],
+        // Bearer first, an unknown scheme after it, spaces around `=`.
+        &[r#"Bearer realm = "{realm}" , service = "s", Negotiate"#],
+    ];
+    for challenges in cases {
+        let c = content.clone();
+        let what = format!("challenge {challenges:?}");
+        let challenges: Vec<String> = challenges.iter().map(|s| s.to_string()).collect();
+        let fake = Fake::start(move |seen| {
+            if seen.path == "/token" {
+                return token_reply();
+            }
+            if seen.authorization.as_deref() == Some(&format!("Bearer {GOOD_TOKEN}")) {
+                return c.serve(&seen.path);
+            }
+            let realm = format!("http://{}/token", seen.host);
+            let lines: Vec<String> = challenges
+                .iter()
+                .map(|l| l.replace("{realm}", &realm))
+                .collect();
+            unauthorized(&lines.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .await;
+        let service = Service::start(&upstream(&fake.url(), ""));
+        let mut client = service.client().await;
+
+        let resp = manifest(&mut client, "v1")
+            .await
+            .unwrap_or_else(|s| panic!("{what}: FetchManifest: {:?}: {}", s.code(), s.message()));
+        assert_eq!(resp.manifest, content.manifest, "{what}");
+        let data = blob(&mut client, &content.blob_digest)
+            .await
+            .unwrap_or_else(|s| panic!("{what}: FetchBlob: {:?}: {}", s.code(), s.message()));
+        assert_eq!(data, content.blob.as_ref(), "{what}");
+
+        let tokens: Vec<Seen> = fake
+            .seen()
+            .into_iter()
+            .filter(|s| s.path == "/token")
+            .collect();
+        assert!(!tokens.is_empty(), "{what}: no token request");
+        for t in &tokens {
+            assert_eq!(t.param("service").as_deref(), Some("s"), "{what}: {t:?}");
+            assert_eq!(
+                t.param("scope"),
+                Some(format!("repository:{REPO}:pull")),
+                "{what}: the scope the challenge omitted must be the repository's: {t:?}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Realm policy.
+
+/// A registry answering for `registry_host` through the recording proxy (or
+/// directly): 401 with a Bearer challenge naming `realm` until it sees
+/// [`GOOD_TOKEN`]; every other host it is asked for acts as a token endpoint
+/// that hands out [`GOOD_TOKEN`] to anyone, so a service ignoring the realm
+/// policy would succeed.
+fn registry_or_token(
+    registry_host: String,
+    realm: String,
+) -> impl Fn(&Seen) -> Response + Send + Sync + 'static {
+    let content = content();
+    move |seen| {
+        if seen.host != registry_host {
+            return token_reply();
+        }
+        if seen.authorization.as_deref() == Some(&format!("Bearer {GOOD_TOKEN}")) {
+            return content.serve(&seen.path);
+        }
+        unauthorized(&[&format!(r#"Bearer realm="{realm}",service="reg""#)])
+    }
+}
+
+/// Runs FetchManifest through a recording proxy for an upstream at
+/// `upstream_host` (`None`: the proxy's own `127.0.0.1:PORT`) whose
+/// challenge names `realm`. Returns the proxy and the result.
+async fn through_proxy(
+    upstream_host: Option<&str>,
+    realm: &str,
+    extra: &str,
+) -> (Fake, Result<FetchManifestResponse, Status>) {
+    let proxy = Fake::start(|_| reply(500)).await;
+    let host = upstream_host.map_or_else(|| proxy.addr.to_string(), str::to_string);
+    proxy.set(registry_or_token(host.clone(), realm.to_string()));
+    let service = Service::start(&upstream(
+        &format!("http://{host}"),
+        &format!("proxy = \"{}\"\n{extra}", proxy.url()),
+    ));
+    let mut client = service.client().await;
+    let result = manifest(&mut client, "v1").await;
+    (proxy, result)
+}
+
+/// Asserts the call failed and the proxy saw no request for `refused`.
+fn assert_refused(
+    proxy: &Fake,
+    result: Result<FetchManifestResponse, Status>,
+    refused: &str,
+    what: &str,
+) -> Status {
+    let reached = proxy.seen_for(refused);
+    let status = match result {
+        Ok(_) => panic!(
+            "{what}: the fetch succeeded, so the realm `{refused}` was used; requests: {:?}",
+            proxy.seen()
+        ),
+        Err(status) => status,
+    };
+    assert!(
+        reached.is_empty(),
+        "{what}: the refused realm host `{refused}` received requests: {reached:?}"
+    );
+    assert!(
+        !proxy.seen().is_empty(),
+        "{what}: the upstream itself was never asked; nothing was tested"
+    );
+    status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn realm_on_the_same_host_at_another_port_is_used() {
+    let content = content();
+    let token = Fake::start(|_| token_reply()).await;
+    let realm = format!("{}/token", token.url());
+    let c = content.clone();
+    let registry = Fake::start(move |seen| {
+        if seen.authorization.as_deref() == Some(&format!("Bearer {GOOD_TOKEN}")) {
+            return c.serve(&seen.path);
+        }
+        unauthorized(&[&format!(r#"Bearer realm="{realm}",service="reg""#)])
+    })
+    .await;
+    let service = Service::start(&upstream(&registry.url(), ""));
+    let mut client = service.client().await;
+    let resp = manifest(&mut client, "v1")
+        .await
+        .expect("a realm on the upstream's own host (another port) is allowed");
+    assert_eq!(resp.manifest, content.manifest);
+    assert_eq!(token.seen().len(), 1, "{:?}", token.seen());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn realm_on_the_upstreams_registrable_domain_is_used() {
+    // The positive control for the proxy-based cases below.
+    let (proxy, result) =
+        through_proxy(Some(PUBLIC_REGISTRY), "http://auth.example.com/token", "").await;
+    let resp = result.unwrap_or_else(|s| {
+        panic!(
+            "realm auth.example.com for registry.example.com: {:?}: {}; proxy saw {:?}",
+            s.code(),
+            s.message(),
+            proxy.seen()
+        )
+    });
+    assert_eq!(resp.manifest, content().manifest);
+    assert_eq!(proxy.seen_for("auth.example.com").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn realm_on_another_registrable_domain_is_refused() {
+    let (proxy, result) =
+        through_proxy(Some(PUBLIC_REGISTRY), "http://auth.example.net/token", "").await;
+    let status = assert_refused(&proxy, result, "auth.example.net", "another domain");
+    assert!(
+        status.message().contains("auth.example.net"),
+        "the error should name the refused realm: {}",
+        status.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_local_metadata_realm_is_refused() {
+    let realm = "http://169.254.169.254/latest/api/token";
+    for (upstream, what) in [
+        (Some(PUBLIC_REGISTRY), "public upstream"),
+        (None, "loopback upstream"),
+    ] {
+        let (proxy, result) = through_proxy(upstream, realm, "").await;
+        let status = assert_refused(&proxy, result, "169.254.169.254", what);
+        assert_eq!(
+            status.code(),
+            Code::Unavailable,
+            "{what}: {}",
+            status.message()
+        );
+        assert!(
+            status.message().contains("169.254.169.254"),
+            "{what}: the error should name the refused realm: {}",
+            status.message()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_realm_for_a_public_upstream_is_refused() {
+    // A real listener on the realm's address: it must not even be connected to.
+    let target = Fake::start(|_| token_reply()).await;
+    let realm = format!("{}/token", target.url());
+    let (proxy, result) = through_proxy(Some(PUBLIC_REGISTRY), &realm, "").await;
+    assert_refused(&proxy, result, &target.addr.to_string(), "loopback realm");
+    assert_eq!(
+        target.connections(),
+        0,
+        "the loopback realm was connected to"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_realm_on_another_host_for_a_loopback_upstream_is_refused() {
+    let (proxy, result) = through_proxy(None, "http://10.0.0.1/token", "").await;
+    let status = assert_refused(&proxy, result, "10.0.0.1", "10.0.0.1 realm");
+    assert!(
+        status.message().contains("10.0.0.1"),
+        "the error should name the refused realm: {}",
+        status.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_redirect_to_another_domain_is_refused() {
+    let proxy = Fake::start(|_| reply(500)).await;
+    let registry = registry_or_token(
+        PUBLIC_REGISTRY.to_string(),
+        "http://auth.example.com/token".to_string(),
+    );
+    proxy.set(move |seen| {
+        if seen.host == "auth.example.com" {
+            redirect(&format!(
+                "http://collector.example.net/token?{}",
+                seen.query
+            ))
+        } else {
+            registry(seen)
+        }
+    });
+    let secrets = tempfile::tempdir().expect("temp dir for the password");
+    let password = secrets.path().join("password");
+    std::fs::write(&password, "redirect-Pa55").expect("write the password file");
+    let service = Service::start(&upstream(
+        &format!("http://{PUBLIC_REGISTRY}"),
+        &format!(
+            "proxy = \"{}\"\n[upstreams.auth]\ntype = \"basic\"\nusername = \"u\"\npassword_file = \"{}\"",
+            proxy.url(),
+            password.display()
+        ),
+    ));
+    let mut client = service.client().await;
+    let result = manifest(&mut client, "v1").await;
+    assert!(
+        !proxy.seen_for("auth.example.com").is_empty(),
+        "the allowed realm was never asked: {:?}",
+        proxy.seen()
+    );
+    assert_refused(&proxy, result, "collector.example.net", "token redirect");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_redirect_from_127_0_0_1_to_localhost_is_refused() {
+    // The policy compares hosts as written: for an upstream on 127.0.0.1, a
+    // realm on `localhost` is another host, even though both are loopback.
+    let target = Fake::start(|_| token_reply()).await;
+    let location = format!("http://localhost:{}/token", target.addr.port());
+    let token = Fake::start(move |_| redirect(&location)).await;
+    let realm = format!("{}/token", token.url());
+    let content = content();
+    let registry = Fake::start(move |seen| {
+        if seen.authorization.as_deref() == Some(&format!("Bearer {GOOD_TOKEN}")) {
+            return content.serve(&seen.path);
+        }
+        unauthorized(&[&format!(r#"Bearer realm="{realm}",service="reg""#)])
+    })
+    .await;
+    let service = Service::start(&upstream(&registry.url(), ""));
+    let mut client = service.client().await;
+    let result = manifest(&mut client, "v1").await;
+    assert!(!token.seen().is_empty(), "the realm itself was never asked");
+    assert_eq!(
+        target.connections(),
+        0,
+        "the redirect to localhost was followed; result: {result:?}"
+    );
+    assert!(result.is_err(), "the fetch succeeded through the redirect");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn realm_on_localhost_for_a_127_0_0_1_upstream_is_refused() {
+    // What the service does with `localhost` vs `127.0.0.1` as a realm
+    // directly (the same check the redirect test relies on).
+    let target = Fake::start(|_| token_reply()).await;
+    let realm = format!("http://localhost:{}/token", target.addr.port());
+    let content = content();
+    let registry = Fake::start(move |seen| {
+        if seen.authorization.as_deref() == Some(&format!("Bearer {GOOD_TOKEN}")) {
+            return content.serve(&seen.path);
+        }
+        unauthorized(&[&format!(r#"Bearer realm="{realm}",service="reg""#)])
+    })
+    .await;
+    let service = Service::start(&upstream(&registry.url(), ""));
+    let mut client = service.client().await;
+    let result = manifest(&mut client, "v1").await;
+    assert_eq!(
+        target.connections(),
+        0,
+        "the localhost realm was used: {result:?}"
+    );
+    assert!(result.is_err());
+}
+
+// ---------------------------------------------------------------------------
+// Redirects of content.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_redirect_to_another_host_carries_no_authorization() {
+    let content = content();
+    let (user, password) = ("reader", "blob-Pa55-e4");
+    let expected = format!("Basic {}", BASE64.encode(format!("{user}:{password}")));
+    let c = content.clone();
+    let cdn = Fake::start(move |seen| {
+        if seen.path == format!("/cdn/{}", c.blob_digest) {
+            c.blob_body()
+        } else {
+            reply(404)
+        }
+    })
+    .await;
+    let cdn_location = format!(
+        "http://localhost:{}/cdn/{}",
+        cdn.addr.port(),
+        content.blob_digest
+    );
+    let c = content.clone();
+    let auth = expected.clone();
+    let registry = Fake::start(move |seen| {
+        if seen.authorization.as_deref() != Some(auth.as_str()) {
+            return unauthorized(&[r#"Basic realm="registry""#]);
+        }
+        if seen.path == format!("/v2/{REPO}/blobs/{}", c.blob_digest) {
+            redirect(&cdn_location)
+        } else {
+            c.serve(&seen.path)
+        }
+    })
+    .await;
+    let secrets = tempfile::tempdir().expect("temp dir for the password");
+    let file = secrets.path().join("password");
+    std::fs::write(&file, password).expect("write the password file");
+    let service = Service::start(&upstream(
+        &registry.url(),
+        &format!(
+            "[upstreams.auth]\ntype = \"basic\"\nusername = \"{user}\"\npassword_file = \"{}\"",
+            file.display()
+        ),
+    ));
+    let mut client = service.client().await;
+
+    let data = blob(&mut client, &content.blob_digest)
+        .await
+        .unwrap_or_else(|s| panic!("FetchBlob via a redirect: {:?}: {}", s.code(), s.message()));
+    assert_eq!(data, content.blob.as_ref(), "blob bytes after the redirect");
+
+    let blob_path = format!("/v2/{REPO}/blobs/{}", content.blob_digest);
+    assert!(
+        registry.seen().iter().any(|s| s.method == "GET"
+            && s.path == blob_path
+            && s.authorization.as_deref() == Some(expected.as_str())),
+        "the registry never got the credentialed blob request: {:?}",
+        registry.seen()
+    );
+    let cdn_seen = cdn.seen();
+    assert!(!cdn_seen.is_empty(), "the redirect target was never asked");
+    for s in &cdn_seen {
+        assert_eq!(
+            s.authorization, None,
+            "Authorization went to the redirect target: {s:?}"
+        );
+    }
+}
