@@ -150,8 +150,15 @@ impl Engine {
             }
             Reference::Tag(tag) => {
                 let key = tag_key(&req.repository, tag, req.upstream.as_deref(), &accept);
-                if let Some((entry, freshness)) = self.tag_entry(&key) {
-                    let meta = self.meta_of_entry(&candidates, &entry).await;
+                if let Some((entry, digest, freshness)) = self.tag_entry(&key, &candidates) {
+                    let meta = self.cache.store.lookup(&digest).and_then(|object| {
+                        Some(ManifestMeta {
+                            media_type: MediaType::parse(&entry.media_type).ok()?,
+                            digest,
+                            size: object.size,
+                            source: Source::cached(&entry.upstream),
+                        })
+                    });
                     match freshness {
                         Freshness::Fresh if meta.is_some() => return Ok(meta),
                         Freshness::Fresh | Freshness::Stale => stale = meta,
@@ -266,10 +273,10 @@ impl Engine {
             accept: accept.to_vec(),
             key: key.clone(),
         };
-        if let Some((entry, freshness)) = self.tag_entry(&key) {
+        if let Some((entry, digest, freshness)) = self.tag_entry(&key, candidates) {
             let fresh = matches!(freshness, Freshness::Fresh);
             if !matches!(freshness, Freshness::Expired) {
-                if let Some(m) = self.manifest_of_entry(candidates, &entry).await {
+                if let Some(m) = read_stored(&self.cache, &digest, &entry.upstream).await {
                     if !fresh {
                         refresh.spawn();
                     }
@@ -278,16 +285,26 @@ impl Engine {
             }
         }
         let _guard = self.cache.locks.lock(&key).await;
-        if let Some((entry, Freshness::Fresh)) = self.tag_entry(&key) {
-            if let Some(m) = self.manifest_of_entry(candidates, &entry).await {
+        if let Some((entry, digest, Freshness::Fresh)) = self.tag_entry(&key, candidates) {
+            if let Some(m) = read_stored(&self.cache, &digest, &entry.upstream).await {
                 return Ok(m);
             }
         }
         refresh.run().await
     }
 
-    fn tag_entry(&self, key: &str) -> Option<(TagEntry, Freshness)> {
+    /// The tag entry for `key`, if it names a digest from one of the
+    /// candidates, with its freshness.
+    fn tag_entry(
+        &self,
+        key: &str,
+        candidates: &[Arc<Remote>],
+    ) -> Option<(TagEntry, Digest, Freshness)> {
         let entry = self.cache.tags.get(key)?;
+        let digest = Digest::parse(&entry.digest).ok()?;
+        if !candidates.iter().any(|c| c.name() == entry.upstream) {
+            return None;
+        }
         let age = entry.age();
         let freshness = if age < self.cache.config.tag_ttl {
             Freshness::Fresh
@@ -296,37 +313,7 @@ impl Engine {
         } else {
             Freshness::Expired
         };
-        Some((entry, freshness))
-    }
-
-    async fn manifest_of_entry(
-        &self,
-        candidates: &[Arc<Remote>],
-        entry: &TagEntry,
-    ) -> Option<Manifest> {
-        let digest = Digest::parse(&entry.digest).ok()?;
-        if !candidates.iter().any(|c| c.name() == entry.upstream) {
-            return None;
-        }
-        read_stored(&self.cache, &digest, &entry.upstream).await
-    }
-
-    async fn meta_of_entry(
-        &self,
-        candidates: &[Arc<Remote>],
-        entry: &TagEntry,
-    ) -> Option<ManifestMeta> {
-        let digest = Digest::parse(&entry.digest).ok()?;
-        if !candidates.iter().any(|c| c.name() == entry.upstream) {
-            return None;
-        }
-        let object = self.cache.store.lookup(&digest)?;
-        Some(ManifestMeta {
-            media_type: MediaType::parse(&entry.media_type).ok()?,
-            digest,
-            size: object.size,
-            source: Source::cached(&entry.upstream),
-        })
+        Some((entry, digest, freshness))
     }
 }
 
