@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::CacheError;
@@ -106,6 +107,18 @@ impl Index {
     }
 }
 
+/// Bytes of small objects (manifests) kept in memory as well.
+const HOT_BYTES: u64 = 64 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+struct ByLength;
+
+impl quick_cache::Weighter<String, Bytes> for ByLength {
+    fn weight(&self, _: &String, bytes: &Bytes) -> u64 {
+        bytes.len() as u64 + 64
+    }
+}
+
 /// The disk store.
 #[derive(Debug)]
 pub struct Store {
@@ -114,6 +127,8 @@ pub struct Store {
     max_size: u64,
     index: Mutex<Index>,
     counter: AtomicU64,
+    /// Manifests in memory, so warm manifest requests touch no file.
+    hot: quick_cache::sync::Cache<String, Bytes, ByLength>,
 }
 
 impl Store {
@@ -132,6 +147,7 @@ impl Store {
             max_size,
             index: Mutex::new(Index::default()),
             counter: AtomicU64::new(0),
+            hot: quick_cache::sync::Cache::with_weighter(4096, HOT_BYTES, ByLength),
         };
         store.scan()?;
         Ok(store)
@@ -282,6 +298,7 @@ impl Store {
             evicted
         };
         for d in evicted {
+            self.hot.remove(&d);
             if let Ok(d) = Digest::parse(&d) {
                 tracing::debug!(digest = %d, "evicting from cache");
                 let _ = fs::remove_file(self.meta_path(&d));
@@ -295,16 +312,32 @@ impl Store {
     pub fn put(
         &self,
         digest: &Digest,
-        bytes: &[u8],
+        bytes: Bytes,
         media_type: &MediaType,
         holder: Holder,
     ) -> Result<bool, CacheError> {
         let (temp, mut file) = self.temp_file()?;
-        file.write_all(bytes)
+        file.write_all(&bytes)
             .and_then(|()| file.sync_data())
             .map_err(|e| CacheError::at(&temp, e))?;
         drop(file);
-        self.commit(&temp, digest, bytes.len() as u64, Some(media_type), holder)
+        let kept = self.commit(&temp, digest, bytes.len() as u64, Some(media_type), holder)?;
+        if kept {
+            self.hot.insert(digest.to_string(), bytes);
+        }
+        Ok(kept)
+    }
+
+    /// The bytes of a small committed object (a manifest), from memory when
+    /// they are there.
+    pub async fn read_small(&self, digest: &Digest) -> Option<Bytes> {
+        let object = self.lookup(digest)?;
+        if let Some(bytes) = self.hot.get(digest.as_str()) {
+            return Some(bytes);
+        }
+        let bytes = Bytes::from(tokio::fs::read(&object.path).await.ok()?);
+        self.hot.insert(digest.to_string(), bytes.clone());
+        Some(bytes)
     }
 
     /// Records that `holder` holds the object.
@@ -359,7 +392,7 @@ mod tests {
         store
             .put(
                 &digest,
-                bytes,
+                Bytes::copy_from_slice(bytes),
                 &MediaType::known(MediaType::OCI_MANIFEST),
                 holder(),
             )
@@ -406,7 +439,7 @@ mod tests {
             !store
                 .put(
                     &big,
-                    &[0u8; 11],
+                    Bytes::from_static(&[0u8; 11]),
                     &MediaType::known(MediaType::OCI_MANIFEST),
                     holder()
                 )

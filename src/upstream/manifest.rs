@@ -393,11 +393,10 @@ impl TagRefresh {
 
 /// Reads a stored manifest; `None` if it is gone (evicted) or unreadable.
 async fn read_stored(cache: &EngineCache, digest: &Digest, upstream: &str) -> Option<Manifest> {
-    let object = cache.store.lookup(digest)?;
-    let media_type = object.media_type?;
-    let bytes = tokio::fs::read(&object.path).await.ok()?;
+    let media_type = cache.store.lookup(digest)?.media_type?;
+    let bytes = cache.store.read_small(digest).await?;
     Some(Manifest {
-        bytes: Bytes::from(bytes),
+        bytes,
         media_type,
         digest: digest.clone(),
         source: Source::cached(upstream),
@@ -419,7 +418,7 @@ async fn store_manifest(
         holder_for(remote, repository),
     );
     let result =
-        tokio::task::spawn_blocking(move || store.put(&digest, &bytes, &media_type, holder)).await;
+        tokio::task::spawn_blocking(move || store.put(&digest, bytes, &media_type, holder)).await;
     match result {
         Ok(Ok(_)) => true,
         Ok(Err(e)) => {
