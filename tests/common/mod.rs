@@ -8,6 +8,7 @@
 
 pub mod fake;
 pub mod registry;
+pub mod slow;
 pub mod token_issuer;
 
 use std::io::{BufRead, BufReader};

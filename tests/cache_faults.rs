@@ -1,0 +1,553 @@
+//! Cache behaviour under faults, against fake and slow upstreams and the
+//! spawned binary: concurrent cold fetches of one blob share one upstream
+//! download whose bytes reach late joiners while it runs; a SIGKILL in the
+//! middle of a download leaves nothing in the store and the blob is fetched
+//! again after the restart; tag entries follow `tag_ttl`, are refreshed in the
+//! background when stale and are served stale when the upstream fails, up to
+//! `stale_if_error`.
+
+mod common;
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::Service;
+use common::fake::{FakeRegistry, Reply, sha256_digest};
+use common::registry::{pseudo_random_bytes, upstream_toml};
+use common::slow::SlowBlobServer;
+use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
+use oci_upstream::pb::{
+    BlobInfo, FetchBlobRequest, FetchBlobResponse, FetchManifestRequest, FetchManifestResponse,
+    HeadManifestRequest, HeadManifestResponse,
+};
+use serde_json::json;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic::{Code, Status, Streaming};
+
+type Client = UpstreamServiceClient<Channel>;
+
+/// Upper bound on one RPC (a whole blob stream included), so a hung service
+/// fails the test instead of hanging CI. Not a timing assertion.
+const RPC_BOUND: Duration = Duration::from_secs(180);
+/// Upper bound on waiting for something the service does in the background.
+const POLL_BOUND: Duration = Duration::from_secs(20);
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+const MIB: usize = 1024 * 1024;
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// The slow upstream's pace: this many bytes, then [`SLOW_DELAY`].
+const SLOW_CHUNK: usize = 64 * 1024;
+/// About 16 MiB/s: a 64 MiB download lasts a few seconds, well above the
+/// service's default `min_rate`.
+const SLOW_DELAY: Duration = Duration::from_millis(4);
+
+/// Awaits `fut`, failing the test if it takes longer than [`RPC_BOUND`].
+async fn bounded<F: Future>(fut: F) -> F::Output {
+    tokio::time::timeout(RPC_BOUND, fut)
+        .await
+        .expect("the service answered within the RPC bound")
+}
+
+/// Polls `done` every [`POLL_INTERVAL`] until it holds, failing with `what`
+/// after [`POLL_BOUND`].
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + POLL_BOUND;
+    while !done() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+fn blob_req(repository: &str, digest: &str) -> FetchBlobRequest {
+    FetchBlobRequest {
+        repository: repository.into(),
+        digest: digest.into(),
+        ..Default::default()
+    }
+}
+
+/// A blob stream being read, every data byte compared as it arrives with
+/// the upstream's content (whose sha256 is the digest asked for), so a stream
+/// read to its end with all its bytes is byte-identical to the blob and
+/// thereby verified. (Comparing is cheap; hashing each of many 64 MiB
+/// streams again in an unoptimised test build is not.)
+struct Reader {
+    stream: Streaming<FetchBlobResponse>,
+    expected: Arc<Bytes>,
+    info: Option<BlobInfo>,
+    received: u64,
+}
+
+impl Reader {
+    /// Calls FetchBlob for blob `digest`, whose content is `expected`.
+    async fn start(
+        client: &mut Client,
+        repository: &str,
+        digest: &str,
+        expected: Arc<Bytes>,
+    ) -> Reader {
+        let stream = bounded(client.fetch_blob(blob_req(repository, digest)))
+            .await
+            .expect("FetchBlob call")
+            .into_inner();
+        Reader {
+            stream,
+            expected,
+            info: None,
+            received: 0,
+        }
+    }
+
+    /// Reads one message; false at the end of the stream.
+    async fn step(&mut self) -> Result<bool, Status> {
+        let Some(msg) = bounded(self.stream.message()).await? else {
+            return Ok(false);
+        };
+        if self.info.is_none() {
+            self.info = msg.info;
+        }
+        if !msg.data.is_empty() {
+            assert_eq!(msg.offset as u64, self.received, "offset of a data message");
+            let at = usize::try_from(self.received).expect("offsets fit in usize");
+            let end = at + msg.data.len();
+            assert!(
+                end <= self.expected.len() && msg.data[..] == self.expected[at..end],
+                "bytes {at}..{end} of the blob differ from the upstream's"
+            );
+        }
+        self.received += msg.data.len() as u64;
+        Ok(true)
+    }
+
+    /// Reads until the first data message has arrived.
+    async fn first_data(&mut self) {
+        while self.received == 0 {
+            let more = self.step().await.expect("FetchBlob stream");
+            assert!(more, "the stream ended before any data");
+        }
+    }
+
+    /// Reads to the end; returns the info and the byte count. With the
+    /// count equal to the blob's size, the stream was the blob, byte for
+    /// byte.
+    async fn finish(mut self) -> (BlobInfo, u64) {
+        while self.step().await.expect("FetchBlob stream") {}
+        let info = self.info.expect("the first FetchBlob message carries info");
+        (info, self.received)
+    }
+}
+
+/// Whether a response's source says "from cache".
+fn cache_hit(source: Option<&oci_upstream::pb::Source>) -> bool {
+    source.expect("responses carry a source").cache_hit
+}
+
+async fn fetch_manifest(
+    client: &mut Client,
+    repository: &str,
+    reference: &str,
+) -> Result<FetchManifestResponse, Status> {
+    bounded(client.fetch_manifest(FetchManifestRequest {
+        repository: repository.into(),
+        reference: reference.into(),
+        ..Default::default()
+    }))
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+async fn head_manifest(
+    client: &mut Client,
+    repository: &str,
+    reference: &str,
+) -> Result<HeadManifestResponse, Status> {
+    bounded(client.head_manifest(HeadManifestRequest {
+        repository: repository.into(),
+        reference: reference.into(),
+        ..Default::default()
+    }))
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// A small valid OCI image manifest derived from `seed`.
+fn image_manifest(seed: &str) -> Vec<u8> {
+    let layer = format!("layer of {seed}").into_bytes();
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [sha256_digest(&layer)]},
+    }))
+    .expect("JSON serializes");
+    serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": sha256_digest(&config),
+            "size": config.len(),
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": sha256_digest(&layer),
+            "size": layer.len(),
+        }],
+    }))
+    .expect("JSON serializes")
+}
+
+/// A service config: `[cache]` with `cache` lines, then the upstream blocks.
+fn config(cache: &str, upstreams: &str) -> String {
+    format!("[cache]\n{cache}\n\n{upstreams}")
+}
+
+/// The lines of the service's log that mention `word`.
+fn log_lines(service: &Service, word: &str) -> String {
+    service
+        .logs()
+        .lines()
+        .filter(|l| l.contains(word))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The files in `dir` (none if it does not exist).
+fn files_in(dir: &Path) -> Vec<(String, u64)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .map(|e| {
+            let e = e.expect("list a cache directory");
+            let len = e.metadata().expect("cache file metadata").len();
+            (e.file_name().to_string_lossy().into_owned(), len)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Tests.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cold_fetches_share_one_download_and_joiners_get_bytes_early() {
+    const CALLERS: usize = 32;
+    const SIZE: usize = 64 * MIB + 12_345;
+    let repo = "team/big";
+    let data = Arc::new(Bytes::from(pseudo_random_bytes(0xC0A1E5CE, SIZE)));
+    let digest = sha256_digest(&data);
+    let slow = Arc::new(SlowBlobServer::start(
+        repo,
+        Bytes::clone(&data),
+        SLOW_CHUNK,
+        SLOW_DELAY,
+    ));
+    assert_eq!(slow.digest(), digest, "the slow upstream serves this blob");
+    let service = Arc::new(Service::start(&upstream_toml("slow", &slow.url(), "")));
+
+    // The first caller starts the download; the others join once the
+    // upstream has begun sending, so every one of them joins a running
+    // download. Each notes whether the upstream had already sent its last
+    // byte when the caller's first data arrived.
+    async fn read_noting_upstream(
+        mut reader: Reader,
+        slow: Arc<SlowBlobServer>,
+    ) -> (bool, (BlobInfo, u64)) {
+        reader.first_data().await;
+        let upstream_done_at_first_data = slow.completed_gets() > 0;
+        (upstream_done_at_first_data, reader.finish().await)
+    }
+    let mut client = service.client().await;
+    let first = Reader::start(&mut client, repo, &digest, data.clone()).await;
+    wait_for("the upstream to start sending the blob", || {
+        slow.sent_bytes() > 0
+    })
+    .await;
+    assert_eq!(
+        slow.completed_gets(),
+        0,
+        "premise: the slow upstream must still be sending when the joiners start"
+    );
+    let mut tasks = vec![tokio::spawn({
+        let slow = slow.clone();
+        async move {
+            let _client = client;
+            read_noting_upstream(first, slow).await
+        }
+    })];
+    for _ in 1..CALLERS {
+        let (service, slow, data, digest) =
+            (service.clone(), slow.clone(), data.clone(), digest.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = service.client().await;
+            let reader = Reader::start(&mut client, repo, &digest, data).await;
+            read_noting_upstream(reader, slow).await
+        }));
+    }
+    let mut late = Vec::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let (upstream_done, (info, len)) = task.await.expect("a caller task panicked");
+        assert_eq!(len, SIZE as u64, "caller {i}: bytes received");
+        assert_eq!(info.size, SIZE as i64, "caller {i}: info.size");
+        assert_eq!(info.digest, digest, "caller {i}: info.digest");
+        if upstream_done {
+            late.push(i);
+        }
+    }
+    assert_eq!(
+        slow.blob_gets(),
+        1,
+        "{CALLERS} concurrent FetchBlob calls of one cold blob must make exactly one upstream GET; \
+         requests: {:?}; service log about the blob:\n{}",
+        slow.requests(),
+        log_lines(&service, "blob")
+    );
+    assert_eq!(
+        late,
+        Vec::<usize>::new(),
+        "these callers (0 started the download, the others joined it) got their first data \
+         only after the upstream had sent the whole blob; callers must get bytes as they \
+         arrive, not after the download"
+    );
+}
+
+#[tokio::test]
+async fn sigkill_mid_download_leaves_no_object_and_the_blob_is_fetched_again() {
+    const SIZE: usize = 32 * MIB + 7;
+    let repo = "team/crash";
+    let data = Arc::new(Bytes::from(pseudo_random_bytes(0xDEAD, SIZE)));
+    let digest = sha256_digest(&data);
+    let slow = SlowBlobServer::start(repo, Bytes::clone(&data), SLOW_CHUNK, SLOW_DELAY);
+    let cache = tempfile::tempdir().expect("temp dir for the cache");
+    let cache_dir = cache.path().join("cache");
+    let env = [(
+        "OCI_UPSTREAM_CACHE_DIR",
+        cache_dir.to_str().expect("temp paths are UTF-8"),
+    )];
+    let toml = upstream_toml("slow", &slow.url(), "");
+    let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+    let object = cache_dir.join("objects/sha256").join(hex);
+    let meta = cache_dir.join(format!("objects/sha256/{hex}.meta"));
+    let tmp = cache_dir.join("tmp");
+
+    let mut service = Service::start_with_env(&toml, &env);
+    let mut client = service.client().await;
+    let mut reader = Reader::start(&mut client, repo, &digest, data.clone()).await;
+    reader.first_data().await;
+    service.kill();
+    assert_eq!(
+        slow.completed_gets(),
+        0,
+        "the kill must land in the middle of the download"
+    );
+    drop(reader);
+    assert!(
+        !object.exists() && !meta.exists(),
+        "no object for a blob whose download was cut"
+    );
+    let partial = files_in(&tmp);
+    assert!(
+        partial
+            .iter()
+            .any(|(_, len)| *len > 0 && *len < SIZE as u64),
+        "premise: a partial download is in {} at the kill: {partial:?}",
+        tmp.display()
+    );
+
+    // Restart on the same cache: the leftover is gone and the blob is not
+    // served from cache, but fetched again (at full speed now).
+    slow.set_delay(Duration::ZERO);
+    let service = Service::start_with_env(&toml, &env);
+    assert_eq!(
+        files_in(&tmp),
+        Vec::<(String, u64)>::new(),
+        "tmp must be emptied at start"
+    );
+    assert!(
+        !object.exists() && !meta.exists(),
+        "no object for the interrupted blob after the restart"
+    );
+    let mut client = service.client().await;
+    let (info, len) = Reader::start(&mut client, repo, &digest, data.clone())
+        .await
+        .finish()
+        .await;
+    assert_eq!(len, SIZE as u64, "bytes of the refetched blob");
+    assert!(
+        !cache_hit(info.source.as_ref()),
+        "the interrupted blob must not be a cache hit after the restart"
+    );
+    assert_eq!(
+        slow.blob_gets(),
+        2,
+        "the blob is fetched from the upstream again after the restart"
+    );
+    let (info, len) = Reader::start(&mut client, repo, &digest, data)
+        .await
+        .finish()
+        .await;
+    assert_eq!(len, SIZE as u64, "bytes of the cached blob");
+    assert!(
+        cache_hit(info.source.as_ref()),
+        "once fully fetched the blob is cached"
+    );
+    assert_eq!(slow.blob_gets(), 2, "a hit makes no upstream GET");
+    assert!(object.is_file(), "the refetched blob is in the store");
+}
+
+#[tokio::test]
+async fn tag_ttl_stale_while_revalidate_and_stale_if_error() {
+    const TAG_TTL: Duration = Duration::from_secs(2);
+    /// Margin past the TTL so the entry is surely older than it.
+    const PAST: Duration = Duration::from_millis(300);
+    let repo = "team/app";
+    let tag_path = format!("/v2/{repo}/manifests/v1");
+    let fake = FakeRegistry::start().await;
+    let old = fake.put_manifest(repo, Some("v1"), OCI_MANIFEST, &image_manifest("one"));
+    let service = Service::start(&config(
+        "tag_ttl = \"2s\"\nstale_if_error = \"24h\"",
+        &upstream_toml("fake", &fake.url(), "retries = 0"),
+    ));
+    let mut client = service.client().await;
+
+    let got = fetch_manifest(&mut client, repo, "v1")
+        .await
+        .expect("first FetchManifest of the tag");
+    let fetched = Instant::now();
+    assert_eq!(got.digest, old, "first answer");
+    assert!(!cache_hit(got.source.as_ref()), "first answer is a miss");
+    assert_eq!(fake.count(&tag_path), 1);
+
+    // The tag moves upstream; within tag_ttl the cached answer stands and the
+    // upstream is not asked.
+    let new = fake.put_manifest(repo, Some("v1"), OCI_MANIFEST, &image_manifest("two"));
+    let got = fetch_manifest(&mut client, repo, "v1")
+        .await
+        .expect("FetchManifest within tag_ttl");
+    assert_eq!(
+        got.digest, old,
+        "within tag_ttl the cached digest is served"
+    );
+    assert!(cache_hit(got.source.as_ref()), "within tag_ttl: a hit");
+    assert_eq!(
+        fake.count(&tag_path),
+        1,
+        "within tag_ttl the upstream is not asked"
+    );
+
+    // Past tag_ttl: the stale digest is answered at once and a background
+    // refresh asks the upstream.
+    tokio::time::sleep_until(fetched + TAG_TTL + PAST).await;
+    let got = fetch_manifest(&mut client, repo, "v1")
+        .await
+        .expect("FetchManifest of a stale tag");
+    assert_eq!(
+        got.digest, old,
+        "a stale tag is answered from cache (stale-while-revalidate)"
+    );
+    assert!(cache_hit(got.source.as_ref()), "stale answer is a hit");
+    wait_for("the background refresh to ask the upstream", || {
+        fake.count(&tag_path) >= 2
+    })
+    .await;
+    let deadline = Instant::now() + POLL_BOUND;
+    let refreshed = loop {
+        let got = fetch_manifest(&mut client, repo, "v1")
+            .await
+            .expect("FetchManifest after the refresh");
+        if got.digest == new {
+            assert!(
+                cache_hit(got.source.as_ref()),
+                "refreshed answer from cache"
+            );
+            break Instant::now();
+        }
+        assert_eq!(
+            got.digest, old,
+            "the tag is either the old or the new digest"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the refreshed digest was never served"
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    };
+
+    // The upstream now fails everything; once the entry is stale again, the
+    // last digest is still served.
+    for path in [
+        "/v2/".to_string(),
+        tag_path.clone(),
+        format!("/v2/{repo}/manifests/{old}"),
+        format!("/v2/{repo}/manifests/{new}"),
+    ] {
+        fake.on(&path, Reply::status(503));
+    }
+    tokio::time::sleep_until(refreshed + TAG_TTL + PAST).await;
+    let asked = fake.count(&tag_path);
+    let got = fetch_manifest(&mut client, repo, "v1")
+        .await
+        .expect("FetchManifest of a stale tag while the upstream answers 503");
+    assert_eq!(got.digest, new, "stale-if-error serves the last digest");
+    let head = head_manifest(&mut client, repo, "v1")
+        .await
+        .expect("HeadManifest of a stale tag while the upstream answers 503");
+    assert!(head.exists, "stale-if-error HeadManifest exists");
+    assert_eq!(head.digest, new, "stale-if-error HeadManifest digest");
+    assert!(
+        fake.count(&tag_path) > asked,
+        "the upstream was asked (and failed) for the stale tag"
+    );
+    let got = fetch_manifest(&mut client, repo, "v1")
+        .await
+        .expect("FetchManifest after a failed refresh");
+    assert_eq!(got.digest, new, "a failed refresh keeps the entry");
+}
+
+#[tokio::test]
+async fn stale_tag_is_not_served_past_stale_if_error() {
+    const TAG_TTL: Duration = Duration::from_secs(1);
+    const STALE_IF_ERROR: Duration = Duration::from_secs(3);
+    const PAST: Duration = Duration::from_millis(300);
+    let repo = "team/old";
+    let tag_path = format!("/v2/{repo}/manifests/v1");
+    let fake = FakeRegistry::start().await;
+    let digest = fake.put_manifest(repo, Some("v1"), OCI_MANIFEST, &image_manifest("old"));
+    let service = Service::start(&config(
+        "tag_ttl = \"1s\"\nstale_if_error = \"3s\"",
+        &upstream_toml("fake", &fake.url(), "retries = 0"),
+    ));
+    let mut client = service.client().await;
+    let got = fetch_manifest(&mut client, repo, "v1")
+        .await
+        .expect("first FetchManifest of the tag");
+    // The entry was written before this instant.
+    let fetched = Instant::now();
+    assert_eq!(got.digest, digest);
+    for path in [
+        "/v2/".to_string(),
+        tag_path,
+        format!("/v2/{repo}/manifests/{digest}"),
+    ] {
+        fake.on(&path, Reply::status(503));
+    }
+
+    // Stale, within stale_if_error: served.
+    tokio::time::sleep_until(fetched + TAG_TTL + PAST).await;
+    let got = fetch_manifest(&mut client, repo, "v1")
+        .await
+        .expect("a stale tag within stale_if_error is served while the upstream fails");
+    assert_eq!(got.digest, digest);
+
+    // Older than stale_if_error: the upstream's failure shows.
+    tokio::time::sleep_until(fetched + STALE_IF_ERROR + PAST).await;
+    let got = fetch_manifest(&mut client, repo, "v1").await;
+    assert_eq!(
+        got.as_ref().err().map(Status::code),
+        Some(Code::Unavailable),
+        "a tag entry older than stale_if_error must not be served: {got:?}"
+    );
+}
