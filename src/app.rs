@@ -92,12 +92,7 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(
-            UpstreamApi::new(engine, admission)
-                .into_server()
-                .max_decoding_message_size(REQUEST_LIMIT)
-                .max_encoding_message_size(usize::MAX),
-        )
+        .add_service(UpstreamApi::new(engine, admission).into_server(REQUEST_LIMIT))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
     // After the grace period, connections that still hold calls are closed.
     let deadline = async move {

@@ -1,11 +1,41 @@
 //! The caller's deadline, from the `grpc-timeout` header, bounding the
-//! engine's work for an RPC.
+//! engine's work for an RPC. The deadline counts from the moment the call's
+//! headers arrived (stamped by an interceptor, before the request body is
+//! read), and fires a little before tonic's own grpc-timeout timer, which
+//! would otherwise end the call with CANCELLED instead of DEADLINE_EXCEEDED.
 
 use std::future::Future;
 use std::time::Duration;
 
-use tonic::Status;
+use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
+use tonic::{Request, Status};
+
+/// How much earlier than the caller's deadline the service gives up, so its
+/// DEADLINE_EXCEEDED wins the race with tonic's timer.
+const MARGIN: Duration = Duration::from_millis(10);
+
+/// When a call's headers arrived.
+#[derive(Debug, Clone, Copy)]
+struct Arrival(Instant);
+
+/// Interceptor: stamps the call with its arrival time.
+#[allow(clippy::result_large_err)] // the interceptor signature is tonic's
+pub fn stamp(mut request: Request<()>) -> Result<Request<()>, Status> {
+    request.extensions_mut().insert(Arrival(Instant::now()));
+    Ok(request)
+}
+
+/// The instant by which the service must answer `request`, if the caller
+/// set a deadline.
+pub fn of<T>(request: &Request<T>) -> Option<Instant> {
+    let limit = timeout(request.metadata())?;
+    let arrived = request
+        .extensions()
+        .get::<Arrival>()
+        .map_or_else(Instant::now, |a| a.0);
+    Some(arrived + limit.saturating_sub(MARGIN))
+}
 
 /// The caller's timeout, if it sent one (`grpc-timeout`: up to 8 digits and
 /// a unit H, M, S, m, u or n).
@@ -27,19 +57,21 @@ pub fn timeout(metadata: &MetadataMap) -> Option<Duration> {
     })
 }
 
-/// Runs `work` within the caller's timeout: DEADLINE_EXCEEDED when it passes
-/// (the work is dropped, which stops its upstream requests).
+/// Runs `work` until `deadline`: DEADLINE_EXCEEDED when it passes (the work
+/// is dropped, which stops its upstream requests).
 pub async fn within<T>(
-    limit: Option<Duration>,
+    deadline: Option<Instant>,
     work: impl Future<Output = Result<T, Status>>,
 ) -> Result<T, Status> {
-    match limit {
+    match deadline {
         None => work.await,
-        Some(limit) => tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
-            Err(Status::deadline_exceeded(format!(
-                "the caller's deadline ({limit:?}) passed before upstreams answered"
-            )))
-        }),
+        Some(deadline) => tokio::time::timeout_at(deadline, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Status::deadline_exceeded(
+                    "the caller's deadline passed before the upstreams answered",
+                ))
+            }),
     }
 }
 
@@ -73,10 +105,21 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(10)).await;
             Ok::<_, Status>(())
         };
-        let err = within(Some(Duration::from_secs(1)), slow)
-            .await
-            .unwrap_err();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let err = within(Some(deadline), slow).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
         assert!(within(None, async { Ok::<_, Status>(1) }).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadline_counts_from_arrival() {
+        let mut request = stamp(Request::new(())).unwrap();
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", "1S".parse().unwrap());
+        tokio::time::advance(Duration::from_millis(400)).await;
+        let left = of(&request).unwrap() - Instant::now();
+        assert_eq!(left, Duration::from_millis(600) - MARGIN);
+        assert!(of(&Request::new(())).is_none());
     }
 }

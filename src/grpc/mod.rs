@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt, stream};
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 pub use admission::Admission;
@@ -21,6 +22,9 @@ use crate::pb;
 use crate::pb::upstream_service_server::{UpstreamService, UpstreamServiceServer};
 use crate::upstream::{BlobRequest, Engine, ManifestRequest, TagsRequest};
 use convert::HeadBlob;
+
+/// The interceptor that stamps calls with their arrival time.
+pub type Stamp = fn(Request<()>) -> Result<Request<()>, Status>;
 
 /// Stream type of FetchBlob.
 pub type FetchBlobStream =
@@ -39,9 +43,17 @@ impl UpstreamApi {
         Self { engine, admission }
     }
 
-    /// The tonic server for this service.
-    pub fn into_server(self) -> UpstreamServiceServer<Self> {
-        UpstreamServiceServer::new(self)
+    /// The tonic server for this service, with requests of at most
+    /// `request_limit` bytes and calls stamped with their arrival time (for
+    /// deadlines).
+    pub fn into_server(
+        self,
+        request_limit: usize,
+    ) -> InterceptedService<UpstreamServiceServer<Self>, Stamp> {
+        let server = UpstreamServiceServer::new(self)
+            .max_decoding_message_size(request_limit)
+            .max_encoding_message_size(usize::MAX);
+        InterceptedService::new(server, deadline::stamp)
     }
 }
 
@@ -52,7 +64,7 @@ impl UpstreamService for UpstreamApi {
         request: Request<pb::FetchManifestRequest>,
     ) -> Result<Response<pb::FetchManifestResponse>, Status> {
         let _permit = self.admission.admit()?;
-        let limit = deadline::timeout(request.metadata());
+        let limit = deadline::of(&request);
         let req = ManifestRequest::try_from(request.into_inner())?;
         let manifest =
             deadline::within(limit, async { Ok(self.engine.fetch_manifest(req).await?) }).await?;
@@ -64,7 +76,7 @@ impl UpstreamService for UpstreamApi {
         request: Request<pb::HeadManifestRequest>,
     ) -> Result<Response<pb::HeadManifestResponse>, Status> {
         let _permit = self.admission.admit()?;
-        let limit = deadline::timeout(request.metadata());
+        let limit = deadline::of(&request);
         let req = ManifestRequest::try_from(request.into_inner())?;
         let meta =
             deadline::within(limit, async { Ok(self.engine.head_manifest(req).await?) }).await?;
@@ -78,7 +90,7 @@ impl UpstreamService for UpstreamApi {
         request: Request<pb::FetchBlobRequest>,
     ) -> Result<Response<Self::FetchBlobStream>, Status> {
         let permit = self.admission.admit()?;
-        let limit = deadline::timeout(request.metadata());
+        let limit = deadline::of(&request);
         let req = BlobRequest::try_from(request.into_inner())?;
         let offset = req.range.offset;
         let blob =
@@ -104,7 +116,7 @@ impl UpstreamService for UpstreamApi {
         request: Request<pb::HeadBlobRequest>,
     ) -> Result<Response<pb::HeadBlobResponse>, Status> {
         let _permit = self.admission.admit()?;
-        let limit = deadline::timeout(request.metadata());
+        let limit = deadline::of(&request);
         let req = HeadBlob::try_from(request.into_inner())?;
         let meta = deadline::within(limit, async {
             Ok(self
@@ -121,7 +133,7 @@ impl UpstreamService for UpstreamApi {
         request: Request<pb::FetchTagsRequest>,
     ) -> Result<Response<pb::FetchTagsResponse>, Status> {
         let _permit = self.admission.admit()?;
-        let limit = deadline::timeout(request.metadata());
+        let limit = deadline::of(&request);
         let request = request.into_inner();
         let name = request.repository.clone();
         let req = TagsRequest::try_from(request)?;

@@ -643,30 +643,34 @@ async fn reopen(
         }
         let mut request = blob_request(remote, Method::GET, &resume.repository, &resume.digest);
         request.range = Some(from);
-        let response = match remote.send(&request).await {
-            Ok(r) => r,
-            Err(fault) => {
-                faults.push(fault);
-                continue;
-            }
+        let fault = match remote.send(&request).await {
+            Ok(response) => match response.status() {
+                StatusCode::PARTIAL_CONTENT
+                    if content_range_start(response.headers(), size) == Some(from) =>
+                {
+                    remote.circuit().record_success();
+                    return Ok((remote.clone(), response, 0));
+                }
+                StatusCode::OK if content_length(response.headers()) == Some(size) => {
+                    remote.circuit().record_success();
+                    return Ok((remote.clone(), response, from));
+                }
+                status if status.is_success() => Fault::unavailable(format!(
+                    "upstream `{}` answered a resume of {} with an unusable range ({})",
+                    remote.name(),
+                    request.what,
+                    status.as_u16()
+                )),
+                _ => fault_from_response(remote, &request.what, response).await,
+            },
+            Err(fault) => fault,
         };
-        match response.status() {
-            StatusCode::PARTIAL_CONTENT
-                if content_range_start(response.headers(), size) == Some(from) =>
-            {
-                return Ok((remote.clone(), response, 0));
-            }
-            StatusCode::OK if content_length(response.headers()) == Some(size) => {
-                return Ok((remote.clone(), response, from));
-            }
-            status if status.is_success() => faults.push(Fault::unavailable(format!(
-                "upstream `{}` answered a resume of {} with an unusable range ({})",
-                remote.name(),
-                request.what,
-                status.as_u16()
-            ))),
-            _ => faults.push(fault_from_response(remote, &request.what, response).await),
+        if fault.is_upstream_failure() {
+            remote.circuit().record_failure();
+        } else {
+            remote.circuit().record_success();
         }
+        faults.push(fault);
     }
     Err(faults)
 }

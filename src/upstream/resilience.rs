@@ -46,13 +46,18 @@ enum CircuitState {
     Open {
         until: Instant,
     },
-    /// One probe is in flight; the rest are refused until it reports.
-    HalfOpen,
+    /// One probe is in flight; the rest are refused until it reports, or
+    /// until another cooldown has passed (its caller may have gone away
+    /// without a verdict).
+    HalfOpen {
+        probe_until: Instant,
+    },
 }
 
 /// A circuit breaker: opens after `threshold` consecutive failures, refuses
 /// requests for `cooldown`, then lets one probe through; the probe's success
-/// closes it, its failure opens it again.
+/// closes it, its failure opens it again, and a probe that never reports
+/// (its caller went away) is replaced by another after a further cooldown.
 #[derive(Debug)]
 pub struct Circuit {
     threshold: u32,
@@ -73,14 +78,18 @@ impl Circuit {
     /// True when a request may go to the upstream now.
     pub fn allow(&self) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
         match *state {
             CircuitState::Closed { .. } => true,
-            CircuitState::HalfOpen => false,
-            CircuitState::Open { until } if Instant::now() >= until => {
-                *state = CircuitState::HalfOpen;
+            CircuitState::Open { until } | CircuitState::HalfOpen { probe_until: until }
+                if now >= until =>
+            {
+                *state = CircuitState::HalfOpen {
+                    probe_until: now + self.cooldown,
+                };
                 true
             }
-            CircuitState::Open { .. } => false,
+            CircuitState::Open { .. } | CircuitState::HalfOpen { .. } => false,
         }
     }
 
@@ -101,7 +110,7 @@ impl Circuit {
             CircuitState::Closed { failures } => CircuitState::Closed {
                 failures: failures + 1,
             },
-            CircuitState::HalfOpen | CircuitState::Open { .. } => open,
+            CircuitState::HalfOpen { .. } | CircuitState::Open { .. } => open,
         };
     }
 }
@@ -162,5 +171,17 @@ mod tests {
         assert!(c.allow());
         c.record_success();
         assert!(c.allow() && c.allow(), "closed after a successful probe");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_never_reports_is_replaced() {
+        let c = Circuit::new(1, Duration::from_secs(5));
+        c.record_failure();
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(c.allow(), "the probe");
+        assert!(!c.allow());
+        // The probe's caller went away: no verdict.
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(c.allow(), "another probe after a further cooldown");
     }
 }
