@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod fake;
+pub mod faulty;
 pub mod registry;
 pub mod slow;
 pub mod token_issuer;

@@ -1,0 +1,1484 @@
+//! Resilience of the real `oci-upstream` binary against failing upstreams
+//! (issue 5): refused and dropped connections, resets and breaks mid-body,
+//! hangs, trickles, 5xx storms, 429 with `Retry-After`, short bodies,
+//! upstreams ignoring Range, oversized manifests, invalid indexes, the
+//! circuit breaker and overload shedding. Each fault comes from the
+//! hand-written server in `common/faulty.rs` (or the axum fake for plain
+//! status sequences); each test asserts what the caller got (status, or
+//! bytes checked against their digest), how many connections or requests
+//! the upstream saw, and an upper bound on the elapsed time derived from
+//! the configured timeouts. The bounds add [`SLACK`] for a loaded CI
+//! machine; they are limits, never speed claims.
+
+mod common;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::Service;
+use common::fake::{FakeRegistry, Reply};
+use common::faulty::{
+    Act, Cut, FaultyServer, OnAccept, blob_path, dead_port_url, manifest_path, sha256_digest,
+};
+use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
+use oci_upstream::pb::{
+    BlobInfo, FetchBlobRequest, FetchManifestRequest, HeadBlobRequest, Platform,
+};
+use serde_json::json;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt as _;
+
+const REPO: &str = "team/app";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const MIB: usize = 1024 * 1024;
+/// Added to every bound derived from the configuration: room for process
+/// scheduling on a loaded 2-core CI machine. Never a speed claim.
+const SLACK: Duration = Duration::from_secs(5);
+/// Safety net so a hanging service fails the test instead of hanging the
+/// suite; never asserted as a bound.
+const HANG_GUARD: Duration = Duration::from_secs(120);
+/// The service's window for `min_rate` (`RATE_WINDOW` in the engine).
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// Configuration
+
+/// One `[[upstreams]]` entry with small, CI-friendly timeouts; the bounds of
+/// the tests are computed from these same values.
+#[derive(Clone, Debug)]
+struct Up {
+    name: String,
+    url: String,
+    connect_timeout: Duration,
+    timeout: Duration,
+    retries: u32,
+    retry_max_delay: Duration,
+    circuit_failures: u32,
+    circuit_cooldown: Duration,
+    min_rate: Option<String>,
+}
+
+impl Up {
+    fn new(name: &str, url: &str) -> Up {
+        Up {
+            name: name.to_string(),
+            url: url.to_string(),
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            retries: 2,
+            retry_max_delay: Duration::from_secs(2),
+            // High unless a test is about the circuit, so it stays out of
+            // the way of the other faults.
+            circuit_failures: 1000,
+            circuit_cooldown: Duration::from_secs(2),
+            min_rate: None,
+        }
+    }
+
+    fn retries(mut self, retries: u32) -> Up {
+        self.retries = retries;
+        self
+    }
+
+    fn timeout(mut self, timeout: Duration) -> Up {
+        self.timeout = timeout;
+        self
+    }
+
+    fn retry_max_delay(mut self, delay: Duration) -> Up {
+        self.retry_max_delay = delay;
+        self
+    }
+
+    fn circuit(mut self, failures: u32, cooldown: Duration) -> Up {
+        self.circuit_failures = failures;
+        self.circuit_cooldown = cooldown;
+        self
+    }
+
+    fn toml(&self, priority: usize) -> String {
+        let ms = |d: Duration| format!("\"{}ms\"", d.as_millis());
+        let mut text = format!(
+            "[[upstreams]]\nname = \"{}\"\nurl = \"{}\"\npriority = {priority}\n\
+             connect_timeout = {}\ntimeout = {}\nretries = {}\nretry_max_delay = {}\n\
+             circuit_failures = {}\ncircuit_cooldown = {}\n",
+            self.name,
+            self.url,
+            ms(self.connect_timeout),
+            ms(self.timeout),
+            self.retries,
+            ms(self.retry_max_delay),
+            self.circuit_failures,
+            ms(self.circuit_cooldown),
+        );
+        if let Some(rate) = &self.min_rate {
+            text.push_str(&format!("min_rate = \"{rate}\"\n"));
+        }
+        text
+    }
+
+    /// Longest one request to this upstream may take with its retries:
+    /// every attempt may spend the connect timeout and the header timeout,
+    /// every retry the backoff cap.
+    fn request_bound(&self) -> Duration {
+        (self.connect_timeout + self.timeout) * (self.retries + 1)
+            + self.retry_max_delay * self.retries
+    }
+}
+
+/// A service config: `top` lines, no remembered 404s, then the upstreams in
+/// priority order.
+fn config(top: &str, upstreams: &[&Up]) -> String {
+    let mut text = format!("{top}\n[cache]\nnegative_ttl = \"0s\"\n\n");
+    for (i, up) in upstreams.iter().enumerate() {
+        text.push_str(&up.toml(10 * (i + 1)));
+        text.push('\n');
+    }
+    text
+}
+
+// ---------------------------------------------------------------------------
+// Content
+
+/// Deterministic, incompressible-looking bytes.
+fn blob_bytes(len: usize, seed: u32) -> Bytes {
+    (0..len as u32)
+        .map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+/// An OCI image manifest derived from `seed`, with `layers` layer entries.
+fn image_manifest(seed: &str, layers: usize) -> Bytes {
+    let config = format!("config of {seed}");
+    let layers: Vec<_> = (0..layers)
+        .map(|i| {
+            let layer = format!("layer {i} of {seed}");
+            json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": sha256_digest(layer.as_bytes()),
+                "size": layer.len(),
+            })
+        })
+        .collect();
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": sha256_digest(config.as_bytes()),
+            "size": config.len(),
+        },
+        "layers": layers,
+    });
+    serde_json::to_vec(&manifest)
+        .expect("JSON serializes")
+        .into()
+}
+
+// ---------------------------------------------------------------------------
+// gRPC helpers
+
+/// Awaits `call`, failing the test if the service hangs.
+async fn guard<T>(call: impl Future<Output = T>) -> T {
+    tokio::time::timeout(HANG_GUARD, call)
+        .await
+        .expect("the service answered within the hang guard")
+}
+
+fn manifest_request(reference: &str) -> FetchManifestRequest {
+    FetchManifestRequest {
+        repository: REPO.to_string(),
+        reference: reference.to_string(),
+        ..Default::default()
+    }
+}
+
+fn expect_err<T: std::fmt::Debug>(
+    result: Result<tonic::Response<T>, tonic::Status>,
+) -> tonic::Status {
+    match result {
+        Ok(response) => panic!("expected an error, got OK: {:?}", response.into_inner()),
+        Err(status) => status,
+    }
+}
+
+/// Everything a FetchBlob stream delivered before it ended.
+#[derive(Debug, Default)]
+struct BlobOutcome {
+    info: Option<BlobInfo>,
+    data: Vec<u8>,
+    /// The terminating status; `None` when the stream ended OK.
+    error: Option<tonic::Status>,
+}
+
+impl BlobOutcome {
+    /// Asserts the stream ended OK with exactly `want` (checked by digest).
+    fn assert_bytes(&self, want: &[u8], what: &str) {
+        assert!(
+            self.error.is_none(),
+            "{what}: stream failed: {:?}",
+            self.error
+        );
+        assert_eq!(
+            self.data.len(),
+            want.len(),
+            "{what}: length of the streamed blob"
+        );
+        assert_eq!(
+            sha256_digest(&self.data),
+            sha256_digest(want),
+            "{what}: digest of the streamed bytes"
+        );
+    }
+}
+
+async fn fetch_blob(client: &mut UpstreamServiceClient<Channel>, digest: &str) -> BlobOutcome {
+    let request = FetchBlobRequest {
+        repository: REPO.to_string(),
+        digest: digest.to_string(),
+        ..Default::default()
+    };
+    guard(async {
+        let mut outcome = BlobOutcome::default();
+        let mut stream = match client.fetch_blob(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                outcome.error = Some(status);
+                return outcome;
+            }
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(message)) => {
+                    if outcome.info.is_none() {
+                        outcome.info = message.info;
+                    }
+                    outcome.data.extend_from_slice(&message.data);
+                }
+                Ok(None) => return outcome,
+                Err(status) => {
+                    outcome.error = Some(status);
+                    return outcome;
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// Polls `cond` until it holds, failing after `limit`.
+async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < limit,
+            "gave up after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A unary call sent as raw HTTP/2 (prior knowledge) with a `grpc-timeout`
+/// header, so that no client-side timer races the service's answer (tonic's
+/// own client reports an expired local timer as CANCELLED). The request
+/// message follows the headers after `body_delay`, as it does from a caller
+/// on a slow link. Returns the `grpc-status` and `grpc-message` of the
+/// service's trailers-only answer.
+async fn raw_unary(
+    addr: SocketAddr,
+    method: &str,
+    message: &impl prost::Message,
+    grpc_timeout: &str,
+    body_delay: Duration,
+) -> (Option<i32>, String) {
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("an HTTP/2 client builds");
+    let payload = message.encode_to_vec();
+    let mut body = Vec::with_capacity(payload.len() + 5);
+    body.push(0);
+    body.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    body.extend_from_slice(&payload);
+    let response = client
+        .post(format!(
+            "http://{addr}/oci.upstream.v1.UpstreamService/{method}"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", grpc_timeout)
+        .body(reqwest::Body::wrap_stream(futures::stream::once(
+            async move {
+                tokio::time::sleep(body_delay).await;
+                Ok::<_, std::io::Error>(Bytes::from(body))
+            },
+        )))
+        .send()
+        .await
+        .expect("the service answers over HTTP/2");
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let status = header("grpc-status").and_then(|s| s.parse().ok());
+    let message = header("grpc-message").unwrap_or_default();
+    (status, message)
+}
+
+// ---------------------------------------------------------------------------
+// 1. Refused and dropped connections
+
+#[tokio::test]
+async fn connections_dropped_at_accept_are_retried_then_unavailable() {
+    for mode in [OnAccept::Close, OnAccept::Reset] {
+        let up = FaultyServer::start().await;
+        up.on_accept(mode);
+        let a = Up::new("a", &up.url()).retries(2);
+        let service = Service::start(&config("", &[&a]));
+        let mut client = service.client().await;
+
+        let started = Instant::now();
+        let status = expect_err(guard(client.fetch_manifest(manifest_request("v1"))).await);
+        let elapsed = started.elapsed();
+
+        assert_eq!(status.code(), Code::Unavailable, "{mode:?}: {status:?}");
+        assert_eq!(
+            up.connections(),
+            a.retries as usize + 1,
+            "{mode:?}: one connection for the first attempt and one per retry"
+        );
+        let bound = a.request_bound() + SLACK;
+        assert!(
+            elapsed <= bound,
+            "{mode:?}: took {elapsed:?}, bound {bound:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn connections_dropped_at_accept_fall_over_to_the_next_upstream() {
+    let bad = FaultyServer::start().await;
+    bad.on_accept(OnAccept::Reset);
+    let good = FaultyServer::start().await;
+    let body = image_manifest("fallover", 1);
+    let digest = good.put_manifest(REPO, Some("v1"), OCI_MANIFEST, body.clone());
+    let a = Up::new("bad", &bad.url()).retries(2);
+    let b = Up::new("good", &good.url());
+    let service = Service::start(&config("", &[&a, &b]));
+    let mut client = service.client().await;
+
+    let started = Instant::now();
+    let response = guard(client.fetch_manifest(manifest_request("v1")))
+        .await
+        .expect("served by the healthy upstream")
+        .into_inner();
+    let elapsed = started.elapsed();
+
+    assert_eq!(response.manifest, body);
+    assert_eq!(response.digest, digest);
+    assert_eq!(response.source.expect("source").upstream, "good");
+    assert_eq!(
+        bad.connections(),
+        a.retries as usize + 1,
+        "the failing upstream gets its retries before the next one is asked"
+    );
+    assert_eq!(good.count(&manifest_path(REPO, "v1")), 1);
+    let bound = a.request_bound() + b.request_bound() + SLACK;
+    assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
+}
+
+#[tokio::test]
+async fn refused_connection_on_a_dead_port_is_unavailable_or_served_by_the_next() {
+    let dead = Up::new("dead", &dead_port_url()).retries(2);
+    let good = FaultyServer::start().await;
+    let body = image_manifest("dead-port", 1);
+    good.put_manifest(REPO, Some("v1"), OCI_MANIFEST, body.clone());
+    let b = Up::new("good", &good.url());
+
+    // Alone: UNAVAILABLE once the retries are spent.
+    let service = Service::start(&config("", &[&dead]));
+    let mut client = service.client().await;
+    let started = Instant::now();
+    let status = expect_err(guard(client.fetch_manifest(manifest_request("v1"))).await);
+    let elapsed = started.elapsed();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("`dead`"),
+        "the message names the upstream: {status:?}"
+    );
+    let bound = dead.request_bound() + SLACK;
+    assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
+
+    // With a healthy second upstream: served by it.
+    let service = Service::start(&config("", &[&dead, &b]));
+    let mut client = service.client().await;
+    let started = Instant::now();
+    let response = guard(client.fetch_manifest(manifest_request("v1")))
+        .await
+        .expect("served by the healthy upstream")
+        .into_inner();
+    let elapsed = started.elapsed();
+    assert_eq!(response.manifest, body);
+    assert_eq!(response.source.expect("source").upstream, "good");
+    let bound = dead.request_bound() + b.request_bound() + SLACK;
+    assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 2. Reset mid-body
+
+#[tokio::test]
+async fn reset_mid_blob_resumes_with_a_range_from_the_byte_reached() {
+    let up = FaultyServer::start().await;
+    let data = blob_bytes(4 * MIB, 2);
+    let digest = up.put_blob(REPO, data.clone());
+    let path = blob_path(REPO, &digest);
+    let cut = (3 * MIB / 2) as u64;
+    up.script(&path, [Act::ResetAfter(Cut::Bytes(cut)), Act::Serve]);
+    let a = Up::new("a", &up.url());
+    let service = Service::start(&config("", &[&a]));
+    let mut client = service.client().await;
+
+    let started = Instant::now();
+    let outcome = fetch_blob(&mut client, &digest).await;
+    let elapsed = started.elapsed();
+
+    outcome.assert_bytes(&data, "blob reset mid-body");
+    let seen = up.requests_to(&path);
+    assert_eq!(seen.len(), 2, "the first GET and one resume: {seen:?}");
+    assert_eq!(seen[0].range, None, "the first GET asks for the whole blob");
+    let start = seen[1]
+        .range
+        .unwrap_or_else(|| panic!("the resume asks for a Range: {:?}", seen[1]));
+    // The reset may discard bytes still in flight, so the byte reached is at
+    // most the cut; it is never past it.
+    assert!(
+        start > 0 && start <= cut,
+        "resume from {start}, but the reset came after {cut} bytes"
+    );
+    let bound = a.request_bound() * 2 + SLACK;
+    assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 3. Hang before headers
+
+#[tokio::test]
+async fn hang_before_headers_is_cut_by_the_timeout() {
+    let up = FaultyServer::start().await;
+    let path = manifest_path(REPO, "v1");
+    up.put_manifest(REPO, Some("v1"), OCI_MANIFEST, image_manifest("hang", 1));
+    up.script(&path, [Act::Hang]);
+    let a = Up::new("a", &up.url()).retries(2);
+    let service = Service::start(&config("", &[&a]));
+    let mut client = service.client().await;
+
+    let started = Instant::now();
+    let status = expect_err(guard(client.fetch_manifest(manifest_request("v1"))).await);
+    let elapsed = started.elapsed();
+
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let attempts = up.count(&path);
+    assert!(
+        (1..=a.retries as usize + 1).contains(&attempts),
+        "between one attempt and one per retry: {attempts}"
+    );
+    let bound = a.request_bound() + SLACK;
+    assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
+    // The hung connections are given up, not kept.
+    wait_until("the hung connections to be closed", SLACK, || {
+        up.peer_closed() >= attempts
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn hang_before_headers_is_bounded_by_the_callers_deadline() {
+    let up = FaultyServer::start().await;
+    let path = manifest_path(REPO, "v1");
+    up.put_manifest(
+        REPO,
+        Some("v1"),
+        OCI_MANIFEST,
+        image_manifest("deadline", 1),
+    );
+    up.script(&path, [Act::Hang]);
+    // The upstream's own timeout is far beyond the caller's deadline.
+    let a = Up::new("a", &up.url())
+        .timeout(Duration::from_secs(60))
+        .retries(0);
+    let service = Service::start(&config("", &[&a]));
+    let deadline = Duration::from_millis(1500);
+
+    let started = Instant::now();
+    let (status, message) = guard(raw_unary(
+        service.addr,
+        "FetchManifest",
+        &manifest_request("v1"),
+        "1500m",
+        Duration::from_millis(100),
+    ))
+    .await;
+    let elapsed = started.elapsed();
+
+    let bound = deadline + SLACK;
+    assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
+    assert_eq!(up.count(&path), 1);
+    // The upstream request is dropped with the call.
+    wait_until("the hung upstream connection to be closed", SLACK, || {
+        up.peer_closed() >= 1
+    })
+    .await;
+
+    // A tonic caller with the same deadline is answered within it too (its
+    // own timer may end the call first, which tonic reports as CANCELLED).
+    let mut client = service.client().await;
+    let mut request = tonic::Request::new(manifest_request("v1"));
+    request.set_timeout(deadline);
+    let started_tonic = Instant::now();
+    let tonic_status = expect_err(guard(client.fetch_manifest(request)).await);
+    let elapsed_tonic = started_tonic.elapsed();
+    assert!(
+        matches!(
+            tonic_status.code(),
+            Code::DeadlineExceeded | Code::Cancelled
+        ),
+        "{tonic_status:?}"
+    );
+    assert!(
+        elapsed_tonic <= bound,
+        "took {elapsed_tonic:?}, bound {bound:?}"
+    );
+
+    // What the service itself answered: the contract's DEADLINE_EXCEEDED.
+    // (CANCELLED "Timeout expired" here is tonic's server-side grpc-timeout
+    // layer, whose timer starts before the handler's and so fires first.)
+    assert_eq!(
+        status,
+        Some(Code::DeadlineExceeded as i32),
+        "grpc-status the service sent for a passed deadline (grpc-message: {message:?})"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 4. Trickles
+
+#[tokio::test]
+async fn one_byte_per_second_trickle_is_cut_by_the_idle_timeout_and_resumed() {
+    let up = FaultyServer::start().await;
+    let data = blob_bytes(MIB, 4);
+    let digest = up.put_blob(REPO, data.clone());
+    let path = blob_path(REPO, &digest);
+    let fast = data.len() as u64 / 4;
+    up.script(
+        &path,
+        [
+            Act::Trickle {
+                fast: Cut::Bytes(fast),
+                bytes: 1,
+                every: Duration::from_secs(1),
+            },
+            Act::Serve,
+        ],
+    );
+    // Idle timeout shorter than the trickle's gaps.
+    let a = Up::new("a", &up.url())
+        .timeout(Duration::from_millis(500))
+        .retries(0);
+    let service = Service::start(&config("", &[&a]));
+    let mut client = service.client().await;
+
+    let started = Instant::now();
+    let outcome = fetch_blob(&mut client, &digest).await;
+    let elapsed = started.elapsed();
+
+    outcome.assert_bytes(&data, "trickled blob");
+    let seen = up.requests_to(&path);
+    assert_eq!(seen.len(), 2, "the trickled GET and one resume: {seen:?}");
+    let start = seen[1].range.expect("the resume asks for a Range");
+    assert!(
+        (fast..=fast + 2).contains(&start),
+        "resume from {start}, the trickle stalled after {fast} bytes"
+    );
+    // Cut by the idle timeout, well before the min_rate window could.
+    let bound = a.timeout + a.request_bound() * 2 + SLACK;
+    assert!(bound < RATE_WINDOW, "the bound must tell the two apart");
+    assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
+}
+
+#[tokio::test]
+async fn trickle_below_min_rate_is_cut_and_resumed_on_the_next_upstream() {
+    let slow = FaultyServer::start().await;
+    let good = FaultyServer::start().await;
+    let data = blob_bytes(MIB, 5);
+    let digest = slow.put_blob(REPO, data.clone());
+    good.put_blob(REPO, data.clone());
+    let path = blob_path(REPO, &digest);
+    let fast = data.len() as u64 / 10;
+    // 1 byte/s after a fast tenth: never idle for the 2 s timeout, but far
+    // below min_rate (64 KiB/s); the resume on the same upstream then fails,
+    // so the next upstream must serve the rest.
+    slow.script(
+        &path,
+        [
+            Act::Trickle {
+                fast: Cut::Bytes(fast),
+                bytes: 1,
+                every: Duration::from_secs(1),
+            },
+            Act::status(503),
+        ],
+    );
+    let a = Up::new("slow", &slow.url())
+        .timeout(Duration::from_secs(2))
+        .retries(0);
+    let b = Up::new("good", &good.url()).retries(0);
+    let service = Service::start(&config("", &[&a, &b]));
+    let mut client = service.client().await;
+
+    let started = Instant::now();
+    let outcome = fetch_blob(&mut client, &digest).await;
+    let elapsed = started.elapsed();
+
+    outcome.assert_bytes(&data, "blob below min_rate");
+    assert_eq!(
+        outcome
+            .info
+            .as_ref()
+            .and_then(|i| i.source.as_ref())
+            .map(|s| s.upstream.as_str()),
+        Some("slow"),
+        "the stream started from the slow upstream"
+    );
+    let slow_seen = slow.requests_to(&path);
+    assert_eq!(
+        slow_seen.len(),
+        2,
+        "GET, then the resume tried there first: {slow_seen:?}"
+    );
+    let good_seen = good.requests_to(&path);
+    assert_eq!(
+        good_seen.len(),
+        1,
+        "one resume on the next upstream: {good_seen:?}"
+    );
+    let start = good_seen[0].range.expect("the resume asks for a Range");
+    // At 1 byte/s, a window of 10 s adds about 10 bytes to the fast part.
+    assert!(
+        start >= fast && start <= fast + 2 * RATE_WINDOW.as_secs() + 2,
+        "resume from {start}, the fast part was {fast} bytes"
+    );
+    let bound = RATE_WINDOW
+        + Duration::from_secs(1)
+        + a.timeout
+        + a.request_bound() * 2
+        + b.request_bound()
+        + SLACK;
+    assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 5. 503 storms
+
+fn manifest_reply(body: &Bytes) -> Reply {
+    Reply::ok(body.clone())
+        .header("Content-Type", OCI_MANIFEST)
+        .header("Docker-Content-Digest", &sha256_digest(body))
+}
+
+#[tokio::test]
+async fn three_503s_then_success_is_ok_after_three_retries() {
+    let fake = FakeRegistry::start().await;
+    let body = image_manifest("three-503s", 1);
+    let digest = sha256_digest(&body);
+    let path = manifest_path(REPO, &digest);
+    fake.on_seq(
+        &path,
+        [
+            Reply::status(503),
+            Reply::status(503),
+            Reply::status(503),
+            manifest_reply(&body),
+        ],
+    );
+    let a = Up::new("a", &fake.url()).retries(3);
+    let service = Service::start(&config("", &[&a]));
+    let mut client = service.client().await;
+
+    let started = Instant::now();
+    let response = guard(client.fetch_manifest(manifest_request(&digest)))
+        .await
+        .expect("OK on the fourth attempt")
+        .into_inner();
+    let elapsed = started.elapsed();
+
+    assert_eq!(response.manifest, body);
+    assert_eq!(fake.count(&path), 4, "first attempt and three retries");
+    let bound = a.request_bound() + SLACK;
+    assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
+}
+
+#[tokio::test]
+async fn five_hundred_threes_beyond_the_retries_are_unavailable() {
+    let fake = FakeRegistry::start().await;
+    let body = image_manifest("503s-beyond", 1);
+    let digest = sha256_digest(&body);
+    let path = manifest_path(REPO, &digest);
+    fake.on_seq(
+        &path,
+        [
+            Reply::status(503),
+            Reply::status(503),
+            Reply::status(503),
+            manifest_reply(&body),
+        ],
+    );
+    let a = Up::new("a", &fake.url()).retries(2);
+    let service = Service::start(&config("", &[&a]));
+    let mut client = service.client().await;
+
+    let started = Instant::now();
+    let status = expect_err(guard(client.fetch_manifest(manifest_request(&digest))).await);
+    let elapsed = started.elapsed();
+
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(fake.count(&path), 3, "first attempt and two retries");
+    let bound = a.request_bound() + SLACK;
+    assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 6. 429 and Retry-After; other 4xx
+
+#[tokio::test]
+async fn too_many_requests_with_retry_after_is_retried() {
+    let fake = FakeRegistry::start().await;
+    let body = image_manifest("429-once", 1);
+    let digest = sha256_digest(&body);
+    let path = manifest_path(REPO, &digest);
+    fake.on_seq(
+        &path,
+        [
+            Reply::status(429).header("Retry-After", "1"),
+            manifest_reply(&body),
+        ],
+    );
+    let a = Up::new("a", &fake.url()).retries(2);
+    let service = Service::start(&config("", &[&a]));
+    let mut client = service.client().await;
+
+    let started = Instant::now();
+    let response = guard(client.fetch_manifest(manifest_request(&digest)))
+        .await
+        .expect("OK after the rate limit")
+        .into_inner();
+    let elapsed = started.elapsed();
+
+    assert_eq!(response.manifest, body);
+    assert_eq!(fake.count(&path), 2);
+    let bound = a.request_bound() + SLACK;
+    assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
+}
+
+#[tokio::test]
+async fn too_many_requests_forever_is_resource_exhausted_with_retry_info() {
+    let fake = FakeRegistry::start().await;
+    let body = image_manifest("429-forever", 1);
+    let digest = sha256_digest(&body);
+    let path = manifest_path(REPO, &digest);
+    fake.on(&path, Reply::status(429).header("Retry-After", "1"));
+    let a = Up::new("a", &fake.url()).retries(1);
+    let service = Service::start(&config("", &[&a]));
+    let mut client = service.client().await;
+
+    let started = Instant::now();
+    let status = expect_err(guard(client.fetch_manifest(manifest_request(&digest))).await);
+    let elapsed = started.elapsed();
+
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(fake.count(&path), 2, "first attempt and one retry");
+    let details = status.get_error_details();
+    assert_eq!(
+        details.retry_info().and_then(|r| r.retry_delay),
+        Some(Duration::from_secs(1)),
+        "RetryInfo carries the upstream's Retry-After: {status:?}"
+    );
+    let bound = a.request_bound() + SLACK;
+    assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
+}
+
+#[tokio::test]
+async fn retry_after_is_capped_by_retry_max_delay() {
+    let fake = FakeRegistry::start().await;
+    let body = image_manifest("429-capped", 1);
+    let digest = sha256_digest(&body);
+    let path = manifest_path(REPO, &digest);
+    fake.on_seq(
+        &path,
+        [
+            Reply::status(429).header("Retry-After", "3600"),
+            manifest_reply(&body),
+        ],
+    );
+    let a = Up::new("a", &fake.url())
+        .retries(1)
+        .retry_max_delay(Duration::from_secs(1));
+    let service = Service::start(&config("", &[&a]));
+    let mut client = service.client().await;
+
+    let started = Instant::now();
+    let response = guard(client.fetch_manifest(manifest_request(&digest)))
+        .await
+        .expect("OK after a capped wait")
+        .into_inner();
+    let elapsed = started.elapsed();
+
+    assert_eq!(response.manifest, body);
+    assert_eq!(fake.count(&path), 2);
+    let bound = a.request_bound() + SLACK;
+    assert!(
+        elapsed <= bound,
+        "took {elapsed:?}; an hour's Retry-After must be capped at {:?} (bound {bound:?})",
+        a.retry_max_delay
+    );
+}
+
+#[tokio::test]
+async fn other_4xx_are_not_retried() {
+    let fake = FakeRegistry::start().await;
+    let a = Up::new("a", &fake.url()).retries(3);
+    let service = Service::start(&config("", &[&a]));
+    let mut client = service.client().await;
+    for (status, tag) in [
+        (400, "bad-request"),
+        (403, "forbidden"),
+        (405, "not-allowed"),
+    ] {
+        let path = manifest_path(REPO, tag);
+        fake.on(&path, Reply::status(status));
+        let answer = expect_err(guard(client.fetch_manifest(manifest_request(tag))).await);
+        assert_ne!(answer.code(), Code::Internal, "{status}: {answer:?}");
+        if status == 403 {
+            assert_eq!(answer.code(), Code::PermissionDenied, "{answer:?}");
+        }
+        assert_eq!(fake.count(&path), 1, "HTTP {status} is not retried");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 7. Body shorter than its Content-Length
+
+#[tokio::test]
+async fn short_body_is_resumed_from_the_byte_reached() {
+    let up = FaultyServer::start().await;
+    let data = blob_bytes(3 * MIB, 7);
+    let digest = up.put_blob(REPO, data.clone());
+    let path = blob_path(REPO, &digest);
+    let cut = MIB as u64 + 12_345;
+    up.script(&path, [Act::ShortAfter(Cut::Bytes(cut)), Act::Serve]);
+    let a = Up::new("a", &up.url());
+    let service = Service::start(&config("", &[&a]));
+    let mut client = service.client().await;
+
+    let started = Instant::now();
+    let outcome = fetch_blob(&mut client, &digest).await;
+    let elapsed = started.elapsed();
+
+    outcome.assert_bytes(&data, "short body");
+    let seen = up.requests_to(&path);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        seen[1].range,
+        Some(cut),
+        "a clean close delivers every byte sent, so the resume starts exactly there"
+    );
+    let bound = a.request_bound() * 2 + SLACK;
+    assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
+}
+
+#[tokio::test]
+async fn short_bodies_every_time_end_unavailable_never_ok() {
+    let up = FaultyServer::start().await;
+    let data = blob_bytes(2 * MIB, 8);
+    let digest = up.put_blob(REPO, data.clone());
+    let path = blob_path(REPO, &digest);
+    // Every answer, resumes included, stops halfway through its body.
+    up.script(&path, [Act::ShortAfter(Cut::Percent(50))]);
+    let a = Up::new("a", &up.url());
+    let service = Service::start(&config("", &[&a]));
+    let mut client = service.client().await;
+
+    let started = Instant::now();
+    let outcome = fetch_blob(&mut client, &digest).await;
+    let elapsed = started.elapsed();
+
+    let error = outcome
+        .error
+        .as_ref()
+        .unwrap_or_else(|| panic!("never OK: got {} bytes and a clean end", outcome.data.len()));
+    assert_eq!(error.code(), Code::Unavailable, "{error:?}");
+    assert!(
+        outcome.data.len() < data.len(),
+        "the whole blob never arrives"
+    );
+    let seen = up.requests_to(&path);
+    assert_eq!(seen.len(), 4, "the first GET and three resumes: {seen:?}");
+    let ranges: Vec<_> = seen.iter().map(|s| s.range).collect();
+    assert_eq!(ranges[0], None);
+    assert!(
+        ranges
+            .windows(2)
+            .all(|w| w[0].unwrap_or(0) < w[1].unwrap_or(0)),
+        "each resume starts further on: {ranges:?}"
+    );
+    let bound = a.request_bound() * 4 + SLACK;
+    assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
+
+    // Nothing half-written was kept: a second fetch asks the upstream again
+    // and fails the same way.
+    let again = fetch_blob(&mut client, &digest).await;
+    assert_eq!(
+        again.error.as_ref().map(|e| e.code()),
+        Some(Code::Unavailable),
+        "second fetch: {:?}",
+        again.error
+    );
+    assert_eq!(up.count(&path), 8, "the second fetch went upstream again");
+}
+
+// ---------------------------------------------------------------------------
+// 8. A body that breaks at 40%, then Range requests
+
+#[tokio::test]
+async fn body_stalling_at_40_percent_resumes_with_a_range_at_40_percent() {
+    let up = FaultyServer::start().await;
+    let data = blob_bytes(5 * MIB, 9);
+    let digest = up.put_blob(REPO, data.clone());
+    let path = blob_path(REPO, &digest);
+    up.script(&path, [Act::StallAfter(Cut::Percent(40)), Act::Serve]);
+    let a = Up::new("a", &up.url());
+    let service = Service::start(&config("", &[&a]));
+    let mut client = service.client().await;
+
+    let started = Instant::now();
+    let outcome = fetch_blob(&mut client, &digest).await;
+    let elapsed = started.elapsed();
+
+    outcome.assert_bytes(&data, "blob broken at 40%");
+    let seen = up.requests_to(&path);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[1].range, Some(data.len() as u64 * 40 / 100));
+    assert_eq!(
+        seen[1].range_header.as_deref(),
+        Some(format!("bytes={}-", data.len() * 40 / 100).as_str())
+    );
+    let bound = a.timeout + a.request_bound() * 2 + SLACK;
+    assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
+    wait_until("the stalled connection to be closed", SLACK, || {
+        up.peer_closed() >= 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn body_breaking_at_40_percent_resumes_on_the_next_upstream() {
+    let first = FaultyServer::start().await;
+    let second = FaultyServer::start().await;
+    let data = blob_bytes(5 * MIB, 10);
+    let digest = first.put_blob(REPO, data.clone());
+    second.put_blob(REPO, data.clone());
+    let path = blob_path(REPO, &digest);
+    first.script(&path, [Act::ShortAfter(Cut::Percent(40)), Act::status(503)]);
+    let a = Up::new("first", &first.url()).retries(0);
+    let b = Up::new("second", &second.url()).retries(0);
+    let service = Service::start(&config("", &[&a, &b]));
+    let mut client = service.client().await;
+
+    let started = Instant::now();
+    let outcome = fetch_blob(&mut client, &digest).await;
+    let elapsed = started.elapsed();
+
+    outcome.assert_bytes(&data, "blob resumed elsewhere");
+    assert_eq!(
+        first.count(&path),
+        2,
+        "GET, then the resume tried there first"
+    );
+    let seen = second.requests_to(&path);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].range, Some(data.len() as u64 * 40 / 100));
+    let bound = a.request_bound() * 2 + b.request_bound() + SLACK;
+    assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 9. A Range request answered with 200 and the whole body
+
+#[tokio::test]
+async fn range_answered_with_200_and_the_whole_body_is_still_correct() {
+    let up = FaultyServer::start().await;
+    let data = blob_bytes(3 * MIB, 11);
+    let digest = up.put_blob(REPO, data.clone());
+    let path = blob_path(REPO, &digest);
+    up.script(&path, [Act::ShortAfter(Cut::Percent(40)), Act::IgnoreRange]);
+    let a = Up::new("a", &up.url());
+    let service = Service::start(&config("", &[&a]));
+    let mut client = service.client().await;
+
+    let started = Instant::now();
+    let outcome = fetch_blob(&mut client, &digest).await;
+    let elapsed = started.elapsed();
+
+    outcome.assert_bytes(&data, "resume answered with the whole blob");
+    let seen = up.requests_to(&path);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[1].range, Some(data.len() as u64 * 40 / 100));
+    assert_eq!(seen[1].act, "ignore-range");
+    let bound = a.request_bound() * 2 + SLACK;
+    assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 10. Manifest over the size cap
+
+#[tokio::test]
+async fn manifest_over_the_size_cap_is_refused_without_retries() {
+    let fake = FakeRegistry::start().await;
+    let big = image_manifest("too-big", 40);
+    assert!(big.len() > 4 * 1024, "the manifest is well over 1 KiB");
+    let with_length = manifest_path(REPO, "big");
+    fake.on(&with_length, manifest_reply(&big));
+    let chunked = manifest_path(REPO, "big-chunked");
+    fake.on(
+        &chunked,
+        Reply::ok(Bytes::new())
+            .header("Content-Type", OCI_MANIFEST)
+            .chunks(big.chunks(512).map(Bytes::copy_from_slice).collect()),
+    );
+    let a = Up::new("a", &fake.url()).retries(3);
+    let service = Service::start(&config("max_manifest_size = \"1KiB\"", &[&a]));
+    let mut client = service.client().await;
+
+    for (tag, path) in [("big", &with_length), ("big-chunked", &chunked)] {
+        let started = Instant::now();
+        let status = expect_err(guard(client.fetch_manifest(manifest_request(tag))).await);
+        let elapsed = started.elapsed();
+        assert_eq!(status.code(), Code::Unavailable, "{tag}: {status:?}");
+        assert_eq!(fake.count(path), 1, "{tag}: a 200 is not retried");
+        let bound = a.request_bound() + SLACK;
+        assert!(elapsed <= bound, "{tag}: took {elapsed:?}, bound {bound:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 11. Invalid JSON where an index is needed
+
+#[tokio::test]
+async fn invalid_json_where_an_index_is_needed_is_not_ok() {
+    let fake = FakeRegistry::start().await;
+    let bodies: [(&str, &[u8]); 3] = [
+        (
+            "truncated",
+            br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"#,
+        ),
+        ("not-json", b"<html>502 Bad Gateway</html>"),
+        (
+            "wrong-shape",
+            br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":"none"}"#,
+        ),
+    ];
+    for (tag, body) in bodies {
+        fake.on(
+            &manifest_path(REPO, tag),
+            Reply::ok(Bytes::from_static(body)).header("Content-Type", OCI_INDEX),
+        );
+    }
+    let a = Up::new("a", &fake.url()).retries(3);
+    let service = Service::start(&config("", &[&a]));
+    let mut client = service.client().await;
+
+    for (tag, _) in bodies {
+        let mut request = manifest_request(tag);
+        request.platform = Some(Platform {
+            os: "linux".into(),
+            architecture: "amd64".into(),
+            variant: String::new(),
+        });
+        let started = Instant::now();
+        let status = expect_err(guard(client.fetch_manifest(request)).await);
+        let elapsed = started.elapsed();
+        assert_eq!(status.code(), Code::Unavailable, "{tag}: {status:?}");
+        assert_eq!(
+            fake.count(&manifest_path(REPO, tag)),
+            1,
+            "{tag}: a 200 is not retried"
+        );
+        let bound = a.request_bound() + SLACK;
+        assert!(elapsed <= bound, "{tag}: took {elapsed:?}, bound {bound:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 12. Circuit breaker
+
+#[tokio::test]
+async fn circuit_opens_skips_the_upstream_probes_after_cooldown_and_closes() {
+    let flaky = FaultyServer::start().await;
+    let backup = FaultyServer::start().await;
+    let manifests: Vec<(Bytes, String)> = (0..8)
+        .map(|i| {
+            let body = image_manifest(&format!("circuit-{i}"), 1);
+            let digest = flaky.put_manifest(REPO, None, OCI_MANIFEST, body.clone());
+            backup.put_manifest(REPO, None, OCI_MANIFEST, body.clone());
+            (body, digest)
+        })
+        .collect();
+    flaky.script_all([Act::status(503)]);
+    let cooldown = Duration::from_secs(2);
+    let a = Up::new("flaky", &flaky.url())
+        .retries(0)
+        .circuit(2, cooldown);
+    let b = Up::new("backup", &backup.url()).retries(0);
+    let service = Service::start(&config("", &[&a, &b]));
+    let mut client = service.client().await;
+    let fetch = |client: &mut UpstreamServiceClient<Channel>, i: usize, only: Option<&str>| {
+        let mut request = manifest_request(&manifests[i].1);
+        request.upstream = only.unwrap_or_default().to_string();
+        let mut client = client.clone();
+        async move { guard(client.fetch_manifest(request)).await }
+    };
+
+    // Two failures (each served by the backup) open the circuit.
+    for (i, (body, _)) in manifests.iter().enumerate().take(2) {
+        let response = fetch(&mut client, i, None)
+            .await
+            .expect("served by the backup")
+            .into_inner();
+        assert_eq!(response.manifest, body);
+        assert_eq!(response.source.expect("source").upstream, "backup");
+        assert_eq!(flaky.request_count(), i + 1);
+    }
+    let opened = Instant::now();
+    let (connections, requests) = (flaky.connections(), flaky.request_count());
+
+    // Open: the flaky upstream is skipped without a connection or request.
+    let response = fetch(&mut client, 2, None)
+        .await
+        .expect("served by the backup")
+        .into_inner();
+    assert_eq!(response.source.expect("source").upstream, "backup");
+    let status = expect_err(fetch(&mut client, 3, Some("flaky")).await);
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("circuit"),
+        "the message says the circuit is open: {status:?}"
+    );
+    assert_eq!(flaky.request_count(), requests, "no request while open");
+    assert_eq!(flaky.connections(), connections, "no connection while open");
+
+    // After the cooldown one probe goes through; it fails, so the circuit
+    // opens again at once.
+    let probe = wait_until_probe(&flaky, &mut client, &fetch, 3, requests, cooldown).await;
+    let status = probe.expect_err("the probe meets a 503");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        opened.elapsed() <= cooldown + SLACK,
+        "probed {:?} after opening, cooldown {cooldown:?}",
+        opened.elapsed()
+    );
+    let requests = flaky.request_count();
+    let status = expect_err(fetch(&mut client, 3, Some("flaky")).await);
+    assert!(status.message().contains("circuit"), "reopened: {status:?}");
+    assert_eq!(
+        flaky.request_count(),
+        requests,
+        "no request after a failed probe"
+    );
+    let reopened = Instant::now();
+
+    // The upstream recovers: the next probe succeeds and closes the circuit.
+    flaky.script_all([Act::Serve]);
+    let response = wait_until_probe(&flaky, &mut client, &fetch, 4, requests, cooldown)
+        .await
+        .expect("the probe succeeds");
+    assert_eq!(response.manifest, manifests[4].0);
+    assert_eq!(response.source.expect("source").upstream, "flaky");
+    assert!(
+        reopened.elapsed() <= cooldown + SLACK,
+        "probed {:?} after reopening, cooldown {cooldown:?}",
+        reopened.elapsed()
+    );
+    for (i, (body, _)) in manifests.iter().enumerate().skip(5) {
+        let before = flaky.request_count();
+        let response = fetch(&mut client, i, None)
+            .await
+            .expect("closed: served by the first upstream")
+            .into_inner();
+        assert_eq!(response.manifest, body);
+        assert_eq!(response.source.expect("source").upstream, "flaky");
+        assert_eq!(flaky.request_count(), before + 1);
+    }
+    assert_eq!(backup.count(&manifest_path(REPO, &manifests[4].1)), 0);
+}
+
+/// Calls manifest `i` on the flaky upstream alone until a request reaches
+/// it (the half-open probe); every call before that must be refused at once
+/// by the open circuit. Returns the probe call's result.
+async fn wait_until_probe<F, Fut>(
+    flaky: &FaultyServer,
+    client: &mut UpstreamServiceClient<Channel>,
+    fetch: &F,
+    i: usize,
+    requests_before: usize,
+    cooldown: Duration,
+) -> Result<oci_upstream::pb::FetchManifestResponse, tonic::Status>
+where
+    F: Fn(&mut UpstreamServiceClient<Channel>, usize, Option<&str>) -> Fut,
+    Fut: Future<
+        Output = Result<tonic::Response<oci_upstream::pb::FetchManifestResponse>, tonic::Status>,
+    >,
+{
+    let start = Instant::now();
+    loop {
+        let result = fetch(client, i, Some("flaky")).await;
+        let requests = flaky.request_count();
+        if requests > requests_before {
+            assert_eq!(requests, requests_before + 1, "exactly one probe");
+            return result.map(tonic::Response::into_inner);
+        }
+        let status = expect_err(result);
+        assert!(
+            status.message().contains("circuit"),
+            "refused by the open circuit: {status:?}"
+        );
+        assert!(
+            start.elapsed() <= cooldown + SLACK,
+            "no probe within {:?} of a {cooldown:?} cooldown",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls FetchManifest of `digest` on upstream `only` until it is OK, for at
+/// most `limit`; every refusal before that must come from the open circuit.
+async fn wait_until_ok_through_circuit(
+    client: &mut UpstreamServiceClient<Channel>,
+    digest: &str,
+    only: &str,
+    limit: Duration,
+) -> oci_upstream::pb::FetchManifestResponse {
+    let start = Instant::now();
+    loop {
+        let mut request = manifest_request(digest);
+        request.upstream = only.to_string();
+        match guard(client.fetch_manifest(request)).await {
+            Ok(response) => return response.into_inner(),
+            Err(status) => {
+                assert!(
+                    start.elapsed() <= limit,
+                    "the healthy upstream is still refused {:?} later: {status:?}",
+                    start.elapsed()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn circuit_probe_abandoned_by_its_caller_does_not_keep_the_circuit_open() {
+    let up = FaultyServer::start().await;
+    let manifests: Vec<(Bytes, String)> = (0..3)
+        .map(|i| {
+            let body = image_manifest(&format!("abandoned-probe-{i}"), 1);
+            let digest = up.put_manifest(REPO, None, OCI_MANIFEST, body.clone());
+            (body, digest)
+        })
+        .collect();
+    up.script_all([Act::status(503)]);
+    let cooldown = Duration::from_secs(1);
+    let a = Up::new("a", &up.url())
+        .retries(0)
+        .timeout(Duration::from_secs(30))
+        .circuit(1, cooldown);
+    let service = Service::start(&config("", &[&a]));
+    let mut client = service.client().await;
+
+    // One failure opens the circuit.
+    let status = expect_err(guard(client.fetch_manifest(manifest_request(&manifests[0].1))).await);
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(up.request_count(), 1);
+
+    // After the cooldown, the probe meets a hanging upstream and its caller
+    // goes away (the call is dropped after 300 ms).
+    up.script_all([Act::Hang]);
+    let start = Instant::now();
+    while up.request_count() < 2 {
+        assert!(
+            start.elapsed() <= cooldown + SLACK,
+            "no probe within {:?}",
+            start.elapsed()
+        );
+        let call = client.fetch_manifest(manifest_request(&manifests[1].1));
+        let _ = tokio::time::timeout(Duration::from_millis(300), call).await;
+    }
+    assert_eq!(up.request_count(), 2, "one probe");
+
+    // The upstream recovers. An abandoned probe must not leave the circuit
+    // half-open for ever: another probe goes through after the cooldown.
+    up.script_all([Act::Serve]);
+    let response =
+        wait_until_ok_through_circuit(&mut client, &manifests[2].1, "a", cooldown + SLACK).await;
+    assert_eq!(response.manifest, manifests[2].0);
+}
+
+#[tokio::test]
+async fn circuit_probe_made_by_a_blob_resume_is_counted() {
+    let up = FaultyServer::start().await;
+    let data = blob_bytes(2 * MIB, 30);
+    let digest = up.put_blob(REPO, data.clone());
+    let blob_at = blob_path(REPO, &digest);
+    up.script(&blob_at, [Act::StallAfter(Cut::Percent(50)), Act::Serve]);
+    let failing = image_manifest("resume-probe-failing", 1);
+    let failing_digest = up.put_manifest(REPO, None, OCI_MANIFEST, failing);
+    up.script(&manifest_path(REPO, &failing_digest), [Act::status(503)]);
+    let healthy = image_manifest("resume-probe-healthy", 1);
+    let healthy_digest = up.put_manifest(REPO, None, OCI_MANIFEST, healthy.clone());
+    let cooldown = Duration::from_secs(1);
+    // The stall is noticed after 3 s, past the cooldown of the circuit that
+    // the failing manifest opens meanwhile: the resume is the half-open probe.
+    let a = Up::new("a", &up.url())
+        .retries(0)
+        .timeout(Duration::from_secs(3))
+        .circuit(1, cooldown);
+    let service = Service::start(&config("", &[&a]));
+    let mut client = service.client().await;
+
+    let blob = tokio::spawn({
+        let mut client = client.clone();
+        let digest = digest.clone();
+        async move { fetch_blob(&mut client, &digest).await }
+    });
+    wait_until("the blob download to start", SLACK, || {
+        up.count(&blob_at) == 1
+    })
+    .await;
+    let status = expect_err(guard(client.fetch_manifest(manifest_request(&failing_digest))).await);
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    let outcome = guard(blob).await.expect("blob task");
+    outcome.assert_bytes(&data, "blob resumed through the circuit");
+    assert_eq!(up.count(&blob_at), 2, "resumed on the same upstream");
+
+    // The resume succeeded on the upstream: the circuit must not stay
+    // half-open (refusing everything) for ever.
+    let response =
+        wait_until_ok_through_circuit(&mut client, &healthy_digest, "a", cooldown + SLACK).await;
+    assert_eq!(response.manifest, healthy);
+}
+
+// ---------------------------------------------------------------------------
+// 13. Overload
+
+#[tokio::test]
+async fn overload_is_shed_with_resource_exhausted_at_once() {
+    let up = FaultyServer::start().await;
+    let slow: Vec<(Bytes, String)> = (0..2)
+        .map(|i| {
+            let data = blob_bytes(4 * MIB, 20 + i);
+            let digest = up.put_blob(REPO, data.clone());
+            (data, digest)
+        })
+        .collect();
+    // 160 KiB/s: above min_rate, and much longer than the test.
+    up.script_all([Act::Trickle {
+        fast: Cut::Bytes(0),
+        bytes: 16 * 1024,
+        every: Duration::from_millis(100),
+    }]);
+    let quick = image_manifest("overload", 1);
+    let quick_digest = up.put_manifest(REPO, None, OCI_MANIFEST, quick.clone());
+    up.script(&manifest_path(REPO, &quick_digest), [Act::Serve]);
+    let a = Up::new("a", &up.url());
+    let service = Service::start(&config("max_concurrent_rpcs = 2", &[&a]));
+    let client = service.client().await;
+
+    // Two slow streams in flight, each past its first data message.
+    let mut streams = Vec::new();
+    for (_, digest) in &slow {
+        let request = FetchBlobRequest {
+            repository: REPO.to_string(),
+            digest: digest.clone(),
+            ..Default::default()
+        };
+        let mut stream = guard(client.clone().fetch_blob(request))
+            .await
+            .expect("admitted")
+            .into_inner();
+        let mut got = 0;
+        while got == 0 {
+            let message = guard(stream.message())
+                .await
+                .expect("stream runs")
+                .expect("stream has messages");
+            got += message.data.len();
+        }
+        streams.push(stream);
+    }
+
+    let requests = up.request_count();
+    let started = Instant::now();
+    let status = expect_err(
+        guard(client.clone().head_blob(HeadBlobRequest {
+            repository: REPO.to_string(),
+            digest: slow[0].1.clone(),
+            ..Default::default()
+        }))
+        .await,
+    );
+    let elapsed = started.elapsed();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(
+        up.request_count(),
+        requests,
+        "shed before any upstream work"
+    );
+    // "At once": well within a single upstream timeout.
+    assert!(elapsed <= a.timeout + SLACK, "shedding took {elapsed:?}");
+
+    // When the streams' callers leave, their slots are free again.
+    drop(streams);
+    let start = Instant::now();
+    loop {
+        match guard(
+            client
+                .clone()
+                .fetch_manifest(manifest_request(&quick_digest)),
+        )
+        .await
+        {
+            Ok(response) => {
+                assert_eq!(response.into_inner().manifest, quick);
+                break;
+            }
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                assert!(
+                    start.elapsed() <= SLACK,
+                    "slots not released {:?} after the callers left",
+                    start.elapsed()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("unexpected {status:?}"),
+        }
+    }
+}

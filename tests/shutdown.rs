@@ -1,0 +1,311 @@
+//! Graceful shutdown of the real `oci-upstream` binary (issue 5): SIGTERM
+//! while slow FetchBlob streams are in flight. Health must turn NOT_SERVING
+//! at once while the streams still run, new calls must be refused with
+//! UNAVAILABLE, the streams must finish with correct bytes within the grace
+//! period, and the process must exit 0. With a grace period shorter than the
+//! streams, they are cut (never ended as if complete) and the process still
+//! exits 0, within the grace period plus a bounded margin. The slow streams
+//! come from the trickling upstream in `common/faulty.rs`, paced above the
+//! service's `min_rate` so that only the shutdown can end them early.
+
+mod common;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::Service;
+use common::faulty::{Act, Cut, FaultyServer, manifest_path, sha256_digest};
+use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
+use oci_upstream::pb::{FetchBlobRequest, FetchManifestRequest};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const REPO: &str = "team/app";
+const SERVICE_NAME: &str = "oci.upstream.v1.UpstreamService";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const KIB: usize = 1024;
+const MIB: usize = 1024 * KIB;
+/// Added to every bound derived from the configuration: room for process
+/// scheduling on a loaded 2-core CI machine. Never a speed claim.
+const SLACK: Duration = Duration::from_secs(5);
+/// After the grace period, the service gives connections this long to close
+/// (`CLOSE_MARGIN` in `src/app.rs`).
+const CLOSE_MARGIN: Duration = Duration::from_secs(2);
+/// Safety net so a hanging service fails the test instead of hanging the
+/// suite; never asserted as a bound.
+const HANG_GUARD: Duration = Duration::from_secs(120);
+
+/// Deterministic, incompressible-looking bytes.
+fn blob_bytes(len: usize, seed: u32) -> Bytes {
+    (0..len as u32)
+        .map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+fn config(shutdown_grace: &str, upstream_url: &str) -> String {
+    format!(
+        "shutdown_grace = \"{shutdown_grace}\"\n\n[cache]\nnegative_ttl = \"0s\"\n\n\
+         [[upstreams]]\nname = \"slow\"\nurl = \"{upstream_url}\"\n\
+         connect_timeout = \"1s\"\ntimeout = \"2s\"\nretries = 1\nretry_max_delay = \"1s\"\n"
+    )
+}
+
+/// Awaits `call`, failing the test if it hangs.
+async fn guard<T>(call: impl Future<Output = T>) -> T {
+    tokio::time::timeout(HANG_GUARD, call)
+        .await
+        .expect("answered within the hang guard")
+}
+
+/// What a FetchBlob stream delivered before it ended.
+#[derive(Debug, Default)]
+struct Outcome {
+    data: Vec<u8>,
+    /// The terminating status; `None` when the stream ended OK.
+    error: Option<tonic::Status>,
+}
+
+/// Starts a FetchBlob stream in a task; the receiver fires once the first
+/// data has arrived (the stream is active).
+fn start_stream(
+    client: &UpstreamServiceClient<Channel>,
+    digest: &str,
+) -> (JoinHandle<Outcome>, oneshot::Receiver<()>) {
+    let mut client = client.clone();
+    let request = FetchBlobRequest {
+        repository: REPO.to_string(),
+        digest: digest.to_string(),
+        ..Default::default()
+    };
+    let (active, is_active) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut active = Some(active);
+        let mut outcome = Outcome::default();
+        let mut stream = match client.fetch_blob(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                outcome.error = Some(status);
+                return outcome;
+            }
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(message)) => {
+                    outcome.data.extend_from_slice(&message.data);
+                    if !outcome.data.is_empty() {
+                        if let Some(active) = active.take() {
+                            let _ = active.send(());
+                        }
+                    }
+                }
+                Ok(None) => return outcome,
+                Err(status) => {
+                    outcome.error = Some(status);
+                    return outcome;
+                }
+            }
+        }
+    });
+    (task, is_active)
+}
+
+async fn health(client: &mut HealthClient<Channel>, service: &str) -> ServingStatus {
+    let response = guard(client.check(HealthCheckRequest {
+        service: service.to_string(),
+    }))
+    .await
+    .expect("health answers")
+    .into_inner();
+    ServingStatus::try_from(response.status).expect("a known serving status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_active_streams_then_exits_zero() {
+    let up = FaultyServer::start().await;
+    let blobs: Vec<(Bytes, String)> = (0..4)
+        .map(|i| {
+            let data = blob_bytes(3 * MIB, 100 + i);
+            let digest = up.put_blob(REPO, data.clone());
+            (data, digest)
+        })
+        .collect();
+    // 512 KiB/s per stream: eight times min_rate, six seconds per blob.
+    up.script_all([Act::Trickle {
+        fast: Cut::Bytes(0),
+        bytes: 64 * KIB,
+        every: Duration::from_millis(125),
+    }]);
+    let manifest: Bytes = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": sha256_digest(b"{}"),
+            "size": 2,
+        },
+        "layers": [],
+    }))
+    .expect("JSON serializes")
+    .into();
+    let manifest_digest = up.put_manifest(REPO, None, OCI_MANIFEST, manifest.clone());
+    let manifest_at = manifest_path(REPO, &manifest_digest);
+    up.script(&manifest_at, [Act::Serve]);
+    let grace = Duration::from_secs(20);
+    let mut service = Service::start(&config("20s", &up.url()));
+    let client = service.client().await;
+    let mut health_client = HealthClient::new(service.channel().await);
+    assert_eq!(health(&mut health_client, "").await, ServingStatus::Serving);
+
+    let mut streams = Vec::new();
+    for (_, digest) in &blobs {
+        let (task, active) = start_stream(&client, digest);
+        guard(active).await.expect("the stream delivers data");
+        streams.push(task);
+    }
+
+    service.terminate();
+    let terminated = Instant::now();
+
+    // Health turns NOT_SERVING at once, while every stream still runs.
+    loop {
+        if health(&mut health_client, "").await == ServingStatus::NotServing {
+            break;
+        }
+        assert!(
+            terminated.elapsed() <= SLACK,
+            "health still SERVING {:?} after SIGTERM",
+            terminated.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        health(&mut health_client, SERVICE_NAME).await,
+        ServingStatus::NotServing,
+        "per-service health"
+    );
+    assert_eq!(
+        up.bodies_completed(),
+        0,
+        "NOT_SERVING was observed while the upstream was still sending"
+    );
+    assert!(
+        streams.iter().all(|s| !s.is_finished()),
+        "NOT_SERVING was observed while every stream still ran"
+    );
+
+    // A new call is refused, without any upstream work.
+    let status = guard(client.clone().fetch_manifest(FetchManifestRequest {
+        repository: REPO.to_string(),
+        reference: manifest_digest.clone(),
+        ..Default::default()
+    }))
+    .await
+    .expect_err("a new call during the drain is refused");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(
+        up.count(&manifest_at),
+        0,
+        "refused before any upstream work"
+    );
+    assert!(
+        streams.iter().all(|s| !s.is_finished()),
+        "the refusal was observed while every stream still ran"
+    );
+
+    // Every stream completes with the right bytes.
+    for (task, (data, digest)) in streams.into_iter().zip(&blobs) {
+        let outcome = guard(task).await.expect("stream task");
+        assert!(
+            outcome.error.is_none(),
+            "stream of {digest} failed during the drain: {:?}",
+            outcome.error
+        );
+        assert_eq!(outcome.data.len(), data.len(), "length of {digest}");
+        assert_eq!(sha256_digest(&outcome.data), *digest, "bytes of {digest}");
+    }
+    let drained = Instant::now();
+    assert!(
+        drained - terminated <= grace,
+        "the streams took {:?}, longer than the grace period",
+        drained - terminated
+    );
+
+    // Then the process exits 0, without waiting out the grace period.
+    let status = tokio::task::block_in_place(|| service.wait_exit(grace + CLOSE_MARGIN + SLACK))
+        .unwrap_or_else(|| {
+            panic!(
+                "still running {:?} after SIGTERM; log:\n{}",
+                terminated.elapsed(),
+                service.logs()
+            )
+        });
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        drained.elapsed() <= SLACK,
+        "exited {:?} after the last stream ended",
+        drained.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_outlasting_a_short_grace_are_cut_and_the_process_exits_zero() {
+    let up = FaultyServer::start().await;
+    let blobs: Vec<(Bytes, String)> = (0..2)
+        .map(|i| {
+            let data = blob_bytes(8 * MIB, 200 + i);
+            let digest = up.put_blob(REPO, data.clone());
+            (data, digest)
+        })
+        .collect();
+    // 256 KiB/s: four times min_rate, 32 s per blob.
+    up.script_all([Act::Trickle {
+        fast: Cut::Bytes(0),
+        bytes: 64 * KIB,
+        every: Duration::from_millis(250),
+    }]);
+    let grace = Duration::from_secs(1);
+    let mut service = Service::start(&config("1s", &up.url()));
+    let client = service.client().await;
+
+    let mut streams = Vec::new();
+    for (_, digest) in &blobs {
+        let (task, active) = start_stream(&client, digest);
+        guard(active).await.expect("the stream delivers data");
+        streams.push(task);
+    }
+
+    service.terminate();
+    let terminated = Instant::now();
+    let limit = grace + CLOSE_MARGIN + SLACK;
+    let status = tokio::task::block_in_place(|| service.wait_exit(limit)).unwrap_or_else(|| {
+        panic!(
+            "still running {limit:?} after SIGTERM with a {grace:?} grace; log:\n{}",
+            service.logs()
+        )
+    });
+    let exited = terminated.elapsed();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(exited <= limit, "exited after {exited:?}, bound {limit:?}");
+
+    for (task, (data, digest)) in streams.into_iter().zip(&blobs) {
+        let outcome = guard(task).await.expect("stream task");
+        assert!(
+            outcome.data.len() < data.len(),
+            "the stream of {digest} cannot have finished in {exited:?}"
+        );
+        assert!(
+            outcome.error.is_some(),
+            "a cut stream must end with an error, not as if complete ({} of {} bytes)",
+            outcome.data.len(),
+            data.len()
+        );
+    }
+    assert_eq!(up.bodies_completed(), 0);
+}
