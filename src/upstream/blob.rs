@@ -18,7 +18,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -38,7 +38,7 @@ use crate::oci::{Digest, Repository};
 /// Largest data message (the contract allows up to 1 MiB).
 pub const CHUNK_SIZE: usize = 256 * 1024;
 /// Bytes gathered from the upstream before they are written and announced.
-const FLUSH_SIZE: usize = 64 * 1024;
+const FLUSH_SIZE: usize = CHUNK_SIZE;
 /// Messages buffered between a reader and its caller.
 const CHANNEL_DEPTH: usize = 4;
 
@@ -404,8 +404,11 @@ async fn fill(
     source: Resume,
 ) {
     let digest = source.digest.clone();
-    let state = match write_verified(&download, response, file, remote, &source).await {
-        Ok(()) => {
+    match write_verified(&download, response, file, remote, &source).await {
+        Ok(file) => {
+            // Readers may send their last bytes now; durability is the
+            // store's business and happens after.
+            download.finish(State::Verified);
             let store = cache.store.clone();
             let (path, size, holder) = (
                 download.path.clone(),
@@ -415,34 +418,40 @@ async fn fill(
             let committed = {
                 let digest = digest.clone();
                 tokio::task::spawn_blocking(move || {
+                    // Durable before it is renamed into the store.
+                    file.sync_data()
+                        .map_err(|e| crate::cache::CacheError::at(&path, e))?;
                     store.commit(&path, &digest, size, None, holder)
                 })
                 .await
             };
             match committed {
                 Ok(Ok(kept)) => tracing::debug!(%digest, kept, "blob verified"),
-                Ok(Err(e)) => tracing::warn!(%digest, error = %e, "verified blob not cached"),
+                Ok(Err(e)) => {
+                    tracing::warn!(%digest, error = %e, "verified blob not cached");
+                    let _ = std::fs::remove_file(&download.path);
+                }
                 Err(e) => tracing::error!(%digest, error = %e, "cache commit task failed"),
             }
-            // Readers hold the file open, so the bytes stay readable even if
-            // the commit failed.
-            State::Verified
+            forget(&cache, &download, &digest);
         }
         Err(e) => {
             let _ = std::fs::remove_file(&download.path);
-            State::Failed(e)
-        }
-    };
-    {
-        let mut downloads = cache.downloads.lock().unwrap_or_else(|e| e.into_inner());
-        if downloads
-            .get(digest.as_str())
-            .is_some_and(|d| Arc::ptr_eq(d, &download))
-        {
-            downloads.remove(digest.as_str());
+            forget(&cache, &download, &digest);
+            download.finish(State::Failed(e));
         }
     }
-    download.finish(state);
+}
+
+/// Removes a finished download from the in-flight map.
+fn forget(cache: &EngineCache, download: &Arc<Download<Error>>, digest: &Digest) {
+    let mut downloads = cache.downloads.lock().unwrap_or_else(|e| e.into_inner());
+    if downloads
+        .get(digest.as_str())
+        .is_some_and(|d| Arc::ptr_eq(d, download))
+    {
+        downloads.remove(digest.as_str());
+    }
 }
 
 /// What a download needs to resume elsewhere after a broken connection.
@@ -458,31 +467,21 @@ const RATE_WINDOW: Duration = Duration::from_secs(10);
 /// Resumes (HTTP Range requests) of one download before giving up.
 const MAX_RESUMES: u32 = 3;
 
-/// How one connection's body ended.
-enum BodyEnd {
-    /// The body ended (with all bytes, or fewer: the caller checks).
-    Complete,
-    /// The upstream sent more bytes than the blob's size.
-    TooLong,
-    /// The connection broke or stalled after some bytes; resume from there.
-    Broken(Fault),
-}
-
 /// Writes the blob to `file`, hashing as it goes, resuming with Range
 /// requests (same upstream first, then the others) when a connection breaks
 /// or stalls, and verifies the digest over the whole blob.
 async fn write_verified(
-    download: &Download<Error>,
+    download: &Arc<Download<Error>>,
     mut response: reqwest::Response,
-    mut file: File,
+    file: File,
     mut remote: Arc<Remote>,
     resume: &Resume,
-) -> Result<(), Error> {
+) -> Result<File, Error> {
     let digest = &resume.digest;
     let what = format!("blob `{digest}`");
     let size = download.size;
     let mut body = Body {
-        verifier: digest.algorithm().verifier(),
+        writer: Writer::start(file, digest, download.clone()),
         received: 0,
         skip: 0,
     };
@@ -495,11 +494,7 @@ async fn write_verified(
         )))
     };
     loop {
-        let end;
-        (file, end) = body
-            .pump(download, &mut response, file, &remote, &what)
-            .await?;
-        match end {
+        match body.pump(size, &mut response, &remote, &what).await? {
             BodyEnd::Complete if body.received == size => break,
             BodyEnd::Complete => {
                 return Err(integrity(
@@ -528,41 +523,45 @@ async fn write_verified(
             }
         }
     }
-    let computed = body.verifier.finish();
+    let (file, computed) = body.writer.finish().await?;
     if computed != *digest {
         return Err(integrity(&remote, format!("bytes that hash to {computed}")));
     }
-    // Durable before it is renamed into the store.
-    tokio::task::spawn_blocking(move || file.sync_data())
-        .await
-        .map_err(|e| Error::Cache(e.to_string()))?
-        .map_err(io_error)?;
-    Ok(())
+    Ok(file)
 }
 
 /// The running state of a download across connections.
 struct Body {
-    verifier: crate::oci::Verifier,
-    /// Bytes of the blob written to the file.
+    writer: Writer,
+    /// Bytes of the blob handed to the writer.
     received: u64,
     /// Leading bytes of the current response to drop (a resume answered
     /// with the whole blob).
     skip: u64,
 }
 
+/// How one connection's body ended.
+enum BodyEnd {
+    /// The body ended (with all bytes, or fewer: the caller checks).
+    Complete,
+    /// The upstream sent more bytes than the blob's size.
+    TooLong,
+    /// The connection broke or stalled after some bytes; resume from there.
+    Broken(Fault),
+}
+
 impl Body {
-    /// Moves one connection's body into the file: hashes and appends it in
-    /// batches and publishes progress. A transport error, an idle timeout or
-    /// a rate below `min_rate` over [`RATE_WINDOW`] ends it as broken.
+    /// Moves one connection's body to the writer in batches. A transport
+    /// error, an idle timeout or a rate below `min_rate` over
+    /// [`RATE_WINDOW`] ends it as broken.
     async fn pump(
         &mut self,
-        download: &Download<Error>,
+        size: u64,
         response: &mut reqwest::Response,
-        mut file: File,
         remote: &Remote,
         what: &str,
-    ) -> Result<(File, BodyEnd), Error> {
-        let mut batch = BytesMut::with_capacity(FLUSH_SIZE);
+    ) -> Result<BodyEnd, Error> {
+        let mut batch = Batch::default();
         let mut window_start = tokio::time::Instant::now();
         let mut window_bytes: u64 = 0;
         let min_in_window = remote.min_rate().saturating_mul(RATE_WINDOW.as_secs());
@@ -572,10 +571,9 @@ impl Body {
                 Ok(None) => break BodyEnd::Complete,
                 Err(e) => {
                     break BodyEnd::Broken(Fault::unavailable(format!(
-                        "upstream `{}` broke off {what} after {} of {} bytes: {}",
+                        "upstream `{}` broke off {what} after {} of {size} bytes: {}",
                         remote.name(),
-                        self.received + batch.len() as u64,
-                        download.size,
+                        self.received + batch.len,
                         describe(&e)
                     )));
                 }
@@ -597,23 +595,81 @@ impl Body {
                 self.skip -= n;
                 let _ = chunk.split_to(n as usize);
             }
-            if self.received + (batch.len() + chunk.len()) as u64 > download.size {
+            if self.received + batch.len + chunk.len() as u64 > size {
                 break BodyEnd::TooLong;
             }
-            self.verifier.update(&chunk);
-            batch.extend_from_slice(&chunk);
-            if batch.len() >= FLUSH_SIZE {
-                self.received += batch.len() as u64;
-                file = write_at_end(file, batch.split().freeze()).await?;
-                download.advance(self.received);
+            batch.push(chunk);
+            if batch.len >= FLUSH_SIZE as u64 {
+                self.received += batch.len;
+                self.writer.write(batch.take()).await?;
             }
         };
-        if !batch.is_empty() && !matches!(end, BodyEnd::TooLong) {
-            self.received += batch.len() as u64;
-            file = write_at_end(file, batch.split().freeze()).await?;
-            download.advance(self.received);
+        if batch.len > 0 && !matches!(end, BodyEnd::TooLong) {
+            self.received += batch.len;
+            self.writer.write(batch.take()).await?;
         }
-        Ok((file, end))
+        Ok(end)
+    }
+}
+
+/// Batches the writer may hold before the reading side waits.
+const WRITER_DEPTH: usize = 4;
+
+/// Hashes and writes a download on a blocking thread, so the socket keeps
+/// being read while earlier bytes are hashed and written; publishes progress
+/// as batches land in the file.
+struct Writer {
+    batches: mpsc::Sender<Vec<Bytes>>,
+    done: tokio::task::JoinHandle<std::io::Result<(File, crate::oci::Verifier)>>,
+}
+
+impl Writer {
+    fn start(mut file: File, digest: &Digest, download: Arc<Download<Error>>) -> Self {
+        let (batches, mut rx) = mpsc::channel::<Vec<Bytes>>(WRITER_DEPTH);
+        let mut verifier = digest.algorithm().verifier();
+        let done = tokio::task::spawn_blocking(move || {
+            let mut written = 0;
+            while let Some(batch) = rx.blocking_recv() {
+                for chunk in &batch {
+                    verifier.update(chunk);
+                    file.write_all(chunk)?;
+                    written += chunk.len() as u64;
+                }
+                download.advance(written);
+            }
+            Ok((file, verifier))
+        });
+        Self { batches, done }
+    }
+
+    /// Hands a batch to the writer (waits while it is [`WRITER_DEPTH`]
+    /// batches behind).
+    async fn write(&mut self, batch: Vec<Bytes>) -> Result<(), Error> {
+        if self.batches.send(batch).await.is_err() {
+            // The writer stopped: its error is reported by `finish`.
+            return Err(self.stopped().await);
+        }
+        Ok(())
+    }
+
+    async fn stopped(&mut self) -> Error {
+        match (&mut self.done).await {
+            Ok(Err(e)) => io_error(e),
+            Ok(Ok(_)) => Error::Cache("the download writer stopped early".to_owned()),
+            Err(e) => Error::Cache(format!("the download writer failed: {e}")),
+        }
+    }
+
+    /// Waits for every batch to be hashed and written; the file and the
+    /// digest of everything written.
+    async fn finish(self) -> Result<(File, Digest), Error> {
+        let Writer { batches, done } = self;
+        drop(batches);
+        match done.await {
+            Ok(Ok((file, verifier))) => Ok((file, verifier.finish())),
+            Ok(Err(e)) => Err(io_error(e)),
+            Err(e) => Err(Error::Cache(format!("the download writer failed: {e}"))),
+        }
     }
 }
 
@@ -689,12 +745,24 @@ fn content_range_start(headers: &reqwest::header::HeaderMap, size: u64) -> Optio
     (last + 1 == size).then_some(first)
 }
 
-/// Appends `bytes` to `file` on the blocking pool, handing the file back.
-async fn write_at_end(mut file: File, bytes: Bytes) -> Result<File, Error> {
-    tokio::task::spawn_blocking(move || file.write_all(&bytes).map(|()| file))
-        .await
-        .map_err(|e| Error::Cache(e.to_string()))?
-        .map_err(|e| Error::Cache(format!("cannot write a download: {e}")))
+/// Chunks received from the upstream and not yet written, kept as they came
+/// (no copy into one buffer).
+#[derive(Default)]
+struct Batch {
+    chunks: Vec<Bytes>,
+    len: u64,
+}
+
+impl Batch {
+    fn push(&mut self, chunk: Bytes) {
+        self.len += chunk.len() as u64;
+        self.chunks.push(chunk);
+    }
+
+    fn take(&mut self) -> Vec<Bytes> {
+        self.len = 0;
+        std::mem::take(&mut self.chunks)
+    }
 }
 
 /// Reads `len` bytes at `offset` on the blocking pool, handing the file back.
