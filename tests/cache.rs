@@ -333,6 +333,20 @@ fn config(cache: &str, upstreams: &str) -> String {
 
 // ---------------------------------------------------------------------------
 // Disk store inspection (layout: objects/<alg>/<hex> + .meta, tmp/).
+
+/// Polls `check` for up to 20 s. A verified blob reaches its callers before
+/// it is synced and renamed into the store, so the store catches up a moment
+/// after a fetch returns.
+async fn eventually(check: impl Fn() -> bool) -> bool {
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check() {
+        if tokio::time::Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
 // ---------------------------------------------------------------------------
 
 fn object_file(cache_dir: &Path, digest: &str) -> PathBuf {
@@ -490,7 +504,12 @@ async fn hit_survives_a_restart_on_the_same_cache_dir() {
         "first FetchManifest is a miss"
     );
     drop(client);
-    service.kill();
+    // A graceful stop lets verified downloads land in the store first.
+    service.terminate();
+    let status = service
+        .wait_exit(Duration::from_secs(30))
+        .expect("the service exits after SIGTERM");
+    assert!(status.success(), "exit status after SIGTERM: {status}");
 
     let before = proxy.total();
     let service = Service::start_with_env(&toml, &env);
@@ -643,7 +662,7 @@ async fn eviction_keeps_the_store_under_max_size_while_an_evicted_blob_streams()
         "cold big blob"
     );
     assert!(
-        object_file(&cache_dir, &big.digest).is_file(),
+        eventually(|| object_file(&cache_dir, &big.digest).is_file()).await,
         "the big blob is in the store after its first fetch"
     );
 
@@ -688,7 +707,7 @@ async fn eviction_keeps_the_store_under_max_size_while_an_evicted_blob_streams()
         );
     }
     assert!(
-        !object_file(&cache_dir, &big.digest).exists(),
+        eventually(|| !object_file(&cache_dir, &big.digest).exists()).await,
         "premise: fetching 96 MiB more into a 100 MiB store evicts the big blob (least recently used)"
     );
     let heads = proxy.count("HEAD", &blob_path(repo, &big.digest));

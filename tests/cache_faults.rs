@@ -395,6 +395,12 @@ async fn sigkill_mid_download_leaves_no_object_and_the_blob_is_fetched_again() {
         "once fully fetched the blob is cached"
     );
     assert_eq!(slow.blob_gets(), 2, "a hit makes no upstream GET");
+    // The store is written after the caller has its verified bytes (the
+    // sync into the store is not on the caller's path): poll, bounded.
+    let committed = Instant::now() + Duration::from_secs(20);
+    while !object.is_file() && Instant::now() < committed {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(object.is_file(), "the refetched blob is in the store");
 }
 

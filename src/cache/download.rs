@@ -1,11 +1,16 @@
 //! A blob download in flight, shared by every caller that wants the blob.
-//! The downloader appends verified-so-far bytes to a temp file and publishes
-//! how many are written; readers open the same file and follow the progress,
-//! so a caller that joins late gets the bytes already written and then the
-//! live ones. The final state tells readers whether the digest passed.
+//! The downloader appends bytes to a temp file and publishes how many are
+//! written, keeping the last few batches in memory; readers follow the
+//! progress, taking bytes from those batches while they keep up and from the
+//! file when they are behind, so a caller that joins late gets the bytes
+//! already written and then the live ones. The final state tells readers
+//! whether the digest passed.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
+use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::Holder;
@@ -40,7 +45,13 @@ pub struct Download<E> {
     /// The upstream and repository it comes from.
     pub holder: Holder,
     progress: watch::Sender<Progress<E>>,
+    /// The last batches written, with their offsets, so readers keeping up
+    /// with the download take them from memory instead of the file.
+    recent: Mutex<VecDeque<(u64, Bytes)>>,
 }
+
+/// Batches kept in memory per download.
+const RECENT_BATCHES: usize = 8;
 
 impl<E: Clone> Download<E> {
     /// A download of `size` bytes into `path` from `holder`.
@@ -54,6 +65,7 @@ impl<E: Clone> Download<E> {
             size,
             holder,
             progress,
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_BATCHES)),
         }
     }
 
@@ -62,19 +74,35 @@ impl<E: Clone> Download<E> {
         self.progress.subscribe()
     }
 
-    /// Publishes that `written` bytes are in the file.
-    pub fn advance(&self, written: u64) {
+    /// Publishes that `bytes` are in the file at `offset` (right after the
+    /// bytes published before).
+    pub fn append(&self, offset: u64, bytes: Bytes) {
+        let written = offset + bytes.len() as u64;
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            if recent.len() == RECENT_BATCHES {
+                recent.pop_front();
+            }
+            recent.push_back((offset, bytes));
+        }
         self.progress.send_modify(|p| p.written = written);
+    }
+
+    /// Up to `max` bytes at `position` from the recent batches, if they are
+    /// still there (no copy: a slice of the batch).
+    pub fn recent(&self, position: u64, max: usize) -> Option<Bytes> {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let (offset, bytes) = recent.iter().find(|(offset, bytes)| {
+            *offset <= position && position < offset + bytes.len() as u64
+        })?;
+        let from = usize::try_from(position - offset).ok()?;
+        let to = bytes.len().min(from.saturating_add(max));
+        Some(bytes.slice(from..to))
     }
 
     /// Publishes the final state.
     pub fn finish(&self, state: State<E>) {
         self.progress.send_modify(|p| p.state = state);
-    }
-
-    /// True while no reader follows the download.
-    pub fn unwatched(&self) -> bool {
-        self.progress.receiver_count() == 0
     }
 }
 
@@ -87,4 +115,30 @@ pub fn complete<E: Clone>(size: u64) -> watch::Receiver<Progress<E>> {
     });
     drop(tx);
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_batches_are_sliced_without_copies() {
+        let holder = Holder {
+            upstream: "a".into(),
+            repository: "r".into(),
+        };
+        let d: Download<()> = Download::new(PathBuf::from("/nonexistent"), 100, holder);
+        let rx = d.subscribe();
+        d.append(0, Bytes::from_static(b"0123456789"));
+        d.append(10, Bytes::from_static(b"abcdefghij"));
+        assert_eq!(rx.borrow().written, 20);
+        assert_eq!(d.recent(3, 4).unwrap(), Bytes::from_static(b"3456"));
+        assert_eq!(d.recent(8, 100).unwrap(), Bytes::from_static(b"89"));
+        assert_eq!(d.recent(12, 100).unwrap(), Bytes::from_static(b"cdefghij"));
+        assert!(d.recent(20, 1).is_none());
+        for i in 2..(2 + RECENT_BATCHES as u64) {
+            d.append(i * 10, Bytes::from_static(b"xxxxxxxxxx"));
+        }
+        assert!(d.recent(0, 1).is_none(), "the oldest batches are dropped");
+    }
 }

@@ -74,6 +74,8 @@ struct Index {
     order: BTreeMap<u64, String>,
     tick: u64,
     total: u64,
+    /// Bytes of commits under way (room made, not yet indexed).
+    reserved: u64,
 }
 
 impl Index {
@@ -267,34 +269,19 @@ impl Store {
             self.add_holder(digest, holder)?;
             return Ok(true);
         }
-        let meta = Meta {
-            size,
-            media_type: media_type.map(|m| m.to_string()),
-            holders: vec![holder],
-        };
-        let dir = self.objects.join(digest.algorithm().name());
-        fs::create_dir_all(&dir).map_err(|e| CacheError::at(&dir, e))?;
-        self.write_meta(digest, &meta)?;
-        let data = self.path(digest);
-        fs::rename(temp, &data).map_err(|e| CacheError::at(&data, e))?;
+        // Make room first (space is reserved under the lock, so concurrent
+        // commits cannot overshoot together), so the directory never holds
+        // more than max_size.
         let evicted = {
             let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
             let mut evicted = Vec::new();
-            while index.total + size > self.max_size {
+            while index.total + index.reserved + size > self.max_size {
                 match index.pop_oldest() {
                     Some(d) => evicted.push(d),
                     None => break,
                 }
             }
-            index.insert(
-                digest.to_string(),
-                Entry {
-                    size,
-                    media_type: meta.media_type,
-                    holders: meta.holders,
-                    tick: 0,
-                },
-            );
+            index.reserved += size;
             evicted
         };
         for d in evicted {
@@ -305,7 +292,34 @@ impl Store {
                 let _ = fs::remove_file(self.path(&d));
             }
         }
+        let meta = Meta {
+            size,
+            media_type: media_type.map(|m| m.to_string()),
+            holders: vec![holder],
+        };
+        let placed = self.place(temp, digest, &meta);
+        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        index.reserved -= size;
+        placed?;
+        index.insert(
+            digest.to_string(),
+            Entry {
+                size,
+                media_type: meta.media_type,
+                holders: meta.holders,
+                tick: 0,
+            },
+        );
         Ok(true)
+    }
+
+    /// Renames the `.meta`, then the bytes, into place.
+    fn place(&self, temp: &Path, digest: &Digest, meta: &Meta) -> Result<(), CacheError> {
+        let dir = self.objects.join(digest.algorithm().name());
+        fs::create_dir_all(&dir).map_err(|e| CacheError::at(&dir, e))?;
+        self.write_meta(digest, meta)?;
+        let data = self.path(digest);
+        fs::rename(temp, &data).map_err(|e| CacheError::at(&data, e))
     }
 
     /// Writes a small object (a manifest) straight into the store.

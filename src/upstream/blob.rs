@@ -18,7 +18,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -135,26 +135,27 @@ impl Engine {
         let origin = self
             .blob_origin(&candidates, &req.repository, &req.digest)
             .await?;
-        let (file, size, progress, source) = match origin {
+        let (file, size, progress, download, source) = match origin {
             Origin::Stored {
                 file,
                 size,
                 upstream,
-            } => (file, size, complete(size), Source::cached(&upstream)),
+            } => (file, size, complete(size), None, Source::cached(&upstream)),
             Origin::Download {
                 file,
                 download,
                 progress,
                 upstream,
-            } => (
-                file,
-                download.size,
-                progress,
-                Source {
+            } => {
+                // A download that already passed its digest is being synced
+                // into the store: its bytes are local, so this is a hit.
+                let cache_hit = matches!(progress.borrow().state, State::Verified);
+                let source = Source {
                     upstream,
-                    cache_hit: false,
-                },
-            ),
+                    cache_hit,
+                };
+                (file, download.size, progress, Some(download), source)
+            }
         };
         let BlobRange { offset, length } = req.range;
         if offset > size {
@@ -167,7 +168,7 @@ impl Engine {
         let end = length.map_or(size, |len| offset.saturating_add(len).min(size));
         tracing::debug!(cache_hit = source.cache_hit, upstream = %source.upstream, size, "streaming blob");
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-        tokio::spawn(read_range(file, progress, offset, end, tx));
+        tokio::spawn(read_range(file, progress, download, offset, end, tx));
         Ok(BlobStream {
             info: BlobInfo {
                 digest: req.digest,
@@ -194,6 +195,19 @@ impl Engine {
                 return Ok(Some(BlobMeta {
                     digest: digest.clone(),
                     size: object.size,
+                    source: Source::cached(remote.name()),
+                }));
+            }
+        }
+        // Verified and on its way into the store.
+        if let Some(download) = self.in_flight(digest) {
+            let verified = matches!(download.subscribe().borrow().state, State::Verified);
+            let holder = std::slice::from_ref(&download.holder);
+            if let Some(remote) = known_holder(&candidates, repository, holder).filter(|_| verified)
+            {
+                return Ok(Some(BlobMeta {
+                    digest: digest.clone(),
+                    size: download.size,
                     source: Source::cached(remote.name()),
                 }));
             }
@@ -271,6 +285,25 @@ impl Engine {
         )?;
         let upstream = remote.name().to_owned();
         self.join(download, upstream)
+    }
+
+    /// Waits until no verified download is still on its way into the store,
+    /// so a graceful stop does not lose what callers already received.
+    /// Downloads still receiving bytes are not waited for.
+    pub async fn settle(&self) {
+        loop {
+            let committing = self
+                .cache
+                .downloads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .any(|d| matches!(d.subscribe().borrow().state, State::Verified));
+            if !committing {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn in_flight(&self, digest: &Digest) -> Option<Arc<Download<Error>>> {
@@ -481,7 +514,8 @@ async fn write_verified(
     let what = format!("blob `{digest}`");
     let size = download.size;
     let mut body = Body {
-        writer: Writer::start(file, digest, download.clone()),
+        writer: Writer::start(file, download.clone()),
+        verifier: digest.algorithm().verifier(),
         received: 0,
         skip: 0,
     };
@@ -523,7 +557,8 @@ async fn write_verified(
             }
         }
     }
-    let (file, computed) = body.writer.finish().await?;
+    let file = body.writer.finish().await?;
+    let computed = body.verifier.finish();
     if computed != *digest {
         return Err(integrity(&remote, format!("bytes that hash to {computed}")));
     }
@@ -533,6 +568,7 @@ async fn write_verified(
 /// The running state of a download across connections.
 struct Body {
     writer: Writer,
+    verifier: crate::oci::Verifier,
     /// Bytes of the blob handed to the writer.
     received: u64,
     /// Leading bytes of the current response to drop (a resume answered
@@ -598,6 +634,7 @@ impl Body {
             if self.received + batch.len + chunk.len() as u64 > size {
                 break BodyEnd::TooLong;
             }
+            self.verifier.update(&chunk);
             batch.push(chunk);
             if batch.len >= FLUSH_SIZE as u64 {
                 self.received += batch.len;
@@ -615,29 +652,27 @@ impl Body {
 /// Batches the writer may hold before the reading side waits.
 const WRITER_DEPTH: usize = 4;
 
-/// Hashes and writes a download on a blocking thread, so the socket keeps
-/// being read while earlier bytes are hashed and written; publishes progress
-/// as batches land in the file.
+/// Writes a download on a blocking thread, so the socket keeps being read
+/// (and hashed) while earlier bytes are written; publishes progress as
+/// batches land in the file.
 struct Writer {
     batches: mpsc::Sender<Vec<Bytes>>,
-    done: tokio::task::JoinHandle<std::io::Result<(File, crate::oci::Verifier)>>,
+    done: tokio::task::JoinHandle<std::io::Result<File>>,
 }
 
 impl Writer {
-    fn start(mut file: File, digest: &Digest, download: Arc<Download<Error>>) -> Self {
+    fn start(mut file: File, download: Arc<Download<Error>>) -> Self {
         let (batches, mut rx) = mpsc::channel::<Vec<Bytes>>(WRITER_DEPTH);
-        let mut verifier = digest.algorithm().verifier();
         let done = tokio::task::spawn_blocking(move || {
             let mut written = 0;
             while let Some(batch) = rx.blocking_recv() {
-                for chunk in &batch {
-                    verifier.update(chunk);
-                    file.write_all(chunk)?;
-                    written += chunk.len() as u64;
-                }
-                download.advance(written);
+                let bytes = contiguous(batch);
+                file.write_all(&bytes)?;
+                let len = bytes.len() as u64;
+                download.append(written, bytes);
+                written += len;
             }
-            Ok((file, verifier))
+            Ok(file)
         });
         Self { batches, done }
     }
@@ -646,27 +681,22 @@ impl Writer {
     /// batches behind).
     async fn write(&mut self, batch: Vec<Bytes>) -> Result<(), Error> {
         if self.batches.send(batch).await.is_err() {
-            // The writer stopped: its error is reported by `finish`.
-            return Err(self.stopped().await);
+            // The writer stopped on an error; report it.
+            return Err(match (&mut self.done).await {
+                Ok(Err(e)) => io_error(e),
+                Ok(Ok(_)) => Error::Cache("the download writer stopped early".to_owned()),
+                Err(e) => Error::Cache(format!("the download writer failed: {e}")),
+            });
         }
         Ok(())
     }
 
-    async fn stopped(&mut self) -> Error {
-        match (&mut self.done).await {
-            Ok(Err(e)) => io_error(e),
-            Ok(Ok(_)) => Error::Cache("the download writer stopped early".to_owned()),
-            Err(e) => Error::Cache(format!("the download writer failed: {e}")),
-        }
-    }
-
-    /// Waits for every batch to be hashed and written; the file and the
-    /// digest of everything written.
-    async fn finish(self) -> Result<(File, Digest), Error> {
+    /// Waits for every batch to be written; the file.
+    async fn finish(self) -> Result<File, Error> {
         let Writer { batches, done } = self;
         drop(batches);
         match done.await {
-            Ok(Ok((file, verifier))) => Ok((file, verifier.finish())),
+            Ok(Ok(file)) => Ok(file),
             Ok(Err(e)) => Err(io_error(e)),
             Err(e) => Err(Error::Cache(format!("the download writer failed: {e}"))),
         }
@@ -765,6 +795,19 @@ impl Batch {
     }
 }
 
+/// One buffer for a batch: the chunk itself when there is one, else the
+/// chunks copied together (readers then get whole messages from memory).
+fn contiguous(mut batch: Vec<Bytes>) -> Bytes {
+    if batch.len() == 1 {
+        return batch.pop().unwrap_or_default();
+    }
+    let mut joined = BytesMut::with_capacity(batch.iter().map(Bytes::len).sum());
+    for chunk in &batch {
+        joined.extend_from_slice(chunk);
+    }
+    joined.freeze()
+}
+
 /// Reads `len` bytes at `offset` on the blocking pool, handing the file back.
 async fn read_at(file: File, offset: u64, len: usize) -> Result<(File, Bytes), Error> {
     tokio::task::spawn_blocking(move || {
@@ -782,6 +825,7 @@ async fn read_at(file: File, offset: u64, len: usize) -> Result<(File, Bytes), E
 async fn read_range(
     mut file: File,
     mut progress: watch::Receiver<Progress<Error>>,
+    download: Option<Arc<Download<Error>>>,
     start: u64,
     end: u64,
     tx: mpsc::Sender<Result<BlobChunk, Error>>,
@@ -803,14 +847,21 @@ async fn read_range(
             let len = usize::try_from(available - position)
                 .unwrap_or(CHUNK_SIZE)
                 .min(CHUNK_SIZE);
-            let data;
-            (file, data) = match read_at(file, position, len).await {
-                Ok(read) => read,
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
+            let data = match download.as_ref().and_then(|d| d.recent(position, len)) {
+                Some(data) => data,
+                None => {
+                    let data;
+                    (file, data) = match read_at(file, position, len).await {
+                        Ok(read) => read,
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    };
+                    data
                 }
             };
+            let len = data.len();
             let chunk = BlobChunk {
                 offset: position,
                 data,
