@@ -36,11 +36,11 @@ use crate::cache::{Download, Progress, State};
 use crate::oci::{Digest, Repository};
 
 /// Largest data message (the contract allows up to 1 MiB).
-pub const CHUNK_SIZE: usize = 256 * 1024;
+pub const CHUNK_SIZE: usize = 128 * 1024;
 /// Bytes gathered from the upstream before they are written and announced.
-const FLUSH_SIZE: usize = CHUNK_SIZE;
+const FLUSH_SIZE: usize = 256 * 1024;
 /// Messages buffered between a reader and its caller.
-const CHANNEL_DEPTH: usize = 4;
+const CHANNEL_DEPTH: usize = 2;
 
 /// A byte range of a blob: from `offset`, at most `length` bytes (`None`:
 /// to the end).
