@@ -547,7 +547,7 @@ fn location(base: &str, resp: &reqwest::Response) -> url::Url {
 }
 
 /// Writes a bcrypt htpasswd file with `htpasswd -Bbn USER PASSWORD`.
-fn write_htpasswd(dir: &Path, user: &str, password: &str) -> PathBuf {
+pub fn write_htpasswd(dir: &Path, user: &str, password: &str) -> PathBuf {
     let bin = super::require_binary(
         "htpasswd",
         &["/usr/bin/htpasswd"],

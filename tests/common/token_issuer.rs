@@ -822,22 +822,7 @@ async fn spawn_registry(
 /// Writes `DIR/htpasswd` (bcrypt, via `htpasswd -Bbn`) and returns the
 /// registry's `auth:` section for it.
 fn htpasswd_auth(dir: &Path, user: &str, password: &str) -> String {
-    let bin = super::require_binary(
-        "htpasswd",
-        &["/usr/bin/htpasswd"],
-        "apt-get install -y apache2-utils",
-    );
-    let out = Command::new(bin)
-        .args(["-Bbn", user, password])
-        .output()
-        .expect("run htpasswd");
-    assert!(
-        out.status.success(),
-        "htpasswd failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = dir.join("htpasswd");
-    std::fs::write(&path, &out.stdout).expect("write htpasswd file");
+    let path = super::registry::write_htpasswd(dir, user, password);
     format!(
         "auth:\n  htpasswd:\n    realm: test-registry\n    path: {}\n",
         path.display()
