@@ -177,6 +177,10 @@ pub struct UpstreamConfig {
     /// How long the circuit stays open before a probe.
     #[serde(default = "default_circuit_cooldown", with = "humantime_serde")]
     pub circuit_cooldown: Duration,
+    /// Most requests (hence connections) open to this upstream at once; a
+    /// blob download holds one for its whole body.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
     /// Extra hosts allowed as token realms.
     #[serde(default)]
     pub realm_hosts: Vec<String>,
@@ -212,6 +216,9 @@ fn default_retry_max_delay() -> Duration {
 fn default_circuit_failures() -> u32 {
     5
 }
+fn default_max_connections() -> usize {
+    32
+}
 fn default_circuit_cooldown() -> Duration {
     Duration::from_secs(30)
 }
@@ -234,6 +241,7 @@ impl UpstreamConfig {
             retry_max_delay: default_retry_max_delay(),
             circuit_failures: default_circuit_failures(),
             circuit_cooldown: default_circuit_cooldown(),
+            max_connections: default_max_connections(),
             realm_hosts: Vec::new(),
             proxy: None,
             auth: AuthConfig::Anonymous,
@@ -426,6 +434,12 @@ impl Config {
                 if d.is_zero() {
                     return Err(ConfigError::invalid(field(key), "must be more than 0"));
                 }
+            }
+            if up.max_connections == 0 {
+                return Err(ConfigError::invalid(
+                    field("max_connections"),
+                    "must be at least 1",
+                ));
             }
             validate_auth(&up.auth, &field)?;
         }

@@ -60,6 +60,7 @@ struct Up {
     circuit_failures: u32,
     circuit_cooldown: Duration,
     min_rate: Option<String>,
+    max_connections: Option<usize>,
 }
 
 impl Up {
@@ -76,7 +77,13 @@ impl Up {
             circuit_failures: 1000,
             circuit_cooldown: Duration::from_secs(2),
             min_rate: None,
+            max_connections: None,
         }
+    }
+
+    fn max_connections(mut self, limit: usize) -> Up {
+        self.max_connections = Some(limit);
+        self
     }
 
     fn retries(mut self, retries: u32) -> Up {
@@ -117,6 +124,9 @@ impl Up {
         );
         if let Some(rate) = &self.min_rate {
             text.push_str(&format!("min_rate = \"{rate}\"\n"));
+        }
+        if let Some(limit) = self.max_connections {
+            text.push_str(&format!("max_connections = {limit}\n"));
         }
         text
     }
@@ -1480,5 +1490,81 @@ async fn overload_is_shed_with_resource_exhausted_at_once() {
             }
             Err(status) => panic!("unexpected {status:?}"),
         }
+    }
+}
+
+/// `max_connections` bounds the requests open to one upstream: a blob
+/// download holds a slot for its whole body, so with a limit of 1 another
+/// request waits at most the upstream's `timeout` for a slot and then fails
+/// without reaching the upstream; with a limit of 2 it goes through.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_per_upstream_are_bounded() {
+    let up = FaultyServer::start().await;
+    let data = blob_bytes(4 * MIB, 40);
+    let digest = up.put_blob(REPO, data);
+    // 160 KiB/s: above min_rate, and much longer than the test.
+    let trickle = || Act::Trickle {
+        fast: Cut::Bytes(0),
+        bytes: 16 * 1024,
+        every: Duration::from_millis(100),
+    };
+    up.script(&blob_path(REPO, &digest), [trickle(), trickle()]);
+    let quick = image_manifest("bounded", 1);
+    let quick_digest = up.put_manifest(REPO, None, OCI_MANIFEST, quick.clone());
+
+    for limit in [1, 2] {
+        let a = Up::new("a", &up.url()).retries(0).max_connections(limit);
+        let service = Service::start(&config("", &[&a]));
+        let client = service.client().await;
+        let request = FetchBlobRequest {
+            repository: REPO.to_string(),
+            digest: digest.clone(),
+            ..Default::default()
+        };
+        let mut stream = guard(client.clone().fetch_blob(request))
+            .await
+            .expect("the download starts")
+            .into_inner();
+        let mut got = 0;
+        while got == 0 {
+            let message = guard(stream.message())
+                .await
+                .expect("stream runs")
+                .expect("stream has messages");
+            got += message.data.len();
+        }
+
+        let requests = up.request_count();
+        let started = Instant::now();
+        let result = guard(
+            client
+                .clone()
+                .fetch_manifest(manifest_request(&quick_digest)),
+        )
+        .await;
+        let elapsed = started.elapsed();
+        if limit == 1 {
+            let status = expect_err(result);
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            assert!(
+                status.message().contains("max_connections"),
+                "the message names the limit: {status:?}"
+            );
+            assert_eq!(
+                up.request_count(),
+                requests,
+                "no request beyond the limit reached the upstream"
+            );
+            assert!(
+                elapsed <= a.timeout + SLACK,
+                "waited {elapsed:?} for a slot, bound {:?}",
+                a.timeout + SLACK
+            );
+        } else {
+            let response = result.expect("a second slot serves the manifest");
+            assert_eq!(response.into_inner().manifest, quick);
+            assert_eq!(up.request_count(), requests + 1);
+        }
+        drop(stream);
     }
 }

@@ -548,6 +548,8 @@ async fn write_verified(
                 }
                 resumes += 1;
                 tracing::info!(%fault, received = body.received, size, "blob transfer broke off; resuming");
+                // Frees its connection slot before the resume takes one.
+                drop(response);
                 (remote, response, body.skip) = reopen(&remote, resume, body.received, size)
                     .await
                     .map_err(|mut faults| {

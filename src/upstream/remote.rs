@@ -4,6 +4,7 @@
 //! OCI URLs and headers are built in [`super::registry`].
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use reqwest::header::{
 };
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use url::Url;
 
 use super::auth::{BasicAuth, Challenge, Credentials, Resolved, Secret, parse_challenges};
@@ -91,6 +93,9 @@ pub struct Remote {
     retry_max_delay: Duration,
     min_rate: u64,
     circuit: Circuit,
+    /// Permits for requests in flight (see [`ConnectionPermit`]).
+    connections: Arc<Semaphore>,
+    max_connections: usize,
     realm_hosts: Vec<String>,
     http: reqwest::Client,
     /// For token requests: follows only redirects that the realm policy allows.
@@ -159,6 +164,8 @@ impl Remote {
             retry_max_delay: config.retry_max_delay,
             min_rate: config.min_rate.0,
             circuit: Circuit::new(config.circuit_failures, config.circuit_cooldown),
+            connections: Arc::new(Semaphore::new(config.max_connections)),
+            max_connections: config.max_connections,
             realm_hosts,
             http,
             token_http,
@@ -219,9 +226,24 @@ impl Remote {
     /// and 429/502/503/504 answers up to `retries` times with backoff. The
     /// last answer is returned as it is; classifying it is the caller's job.
     pub async fn send(&self, req: &Request) -> Result<reqwest::Response, Fault> {
+        let permit = tokio::time::timeout(self.timeout, self.connections.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                Fault::unavailable(format!(
+                    "upstream `{}` had all {} of its connections busy for {:?} (max_connections) when asked for {}",
+                    self.name, self.max_connections, self.timeout, req.what
+                ))
+            })?;
+        let permit = ConnectionPermit(Arc::new(permit));
         let mut attempt = 0;
         loop {
-            let result = self.send_once(req).await;
+            let mut result = self.send_once(req).await;
+            if let Ok(response) = &mut result {
+                // Held until the response (and its body) is dropped.
+                response.extensions_mut().insert(permit.clone());
+            }
             let retry = match &result {
                 Ok(response) if is_retryable_status(response.status()) => {
                     Some(retry_after(response.headers()))
@@ -536,6 +558,12 @@ impl Remote {
             .map_err(|e| self.read_fault(what, e))
     }
 }
+
+/// A slot of an upstream's `max_connections`, travelling in the extensions
+/// of the response it was taken for, so it is held as long as the response
+/// (and its body, e.g. a blob download) is.
+#[derive(Debug, Clone)]
+struct ConnectionPermit(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
 
 /// 429 and the 5xx answers that mean "try again".
 fn is_retryable_status(status: StatusCode) -> bool {
