@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -21,20 +20,11 @@ use axum::http::{HeaderName, StatusCode};
 use axum::response::Response;
 use common::Service;
 use common::registry::{OCI_MANIFEST, Registry, pseudo_random_bytes, upstream_toml};
-use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
-use oci_upstream::pb::{
-    BlobInfo, FetchBlobRequest, FetchBlobResponse, FetchManifestRequest, FetchManifestResponse,
-    HeadBlobRequest, HeadBlobResponse, HeadManifestRequest, HeadManifestResponse,
-};
+use common::rpc::{Client, bounded, fetch_manifest, head_blob, head_manifest};
+use oci_upstream::pb::{BlobInfo, FetchBlobRequest, FetchBlobResponse};
 use sha2::{Digest as _, Sha256};
-use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
-type Client = UpstreamServiceClient<Channel>;
-
-/// Upper bound on one RPC (a whole blob stream included), so a hung service
-/// fails the test instead of hanging CI. Not a timing assertion.
-const RPC_BOUND: Duration = Duration::from_secs(120);
 const MIB: u64 = 1024 * 1024;
 
 // ---------------------------------------------------------------------------
@@ -176,13 +166,6 @@ async fn forward(State(shared): State<Arc<ProxyShared>>, req: Request) -> Respon
 // RPC helpers.
 // ---------------------------------------------------------------------------
 
-/// Awaits `fut`, failing the test if it takes longer than [`RPC_BOUND`].
-async fn bounded<F: Future>(fut: F) -> F::Output {
-    tokio::time::timeout(RPC_BOUND, fut)
-        .await
-        .expect("the service answered within the RPC bound")
-}
-
 /// What one FetchBlob call delivered: the info (if any), the data bytes
 /// (kept only when asked), their count and sha256, and how the call ended.
 #[derive(Debug)]
@@ -268,48 +251,6 @@ fn blob_req(repository: &str, digest: &str) -> FetchBlobRequest {
         digest: digest.into(),
         ..Default::default()
     }
-}
-
-async fn head_blob(
-    client: &mut Client,
-    repository: &str,
-    digest: &str,
-) -> Result<HeadBlobResponse, Status> {
-    bounded(client.head_blob(HeadBlobRequest {
-        repository: repository.into(),
-        digest: digest.into(),
-        ..Default::default()
-    }))
-    .await
-    .map(tonic::Response::into_inner)
-}
-
-async fn fetch_manifest(
-    client: &mut Client,
-    repository: &str,
-    reference: &str,
-) -> Result<FetchManifestResponse, Status> {
-    bounded(client.fetch_manifest(FetchManifestRequest {
-        repository: repository.into(),
-        reference: reference.into(),
-        ..Default::default()
-    }))
-    .await
-    .map(tonic::Response::into_inner)
-}
-
-async fn head_manifest(
-    client: &mut Client,
-    repository: &str,
-    reference: &str,
-) -> Result<HeadManifestResponse, Status> {
-    bounded(client.head_manifest(HeadManifestRequest {
-        repository: repository.into(),
-        reference: reference.into(),
-        ..Default::default()
-    }))
-    .await
-    .map(tonic::Response::into_inner)
 }
 
 /// `(upstream, cache_hit)` of a response's source.

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,22 +16,13 @@ use bytes::Bytes;
 use common::Service;
 use common::fake::{FakeRegistry, Reply, sha256_digest};
 use common::registry::{pseudo_random_bytes, upstream_toml};
+use common::rpc::{Client, bounded, fetch_manifest, head_manifest};
 use common::slow::SlowBlobServer;
-use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
-use oci_upstream::pb::{
-    BlobInfo, FetchBlobRequest, FetchBlobResponse, FetchManifestRequest, FetchManifestResponse,
-    HeadManifestRequest, HeadManifestResponse,
-};
+use oci_upstream::pb::{BlobInfo, FetchBlobRequest, FetchBlobResponse};
 use serde_json::json;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
-type Client = UpstreamServiceClient<Channel>;
-
-/// Upper bound on one RPC (a whole blob stream included), so a hung service
-/// fails the test instead of hanging CI. Not a timing assertion.
-const RPC_BOUND: Duration = Duration::from_secs(180);
 /// Upper bound on waiting for something the service does in the background.
 const POLL_BOUND: Duration = Duration::from_secs(20);
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
@@ -43,13 +33,6 @@ const SLOW_CHUNK: usize = 64 * 1024;
 /// About 16 MiB/s: a 64 MiB download lasts a few seconds, well above the
 /// service's default `min_rate`.
 const SLOW_DELAY: Duration = Duration::from_millis(4);
-
-/// Awaits `fut`, failing the test if it takes longer than [`RPC_BOUND`].
-async fn bounded<F: Future>(fut: F) -> F::Output {
-    tokio::time::timeout(RPC_BOUND, fut)
-        .await
-        .expect("the service answered within the RPC bound")
-}
 
 /// Polls `done` every [`POLL_INTERVAL`] until it holds, failing with `what`
 /// after [`POLL_BOUND`].
@@ -143,34 +126,6 @@ impl Reader {
 /// Whether a response's source says "from cache".
 fn cache_hit(source: Option<&oci_upstream::pb::Source>) -> bool {
     source.expect("responses carry a source").cache_hit
-}
-
-async fn fetch_manifest(
-    client: &mut Client,
-    repository: &str,
-    reference: &str,
-) -> Result<FetchManifestResponse, Status> {
-    bounded(client.fetch_manifest(FetchManifestRequest {
-        repository: repository.into(),
-        reference: reference.into(),
-        ..Default::default()
-    }))
-    .await
-    .map(tonic::Response::into_inner)
-}
-
-async fn head_manifest(
-    client: &mut Client,
-    repository: &str,
-    reference: &str,
-) -> Result<HeadManifestResponse, Status> {
-    bounded(client.head_manifest(HeadManifestRequest {
-        repository: repository.into(),
-        reference: reference.into(),
-        ..Default::default()
-    }))
-    .await
-    .map(tonic::Response::into_inner)
 }
 
 /// A small valid OCI image manifest derived from `seed`.

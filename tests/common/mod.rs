@@ -9,6 +9,7 @@
 pub mod fake;
 pub mod faulty;
 pub mod registry;
+pub mod rpc;
 pub mod slow;
 pub mod token_issuer;
 
