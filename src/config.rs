@@ -187,6 +187,10 @@ pub struct UpstreamConfig {
     /// HTTP(S) proxy for this upstream; none unless set (the environment's
     /// proxy variables are ignored).
     pub proxy: Option<Url>,
+    /// PEM file of CA certificates trusted for this upstream and its token
+    /// realm, in addition to the built-in roots (a registry behind an
+    /// internal CA). Read once at start.
+    pub ca_file: Option<PathBuf>,
     /// Credentials.
     #[serde(default)]
     pub auth: AuthConfig,
@@ -244,6 +248,7 @@ impl UpstreamConfig {
             max_connections: default_max_connections(),
             realm_hosts: Vec::new(),
             proxy: None,
+            ca_file: None,
             auth: AuthConfig::Anonymous,
         }
     }

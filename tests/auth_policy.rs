@@ -20,10 +20,11 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
-use axum::serve::ListenerExt as _;
+use axum::serve::{Listener, ListenerExt as _};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use common::Service;
+use common::tls::TestCa;
 use common::token_issuer::{AuthRegistry, OCI_MANIFEST, sha256_digest};
 use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
 use oci_upstream::pb::{FetchBlobRequest, FetchManifestRequest, FetchManifestResponse};
@@ -111,6 +112,7 @@ struct FakeState {
 /// scriptable handler and records requests and accepted connections.
 struct Fake {
     addr: std::net::SocketAddr,
+    scheme: &'static str,
     state: FakeState,
     connections: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
@@ -118,14 +120,30 @@ struct Fake {
 
 impl Fake {
     async fn start(handler: impl Fn(&Seen) -> Response + Send + Sync + 'static) -> Fake {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a fake");
+        Self::serve(listener, "http", handler)
+    }
+
+    /// As [`Fake::start`], over TLS with a certificate `ca` signed.
+    async fn start_tls(
+        ca: &TestCa,
+        handler: impl Fn(&Seen) -> Response + Send + Sync + 'static,
+    ) -> Fake {
+        Self::serve(ca.listener().await, "https", handler)
+    }
+
+    fn serve<L: Listener<Addr = std::net::SocketAddr>>(
+        listener: L,
+        scheme: &'static str,
+        handler: impl Fn(&Seen) -> Response + Send + Sync + 'static,
+    ) -> Fake {
         let state = FakeState {
             handler: Arc::new(Mutex::new(Arc::new(handler))),
             seen: Arc::default(),
         };
         let connections = Arc::new(AtomicUsize::new(0));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a fake");
         let addr = listener.local_addr().expect("fake address");
         let counter = connections.clone();
         let listener = listener.tap_io(move |_| {
@@ -137,6 +155,7 @@ impl Fake {
         });
         Fake {
             addr,
+            scheme,
             state,
             connections,
             task,
@@ -148,9 +167,9 @@ impl Fake {
         *self.state.handler.lock().expect("handler lock") = Arc::new(handler);
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https` over TLS).
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     fn seen(&self) -> Vec<Seen> {
@@ -731,6 +750,82 @@ async fn realm_on_localhost_for_a_127_0_0_1_upstream_is_refused() {
         "the localhost realm was used: {result:?}"
     );
     assert!(result.is_err());
+}
+
+// ---------------------------------------------------------------------------
+// An https upstream (trusted through `ca_file`) and the scheme of its realm.
+
+/// A registry that answers `/token` itself, serves [`content`] for
+/// [`GOOD_TOKEN`], and otherwise challenges with `realm`.
+fn tokens_and_content(realm: String) -> impl Fn(&Seen) -> Response + Send + Sync + 'static {
+    let content = content();
+    move |seen| {
+        if seen.path == "/token" {
+            return token_reply();
+        }
+        if seen.authorization.as_deref() == Some(&format!("Bearer {GOOD_TOKEN}")) {
+            return content.serve(&seen.path);
+        }
+        unauthorized(&[&format!(r#"Bearer realm="{realm}",service="reg""#)])
+    }
+}
+
+fn ca_file_line(ca: &TestCa) -> String {
+    format!("ca_file = \"{}\"", ca.ca_file().display())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_is_trusted_through_ca_file_and_its_https_realm_is_used() {
+    // The positive control for the plain-http realm case below.
+    let ca = TestCa::new();
+    let registry = Fake::start_tls(&ca, |_| reply(500)).await;
+    registry.set(tokens_and_content(format!("{}/token", registry.url())));
+
+    let untrusting = Service::start(&upstream(&registry.url(), ""));
+    let status = manifest(&mut untrusting.client().await, "v1")
+        .await
+        .expect_err("a certificate from an unknown authority must not be trusted");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        registry.seen().is_empty(),
+        "a request got through an untrusted TLS connection: {:?}",
+        registry.seen()
+    );
+
+    let service = Service::start(&upstream(&registry.url(), &ca_file_line(&ca)));
+    let resp = manifest(&mut service.client().await, "v1")
+        .await
+        .expect("the upstream's certificate is trusted through ca_file");
+    assert_eq!(resp.manifest, content().manifest);
+    let token_requests = registry
+        .seen()
+        .iter()
+        .filter(|s| s.path == "/token")
+        .count();
+    assert_eq!(token_requests, 1, "{:?}", registry.seen());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_realm_for_an_https_upstream_is_refused() {
+    // Same host (127.0.0.1) and both loopback: only the scheme is wrong.
+    let ca = TestCa::new();
+    let target = Fake::start(|_| token_reply()).await;
+    let realm = format!("{}/token", target.url());
+    let registry = Fake::start_tls(&ca, tokens_and_content(realm.clone())).await;
+    let service = Service::start(&upstream(&registry.url(), &ca_file_line(&ca)));
+    let result = manifest(&mut service.client().await, "v1").await;
+    let status = assert_refused(&registry, result, &target.addr.to_string(), "http realm");
+    assert_eq!(
+        target.connections(),
+        0,
+        "the plain-http realm was connected to"
+    );
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains(&target.url()) && status.message().contains("https"),
+        "the error should name the realm and why: {}",
+        status.message()
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -107,6 +107,17 @@ pub struct Remote {
     basic_first: AtomicBool,
 }
 
+/// The certificates of a PEM bundle; an unreadable file, or one with no
+/// certificate in it, is an error (a typo must not silently trust nothing).
+fn read_ca_file(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| e.to_string())?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err("no PEM certificate in the file".to_owned());
+    }
+    Ok(certs)
+}
+
 impl Remote {
     /// Builds the upstream at `position` in the config file.
     pub fn new(config: &UpstreamConfig, position: usize) -> Result<Self, String> {
@@ -115,8 +126,22 @@ impl Remote {
             .iter()
             .map(|h| h.to_ascii_lowercase())
             .collect();
+        let extra_roots = match &config.ca_file {
+            Some(path) => read_ca_file(path).map_err(|e| {
+                format!(
+                    "upstream `{}`: ca_file {}: {e}",
+                    config.name,
+                    path.display()
+                )
+            })?,
+            None => Vec::new(),
+        };
         let client = |redirect| {
-            let builder = reqwest::Client::builder()
+            let builder = extra_roots.iter().cloned().fold(
+                reqwest::Client::builder(),
+                reqwest::ClientBuilder::add_root_certificate,
+            );
+            let builder = builder
                 .connect_timeout(config.connect_timeout)
                 .read_timeout(config.timeout)
                 .redirect(redirect)
@@ -727,6 +752,32 @@ mod tests {
         config.url = Url::parse(url).unwrap();
         config.realm_hosts = realm_hosts.iter().map(|s| s.to_string()).collect();
         Remote::new(&config, 0).unwrap()
+    }
+
+    fn build_with_ca_file(contents: Option<&str>) -> Result<Remote, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        if let Some(contents) = contents {
+            std::fs::write(&path, contents).unwrap();
+        }
+        let mut config = UpstreamConfig::docker_hub();
+        config.ca_file = Some(path);
+        Remote::new(&config, 0)
+    }
+
+    #[test]
+    fn ca_file_that_is_missing_or_holds_no_certificate_is_refused() {
+        for (contents, why) in [
+            (None, "No such file"),
+            (Some(""), "no PEM certificate"),
+            (Some("not a certificate\n"), "no PEM certificate"),
+        ] {
+            let err = build_with_ca_file(contents).map(drop).expect_err("refused");
+            assert!(err.contains("ca_file") && err.contains(why), "{err}");
+        }
+        let garbled = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        let err = build_with_ca_file(Some(garbled)).map(drop).expect_err("refused");
+        assert!(err.contains("upstream `hub`"), "{err}");
     }
 
     fn allowed(upstream: &str, realm: &str) -> bool {

@@ -11,6 +11,7 @@ pub mod faulty;
 pub mod registry;
 pub mod rpc;
 pub mod slow;
+pub mod tls;
 pub mod token_issuer;
 
 use std::io::{BufRead, BufReader};
