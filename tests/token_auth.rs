@@ -306,6 +306,31 @@ async fn expired_token_is_replaced_by_a_new_token_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_lifetime_counts_from_issued_at() {
+    // expires_in is 300 s, but the answer says the token was issued 297 s
+    // ago: 3 s are left, so a fetch 4 s later needs a new token.
+    let (issuer, registry, v1) = setup(IssuerSettings::default().issued_ago(297)).await;
+    let v2 = registry.push_image(REPO, "v2").await;
+    let service = Service::start(&config(&registry, ""));
+    let mut client = service.client().await;
+
+    fetch_image(&mut client, "v1", &v1).await;
+    let before = issuer.requests().len();
+    assert!(before >= 1, "no token request for the first fetch");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let resp = manifest(&mut client, "v2")
+        .await
+        .expect("FetchManifest after the token's issued_at + expires_in");
+    assert_eq!(resp.digest, v2.digest);
+    assert_eq!(
+        issuer.requests().len(),
+        before + 1,
+        "the token should have expired 300 s after its issued_at: {:?}",
+        issuer.requests()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_config_identitytoken_uses_the_oauth2_refresh_token_form() {
     let refresh = "refresh-6f1c0d2a9b";
     let (issuer, registry, image) =

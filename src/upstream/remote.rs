@@ -107,6 +107,27 @@ pub struct Remote {
     basic_first: AtomicBool,
 }
 
+/// How long a token answer stays usable from `now`: `expires_in` seconds
+/// (default 60) counted from `issued_at` when the answer has one (RFC 3339,
+/// UTC). An `issued_at` in the future, or one older than the whole lifetime,
+/// says more about the two clocks than about the token and is ignored (the
+/// lifetime then counts from now; a token the registry refuses is dropped
+/// and fetched again anyway).
+fn token_lifetime(
+    expires_in: Option<u64>,
+    issued_at: Option<&str>,
+    now: std::time::SystemTime,
+) -> Duration {
+    let lifetime = expires_in
+        .filter(|&s| s > 0)
+        .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+    let age = issued_at
+        .and_then(|t| humantime::parse_rfc3339(t).ok())
+        .and_then(|issued| now.duration_since(issued).ok())
+        .filter(|&age| age < lifetime);
+    lifetime - age.unwrap_or_default()
+}
+
 /// The certificates of a PEM bundle; an unreadable file, or one with no
 /// certificate in it, is an error (a typo must not silently trust nothing).
 fn read_ca_file(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
@@ -509,6 +530,7 @@ impl Remote {
             token: Option<String>,
             access_token: Option<String>,
             expires_in: Option<u64>,
+            issued_at: Option<String>,
         }
         let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|_| {
             Fault::unavailable(format!(
@@ -526,10 +548,11 @@ impl Remote {
                     self.name
                 ))
             })?;
-        let lifetime = parsed
-            .expires_in
-            .filter(|&s| s > 0)
-            .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+        let lifetime = token_lifetime(
+            parsed.expires_in,
+            parsed.issued_at.as_deref(),
+            std::time::SystemTime::now(),
+        );
         Ok((Secret::new(token), lifetime))
     }
 
@@ -766,6 +789,34 @@ mod tests {
     }
 
     #[test]
+    fn token_lifetime_counts_from_issued_at_unless_the_clocks_disagree() {
+        let now = humantime::parse_rfc3339("2026-11-29T10:00:00Z").unwrap();
+        let secs = Duration::from_secs;
+        for (expires_in, issued_at, want) in [
+            (None, None, secs(60)),
+            (Some(0), None, secs(60)),
+            (Some(300), None, secs(300)),
+            (Some(300), Some("2026-11-29T09:58:00Z"), secs(180)),
+            (
+                Some(300),
+                Some("2026-11-29T09:59:59.500Z"),
+                Duration::from_millis(299_500),
+            ),
+            // In the future, or older than the lifetime: clock skew, ignored.
+            (Some(300), Some("2026-11-29T10:01:00Z"), secs(300)),
+            (Some(300), Some("2026-11-29T09:50:00Z"), secs(300)),
+            // Not RFC 3339 in UTC: ignored.
+            (Some(300), Some("yesterday"), secs(300)),
+        ] {
+            assert_eq!(
+                token_lifetime(expires_in, issued_at, now),
+                want,
+                "{expires_in:?} {issued_at:?}"
+            );
+        }
+    }
+
+    #[test]
     fn ca_file_that_is_missing_or_holds_no_certificate_is_refused() {
         for (contents, why) in [
             (None, "No such file"),
@@ -776,7 +827,9 @@ mod tests {
             assert!(err.contains("ca_file") && err.contains(why), "{err}");
         }
         let garbled = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
-        let err = build_with_ca_file(Some(garbled)).map(drop).expect_err("refused");
+        let err = build_with_ca_file(Some(garbled))
+            .map(drop)
+            .expect_err("refused");
         assert!(err.contains("upstream `hub`"), "{err}");
     }
 

@@ -59,6 +59,9 @@ pub struct IssuerSettings {
     pub refresh_tokens: Vec<(String, String)>,
     /// `expires_in` of every answer, in seconds (also the JWT lifetime).
     pub expires_in: u64,
+    /// How many seconds before now the answers' `issued_at` lies (the JWT
+    /// itself is signed now, valid for `expires_in`).
+    pub issued_ago: u64,
 }
 
 impl Default for IssuerSettings {
@@ -69,6 +72,7 @@ impl Default for IssuerSettings {
             users: Vec::new(),
             refresh_tokens: Vec::new(),
             expires_in: 300,
+            issued_ago: 0,
         }
     }
 }
@@ -97,6 +101,12 @@ impl IssuerSettings {
     /// Sets `expires_in`.
     pub fn expires_in(mut self, seconds: u64) -> Self {
         self.expires_in = seconds;
+        self
+    }
+
+    /// Dates `issued_at` `seconds` in the past.
+    pub fn issued_ago(mut self, seconds: u64) -> Self {
+        self.issued_ago = seconds;
         self
     }
 }
@@ -426,7 +436,7 @@ async fn answer(
         "token": token,
         "access_token": token,
         "expires_in": settings.expires_in,
-        "issued_at": rfc3339(unix_now()),
+        "issued_at": rfc3339(unix_now() - settings.issued_ago),
     }))
     .into_response()
 }
