@@ -563,6 +563,10 @@ async fn blob_throughput(
     let mut rate: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
     let mut rss: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
     let mut gets: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
+    // CPU seconds per GB: of the serving process, and of the upstream.
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
+    let mut upstream_cpu: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
+    let per_gb = |seconds: f64| seconds / (size as f64 / 1e9);
     let mut cold_hits = 0;
     let mut warm_misses = 0;
     for run in 0..plan.runs {
@@ -570,9 +574,13 @@ async fn blob_throughput(
         // Direct.
         let before = world.upstream.counts();
         clients::reset_peak_rss(upstream_pid);
+        let upstream_cpu_before = clients::cpu_seconds(upstream_pid);
         let t = Instant::now();
         let pulled = bounded("direct GET", STEP_LIMIT, http_get_blob(http, &url, false)).await;
         rate[0].push(mb_per_s(size, t.elapsed()));
+        let used = per_gb(clients::cpu_seconds(upstream_pid) - upstream_cpu_before);
+        cpu[0].push(used);
+        upstream_cpu[0].push(used);
         check_pull("direct GET", &pulled, &blob);
         rss[0].push(mib(clients::peak_rss_kib(upstream_pid)));
         gets[0].push(world.blob_gets_since(&before, &blob) as f64);
@@ -593,6 +601,10 @@ async fn blob_throughput(
         let proxy = world.start_proxy();
         let proxy_url = format!("{}/v2/{REPO}/blobs/{}", proxy.url(), blob.digest);
         let before = world.upstream.counts();
+        let cpu_before = (
+            clients::cpu_seconds(proxy.pid()),
+            clients::cpu_seconds(upstream_pid),
+        );
         let t = Instant::now();
         let pulled = bounded(
             "proxy GET",
@@ -606,6 +618,8 @@ async fn blob_throughput(
             proxy.wait_for_blob(&blob.digest, PROXY_STORE_LIMIT),
             "the proxy registry did not store the blob"
         );
+        cpu[1].push(per_gb(clients::cpu_seconds(proxy.pid()) - cpu_before.0));
+        upstream_cpu[1].push(per_gb(clients::cpu_seconds(upstream_pid) - cpu_before.1));
         gets[1].push(world.blob_gets_since(&before, &blob) as f64);
         if run == 0 {
             report.note(format!(
@@ -617,6 +631,7 @@ async fn blob_throughput(
         rss[1].push(mib(clients::peak_rss_kib(proxy.pid())));
         let before = world.upstream.counts();
         clients::reset_peak_rss(proxy.pid());
+        let cpu_before = clients::cpu_seconds(proxy.pid());
         let t = Instant::now();
         let pulled = bounded(
             "proxy GET",
@@ -625,6 +640,7 @@ async fn blob_throughput(
         )
         .await;
         rate[2].push(mb_per_s(size, t.elapsed()));
+        cpu[2].push(per_gb(clients::cpu_seconds(proxy.pid()) - cpu_before));
         check_pull("proxy registry GET (warm)", &pulled, &blob);
         rss[2].push(mib(clients::peak_rss_kib(proxy.pid())));
         gets[2].push(world.blob_gets_since(&before, &blob) as f64);
@@ -634,6 +650,10 @@ async fn blob_throughput(
         let (service, cache) = world.start_service();
         let mut client = UpstreamServiceClient::new(clients::channel(service.addr, &plan.h2).await);
         let before = world.upstream.counts();
+        let cpu_before = (
+            clients::cpu_seconds(service.pid()),
+            clients::cpu_seconds(upstream_pid),
+        );
         let t = Instant::now();
         let pulled = bounded(
             "FetchBlob",
@@ -642,6 +662,8 @@ async fn blob_throughput(
         )
         .await;
         rate[4].push(mb_per_s(size, t.elapsed()));
+        cpu[4].push(per_gb(clients::cpu_seconds(service.pid()) - cpu_before.0));
+        upstream_cpu[4].push(per_gb(clients::cpu_seconds(upstream_pid) - cpu_before.1));
         check_pull("oci-upstream FetchBlob (cold)", &pulled, &blob);
         if pulled.cache_hit == Some(true) {
             cold_hits += 1;
@@ -660,6 +682,7 @@ async fn blob_throughput(
         // oci-upstream warm.
         let before = world.upstream.counts();
         clients::reset_peak_rss(warm.pid());
+        let cpu_before = clients::cpu_seconds(warm.pid());
         let t = Instant::now();
         let pulled = bounded(
             "FetchBlob",
@@ -668,6 +691,7 @@ async fn blob_throughput(
         )
         .await;
         rate[5].push(mb_per_s(size, t.elapsed()));
+        cpu[5].push(per_gb(clients::cpu_seconds(warm.pid()) - cpu_before));
         check_pull("oci-upstream FetchBlob (warm)", &pulled, &blob);
         if pulled.cache_hit != Some(true) {
             warm_misses += 1;
@@ -714,6 +738,37 @@ async fn blob_throughput(
             "MiB",
             Better::Lower,
             std::mem::take(&mut rss[i]),
+            Some(base.clone()),
+        );
+    }
+    let group = format!(
+        "1. CPU seconds per GB moved, serving process (upstream registry for direct), {label} blob"
+    );
+    let base = format!("blob/{label}/cpu/direct");
+    for (i, system) in systems.iter().enumerate() {
+        if i == 3 {
+            continue;
+        }
+        report.add(
+            format!("blob/{label}/cpu/{}", keys[i]),
+            group.clone(),
+            *system,
+            "CPU s/GB",
+            Better::Lower,
+            std::mem::take(&mut cpu[i]),
+            Some(base.clone()),
+        );
+    }
+    let group = format!("1. CPU seconds per GB moved, upstream registry, {label} blob");
+    let base = format!("blob/{label}/upstream-cpu/direct");
+    for i in [0, 1, 4] {
+        report.add(
+            format!("blob/{label}/upstream-cpu/{}", keys[i]),
+            group.clone(),
+            systems[i],
+            "CPU s/GB",
+            Better::Lower,
+            std::mem::take(&mut upstream_cpu[i]),
             Some(base.clone()),
         );
     }

@@ -258,6 +258,24 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
     crate::common::proc_status_kib(pid, "VmHWM:")
 }
 
+/// CPU time (user + system) `pid` has used so far, in seconds, from
+/// `/proc/PID/stat` (clock ticks of 10 ms).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/stat: {e}"));
+    // Fields after the command name (which is in parentheses and may hold
+    // spaces): state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> f64 {
+        fields
+            .get(i - 3)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("/proc/{pid}/stat has no field {i}: {stat}")) as f64
+    };
+    (ticks(14) + ticks(15)) / 100.0
+}
+
 /// Resets the peak resident set of `pid` to its current RSS (writing `5` to
 /// `/proc/PID/clear_refs`), so VmHWM afterwards is the peak of what follows.
 pub fn reset_peak_rss(pid: u32) {
