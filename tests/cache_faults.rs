@@ -292,6 +292,11 @@ async fn sigkill_mid_download_leaves_no_object_and_the_blob_is_fetched_again() {
     let mut client = service.client().await;
     let mut reader = Reader::start(&mut client, repo, &digest, data.clone()).await;
     reader.first_data().await;
+    // Callers get bytes before they reach the file; wait for the file too.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !files_in(&tmp).iter().any(|(_, len)| *len > 0) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     service.kill();
     assert_eq!(
         slow.completed_gets(),

@@ -1,9 +1,10 @@
 //! A blob download in flight, shared by every caller that wants the blob.
-//! The downloader appends bytes to a temp file and publishes how many are
-//! written, keeping the last few batches in memory; readers follow the
+//! The downloader publishes each batch of bytes (keeping the last few in
+//! memory) and then appends it to a temp file, in order; readers follow the
 //! progress, taking bytes from those batches while they keep up and from the
-//! file when they are behind, so a caller that joins late gets the bytes
-//! already written and then the live ones. The final state tells readers
+//! file when they are behind (a batch too old to be in memory has been
+//! written), so a caller that joins late gets the bytes already written and
+//! then the live ones. The final state tells readers
 //! whether the digest passed.
 
 use std::collections::VecDeque;
@@ -26,11 +27,12 @@ pub enum State<E> {
     Failed(E),
 }
 
-/// Bytes written so far and the state.
+/// Bytes available so far and the state.
 #[derive(Debug, Clone)]
 pub struct Progress<E> {
-    /// Bytes of the blob in the file.
-    pub written: u64,
+    /// Bytes of the blob available to readers: the recent batches in
+    /// memory, and every byte before them in the file.
+    pub available: u64,
     /// The state.
     pub state: State<E>,
 }
@@ -45,7 +47,7 @@ pub struct Download<E> {
     /// The upstream and repository it comes from.
     pub holder: Holder,
     progress: watch::Sender<Progress<E>>,
-    /// The last batches written, with their offsets, so readers keeping up
+    /// The last batches published, with their offsets, so readers keeping up
     /// with the download take them from memory instead of the file.
     recent: Mutex<VecDeque<(u64, Bytes)>>,
 }
@@ -57,7 +59,7 @@ impl<E: Clone> Download<E> {
     /// A download of `size` bytes into `path` from `holder`.
     pub fn new(path: PathBuf, size: u64, holder: Holder) -> Self {
         let (progress, _) = watch::channel(Progress {
-            written: 0,
+            available: 0,
             state: State::Running,
         });
         Self {
@@ -74,10 +76,12 @@ impl<E: Clone> Download<E> {
         self.progress.subscribe()
     }
 
-    /// Publishes that `bytes` are in the file at `offset` (right after the
-    /// bytes published before).
+    /// Publishes `bytes` at `offset` (right after the bytes published
+    /// before). The caller must have written every earlier batch to the file
+    /// (and write this one next): readers read the file for bytes older than
+    /// the recent batches.
     pub fn append(&self, offset: u64, bytes: Bytes) {
-        let written = offset + bytes.len() as u64;
+        let available = offset + bytes.len() as u64;
         {
             let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
             if recent.len() == RECENT_BATCHES {
@@ -85,7 +89,7 @@ impl<E: Clone> Download<E> {
             }
             recent.push_back((offset, bytes));
         }
-        self.progress.send_modify(|p| p.written = written);
+        self.progress.send_modify(|p| p.available = available);
     }
 
     /// Up to `max` bytes at `position` from the recent batches, if they are
@@ -110,7 +114,7 @@ impl<E: Clone> Download<E> {
 /// the same code that follows a download.
 pub fn complete<E: Clone>(size: u64) -> watch::Receiver<Progress<E>> {
     let (tx, rx) = watch::channel(Progress {
-        written: size,
+        available: size,
         state: State::Verified,
     });
     drop(tx);
@@ -131,7 +135,7 @@ mod tests {
         let rx = d.subscribe();
         d.append(0, Bytes::from_static(b"0123456789"));
         d.append(10, Bytes::from_static(b"abcdefghij"));
-        assert_eq!(rx.borrow().written, 20);
+        assert_eq!(rx.borrow().available, 20);
         assert_eq!(d.recent(3, 4).unwrap(), Bytes::from_static(b"3456"));
         assert_eq!(d.recent(8, 100).unwrap(), Bytes::from_static(b"89"));
         assert_eq!(d.recent(12, 100).unwrap(), Bytes::from_static(b"cdefghij"));

@@ -33,11 +33,11 @@ use super::{
 };
 use crate::cache::download::complete;
 use crate::cache::{Download, Progress, State};
-use crate::oci::{Digest, Repository};
+use crate::oci::{Digest, Repository, Verifier};
 
 /// Largest data message (the contract allows up to 1 MiB).
 pub const CHUNK_SIZE: usize = 128 * 1024;
-/// Bytes gathered from the upstream before they are written and announced.
+/// Bytes gathered from the upstream before they are handed to the writer.
 const FLUSH_SIZE: usize = 256 * 1024;
 /// Messages buffered between a reader and its caller.
 const CHANNEL_DEPTH: usize = 2;
@@ -514,8 +514,7 @@ async fn write_verified(
     let what = format!("blob `{digest}`");
     let size = download.size;
     let mut body = Body {
-        writer: Writer::start(file, download.clone()),
-        verifier: digest.algorithm().verifier(),
+        writer: Writer::start(file, digest.algorithm().verifier(), download.clone()),
         received: 0,
         skip: 0,
     };
@@ -559,8 +558,8 @@ async fn write_verified(
             }
         }
     }
-    let file = body.writer.finish().await?;
-    let computed = body.verifier.finish();
+    let (file, verifier) = body.writer.finish().await?;
+    let computed = verifier.finish();
     if computed != *digest {
         return Err(integrity(&remote, format!("bytes that hash to {computed}")));
     }
@@ -570,7 +569,6 @@ async fn write_verified(
 /// The running state of a download across connections.
 struct Body {
     writer: Writer,
-    verifier: crate::oci::Verifier,
     /// Bytes of the blob handed to the writer.
     received: u64,
     /// Leading bytes of the current response to drop (a resume answered
@@ -636,7 +634,6 @@ impl Body {
             if self.received + batch.len + chunk.len() as u64 > size {
                 break BodyEnd::TooLong;
             }
-            self.verifier.update(&chunk);
             batch.push(chunk);
             if batch.len >= FLUSH_SIZE as u64 {
                 self.received += batch.len;
@@ -654,27 +651,32 @@ impl Body {
 /// Batches the writer may hold before the reading side waits.
 const WRITER_DEPTH: usize = 4;
 
-/// Writes a download on a blocking thread, so the socket keeps being read
-/// (and hashed) while earlier bytes are written; publishes progress as
-/// batches land in the file.
+/// Hashes and writes a download on a blocking thread, so the socket keeps
+/// being read while earlier bytes are hashed and written. Each batch is
+/// published to readers (kept in [`Download`]'s recent batches) before it
+/// is hashed and written: a reader only needs the bytes, and the digest
+/// check guards the last message, not the first ones. Batches are written
+/// in order, so a byte too old to be among the recent batches is in the
+/// file.
 struct Writer {
     batches: mpsc::Sender<Vec<Bytes>>,
-    done: tokio::task::JoinHandle<std::io::Result<File>>,
+    done: tokio::task::JoinHandle<std::io::Result<(File, Verifier)>>,
 }
 
 impl Writer {
-    fn start(mut file: File, download: Arc<Download<Error>>) -> Self {
+    fn start(mut file: File, mut verifier: Verifier, download: Arc<Download<Error>>) -> Self {
         let (batches, mut rx) = mpsc::channel::<Vec<Bytes>>(WRITER_DEPTH);
         let done = tokio::task::spawn_blocking(move || {
-            let mut written = 0;
+            let mut offset = 0;
             while let Some(batch) = rx.blocking_recv() {
                 let bytes = contiguous(batch);
-                file.write_all(&bytes)?;
                 let len = bytes.len() as u64;
-                download.append(written, bytes);
-                written += len;
+                download.append(offset, bytes.clone());
+                offset += len;
+                verifier.update(&bytes);
+                file.write_all(&bytes)?;
             }
-            Ok(file)
+            Ok((file, verifier))
         });
         Self { batches, done }
     }
@@ -693,12 +695,13 @@ impl Writer {
         Ok(())
     }
 
-    /// Waits for every batch to be written; the file.
-    async fn finish(self) -> Result<File, Error> {
+    /// Waits for every batch to be hashed and written; the file and the
+    /// hash of every byte.
+    async fn finish(self) -> Result<(File, Verifier), Error> {
         let Writer { batches, done } = self;
         drop(batches);
         match done.await {
-            Ok(Ok(file)) => Ok(file),
+            Ok(Ok(finished)) => Ok(finished),
             Ok(Err(e)) => Err(io_error(e)),
             Err(e) => Err(Error::Cache(format!("the download writer failed: {e}"))),
         }
@@ -869,15 +872,15 @@ async fn read_range(
     let mut held: Option<BlobChunk> = None;
     let mut closed = false;
     loop {
-        let (written, state) = {
+        let (available, state) = {
             let p = progress.borrow_and_update();
-            (p.written, p.state.clone())
+            (p.available, p.state.clone())
         };
         if let State::Failed(e) = state {
             let _ = tx.send(Err(e)).await;
             return;
         }
-        let available = written.min(end);
+        let available = available.min(end);
         while position < available {
             let len = usize::try_from(available - position)
                 .unwrap_or(CHUNK_SIZE)
