@@ -566,6 +566,8 @@ async fn blob_throughput(
     // CPU seconds per GB: of the serving process, and of the upstream.
     let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
     let mut upstream_cpu: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
+    let mut client_cpu: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
+    let me = std::process::id();
     let per_gb = |seconds: f64| seconds / (size as f64 / 1e9);
     let mut cold_hits = 0;
     let mut warm_misses = 0;
@@ -575,9 +577,11 @@ async fn blob_throughput(
         let before = world.upstream.counts();
         clients::reset_peak_rss(upstream_pid);
         let upstream_cpu_before = clients::cpu_seconds(upstream_pid);
+        let client_before = clients::cpu_seconds(me);
         let t = Instant::now();
         let pulled = bounded("direct GET", STEP_LIMIT, http_get_blob(http, &url, false)).await;
         rate[0].push(mb_per_s(size, t.elapsed()));
+        client_cpu[0].push(per_gb(clients::cpu_seconds(me) - client_before));
         let used = per_gb(clients::cpu_seconds(upstream_pid) - upstream_cpu_before);
         cpu[0].push(used);
         upstream_cpu[0].push(used);
@@ -586,6 +590,7 @@ async fn blob_throughput(
         gets[0].push(world.blob_gets_since(&before, &blob) as f64);
 
         // Bare gRPC.
+        let client_before = clients::cpu_seconds(me);
         let t = Instant::now();
         let pulled = bounded(
             "bare FetchBlob",
@@ -594,6 +599,7 @@ async fn blob_throughput(
         )
         .await;
         rate[3].push(mb_per_s(size, t.elapsed()));
+        client_cpu[3].push(per_gb(clients::cpu_seconds(me) - client_before));
         check_pull("bare gRPC FetchBlob", &pulled, &blob);
 
         // Proxy registry: cold on fresh storage, then warm once its
@@ -605,6 +611,7 @@ async fn blob_throughput(
             clients::cpu_seconds(proxy.pid()),
             clients::cpu_seconds(upstream_pid),
         );
+        let client_before = clients::cpu_seconds(me);
         let t = Instant::now();
         let pulled = bounded(
             "proxy GET",
@@ -613,6 +620,7 @@ async fn blob_throughput(
         )
         .await;
         rate[1].push(mb_per_s(size, t.elapsed()));
+        client_cpu[1].push(per_gb(clients::cpu_seconds(me) - client_before));
         check_pull("proxy registry GET (cold)", &pulled, &blob);
         assert!(
             proxy.wait_for_blob(&blob.digest, PROXY_STORE_LIMIT),
@@ -632,6 +640,7 @@ async fn blob_throughput(
         let before = world.upstream.counts();
         clients::reset_peak_rss(proxy.pid());
         let cpu_before = clients::cpu_seconds(proxy.pid());
+        let client_before = clients::cpu_seconds(me);
         let t = Instant::now();
         let pulled = bounded(
             "proxy GET",
@@ -640,6 +649,7 @@ async fn blob_throughput(
         )
         .await;
         rate[2].push(mb_per_s(size, t.elapsed()));
+        client_cpu[2].push(per_gb(clients::cpu_seconds(me) - client_before));
         cpu[2].push(per_gb(clients::cpu_seconds(proxy.pid()) - cpu_before));
         check_pull("proxy registry GET (warm)", &pulled, &blob);
         rss[2].push(mib(clients::peak_rss_kib(proxy.pid())));
@@ -654,6 +664,7 @@ async fn blob_throughput(
             clients::cpu_seconds(service.pid()),
             clients::cpu_seconds(upstream_pid),
         );
+        let client_before = clients::cpu_seconds(me);
         let t = Instant::now();
         let pulled = bounded(
             "FetchBlob",
@@ -662,6 +673,7 @@ async fn blob_throughput(
         )
         .await;
         rate[4].push(mb_per_s(size, t.elapsed()));
+        client_cpu[4].push(per_gb(clients::cpu_seconds(me) - client_before));
         cpu[4].push(per_gb(clients::cpu_seconds(service.pid()) - cpu_before.0));
         upstream_cpu[4].push(per_gb(clients::cpu_seconds(upstream_pid) - cpu_before.1));
         check_pull("oci-upstream FetchBlob (cold)", &pulled, &blob);
@@ -683,6 +695,7 @@ async fn blob_throughput(
         let before = world.upstream.counts();
         clients::reset_peak_rss(warm.pid());
         let cpu_before = clients::cpu_seconds(warm.pid());
+        let client_before = clients::cpu_seconds(me);
         let t = Instant::now();
         let pulled = bounded(
             "FetchBlob",
@@ -691,6 +704,7 @@ async fn blob_throughput(
         )
         .await;
         rate[5].push(mb_per_s(size, t.elapsed()));
+        client_cpu[5].push(per_gb(clients::cpu_seconds(me) - client_before));
         cpu[5].push(per_gb(clients::cpu_seconds(warm.pid()) - cpu_before));
         check_pull("oci-upstream FetchBlob (warm)", &pulled, &blob);
         if pulled.cache_hit != Some(true) {
@@ -756,6 +770,21 @@ async fn blob_throughput(
             "CPU s/GB",
             Better::Lower,
             std::mem::take(&mut cpu[i]),
+            Some(base.clone()),
+        );
+    }
+    let group = format!(
+        "1. CPU seconds per GB moved, the client (this process; for the bare stream also its server), {label} blob"
+    );
+    let base = format!("blob/{label}/client-cpu/direct");
+    for (i, system) in systems.iter().enumerate() {
+        report.add(
+            format!("blob/{label}/client-cpu/{}", keys[i]),
+            group.clone(),
+            *system,
+            "CPU s/GB",
+            Better::Lower,
+            std::mem::take(&mut client_cpu[i]),
             Some(base.clone()),
         );
     }
