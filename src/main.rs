@@ -67,6 +67,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: Config) -> ExitCode {
+    tune_allocator();
     oci_upstream::telemetry::init(config.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -92,3 +93,25 @@ fn serve(config: Config) -> ExitCode {
         }
     })
 }
+
+/// Keeps freed memory in glibc's heaps for reuse instead of returning it to
+/// the kernel as soon as the top of a heap is free. A blob download allocates
+/// a fresh receive buffer every few hundred KiB while earlier ones are still
+/// being written and sent; with glibc's default (dynamic) trim threshold
+/// those buffers land on pages the kernel has to fault in and zero again,
+/// which cost about 8 % of a cold download's CPU. The heaps still shrink
+/// once more than this much is free at their top.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    const TRIM_THRESHOLD: libc::c_int = 8 << 20;
+    const MMAP_THRESHOLD: libc::c_int = 1 << 20;
+    // SAFETY: mallopt only sets allocator parameters; it is called before
+    // the runtime starts, while this is the only thread.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
