@@ -959,4 +959,56 @@ mod tests {
             "at the end"
         );
     }
+
+    /// The writer publishes each batch before writing it; a reader that falls
+    /// far behind (here: its caller reads nothing until the download is
+    /// over, so the recent batches in memory have long moved on) must find
+    /// every older byte in the file, and the hash must cover every byte.
+    #[tokio::test]
+    async fn a_reader_far_behind_the_writer_gets_every_byte_from_memory_or_file() {
+        const BATCH: usize = 64 * 1024;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("download");
+        let data: Vec<u8> = (0..40 * BATCH as u32 + 123)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let mut expected = crate::oci::Algorithm::Sha256.verifier();
+        expected.update(&data);
+        let holder = crate::cache::Holder {
+            upstream: "a".into(),
+            repository: "r".into(),
+        };
+        let download = Arc::new(Download::new(path.clone(), data.len() as u64, holder));
+        let mut writer = Writer::start(
+            File::create(&path).unwrap(),
+            crate::oci::Algorithm::Sha256.verifier(),
+            download.clone(),
+        );
+        let (tx, mut rx) = mpsc::channel(CHANNEL_DEPTH);
+        let reader = tokio::spawn(read_range(
+            File::open(&path).unwrap(),
+            download.subscribe(),
+            Some(download.clone()),
+            0,
+            data.len() as u64,
+            tx,
+        ));
+        for batch in data.chunks(BATCH) {
+            writer
+                .write(vec![Bytes::copy_from_slice(batch)])
+                .await
+                .unwrap();
+        }
+        let (_file, verifier) = writer.finish().await.unwrap();
+        assert_eq!(verifier.finish(), expected.finish());
+        download.finish(State::Verified);
+        let mut received = Vec::with_capacity(data.len());
+        while let Some(chunk) = rx.recv().await {
+            let chunk = chunk.unwrap();
+            assert_eq!(chunk.offset, received.len() as u64);
+            received.extend_from_slice(&chunk.data);
+        }
+        reader.await.unwrap();
+        assert!(received == data, "the reader got other bytes than written");
+    }
 }
