@@ -726,122 +726,79 @@ async fn blob_throughput(
         ));
     }
 
-    let group = format!("1. blob throughput, {label} blob");
-    let base = format!("blob/{label}/rate/direct");
-    for (i, system) in systems.iter().enumerate() {
-        report.add(
-            format!("blob/{label}/rate/{}", keys[i]),
-            group.clone(),
-            *system,
-            "MB/s",
-            Better::Higher,
-            std::mem::take(&mut rate[i]),
-            Some(base.clone()),
-        );
-    }
-    let group = format!("1. peak RSS of the serving process during one pull, {label} blob");
-    let base = format!("blob/{label}/rss/direct");
-    for (i, system) in systems.iter().enumerate() {
-        if i == 3 {
-            continue; // in-process; its RSS is the benchmark's own
-        }
-        report.add(
-            format!("blob/{label}/rss/{}", keys[i]),
-            group.clone(),
-            *system,
-            "MiB",
-            Better::Lower,
-            std::mem::take(&mut rss[i]),
-            Some(base.clone()),
-        );
-    }
+    // Rows of a group: the systems at `which`, with their samples.
+    let rows = |mut values: Vec<Vec<f64>>, which: &[usize]| {
+        which
+            .iter()
+            .map(|&i| (keys[i], systems[i], std::mem::take(&mut values[i])))
+            .collect::<Vec<_>>()
+    };
+    let all = [0, 1, 2, 3, 4, 5];
+    // The bare stream runs in this process: no RSS, CPU or upstream of its own.
+    let served = [0, 1, 2, 4, 5];
+    let blob_figure = |what: &str| format!("blob/{label}/{what}");
+    report.add_group(
+        &format!("1. blob throughput, {label} blob"),
+        &blob_figure("rate"),
+        "MB/s",
+        Better::Higher,
+        Some("direct"),
+        rows(rate, &all),
+    );
+    report.add_group(
+        &format!("1. peak RSS of the serving process during one pull, {label} blob"),
+        &blob_figure("rss"),
+        "MiB",
+        Better::Lower,
+        Some("direct"),
+        rows(rss, &served),
+    );
+    // CPU time is counted in 10 ms ticks, too coarse for small blobs.
     if size >= CPU_MIN_SIZE {
-        report_cpu(
-            report,
-            &label,
-            &systems,
-            &keys,
-            [cpu, client_cpu, upstream_cpu],
-        );
-    }
-    let group = format!("1. upstream GETs of the blob per pull, {label} blob");
-    let base = format!("blob/{label}/gets/direct");
-    for (i, system) in systems.iter().enumerate() {
-        if i == 3 {
-            continue;
-        }
-        report.add(
-            format!("blob/{label}/gets/{}", keys[i]),
-            group.clone(),
-            *system,
-            "GETs",
+        report.add_group(
+            &format!(
+                "1. CPU seconds per GB moved, serving process (upstream registry for direct), \
+                 {label} blob"
+            ),
+            &blob_figure("cpu"),
+            "CPU s/GB",
             Better::Lower,
-            std::mem::take(&mut gets[i]),
-            Some(base.clone()),
+            Some("direct"),
+            rows(cpu, &served),
+        );
+        report.add_group(
+            &format!(
+                "1. CPU seconds per GB moved, the client (this process; for the bare stream \
+                 also its server), {label} blob"
+            ),
+            &blob_figure("client-cpu"),
+            "CPU s/GB",
+            Better::Lower,
+            Some("direct"),
+            rows(client_cpu, &all),
+        );
+        report.add_group(
+            &format!("1. CPU seconds per GB moved, upstream registry, {label} blob"),
+            &blob_figure("upstream-cpu"),
+            "CPU s/GB",
+            Better::Lower,
+            Some("direct"),
+            rows(upstream_cpu, &[0, 1, 4]),
         );
     }
+    report.add_group(
+        &format!("1. upstream GETs of the blob per pull, {label} blob"),
+        &blob_figure("gets"),
+        "GETs",
+        Better::Lower,
+        Some("direct"),
+        rows(gets, &served),
+    );
 }
 
 /// Smallest blob whose pulls get CPU figures: CPU time is counted in 10 ms
 /// ticks, too coarse for a pull of a few milliseconds.
 const CPU_MIN_SIZE: u64 = 64 << 20;
-
-/// The CPU groups of group 1: seconds per GB of the serving process, the
-/// client and the upstream registry.
-fn report_cpu(
-    report: &mut Report,
-    label: &str,
-    systems: &[&str],
-    keys: &[&str],
-    [mut cpu, mut client_cpu, mut upstream_cpu]: [Vec<Vec<f64>>; 3],
-) {
-    let group = format!(
-        "1. CPU seconds per GB moved, serving process (upstream registry for direct), {label} blob"
-    );
-    let base = format!("blob/{label}/cpu/direct");
-    for (i, system) in systems.iter().enumerate() {
-        if i == 3 {
-            continue;
-        }
-        report.add(
-            format!("blob/{label}/cpu/{}", keys[i]),
-            group.clone(),
-            *system,
-            "CPU s/GB",
-            Better::Lower,
-            std::mem::take(&mut cpu[i]),
-            Some(base.clone()),
-        );
-    }
-    let group = format!(
-        "1. CPU seconds per GB moved, the client (this process; for the bare stream also its server), {label} blob"
-    );
-    let base = format!("blob/{label}/client-cpu/direct");
-    for (i, system) in systems.iter().enumerate() {
-        report.add(
-            format!("blob/{label}/client-cpu/{}", keys[i]),
-            group.clone(),
-            *system,
-            "CPU s/GB",
-            Better::Lower,
-            std::mem::take(&mut client_cpu[i]),
-            Some(base.clone()),
-        );
-    }
-    let group = format!("1. CPU seconds per GB moved, upstream registry, {label} blob");
-    let base = format!("blob/{label}/upstream-cpu/direct");
-    for i in [0, 1, 4] {
-        report.add(
-            format!("blob/{label}/upstream-cpu/{}", keys[i]),
-            group.clone(),
-            systems[i],
-            "CPU s/GB",
-            Better::Lower,
-            std::mem::take(&mut upstream_cpu[i]),
-            Some(base.clone()),
-        );
-    }
-}
 
 /// Group 2 for one number of callers.
 async fn concurrent_pulls(plan: &Plan, world: &World, callers: usize, report: &mut Report) {
@@ -925,20 +882,17 @@ async fn concurrent_pulls(plan: &Plan, world: &World, callers: usize, report: &m
         ("time to last byte", "s", Better::Lower, &mut ttlb),
         ("peak RSS", "MiB", Better::Lower, &mut rss),
     ] {
-        let group = format!("2. {callers} concurrent cold pulls of the {label} blob: {what}");
-        let key = what.replace(' ', "-");
-        let base = format!("pulls/{callers}/{key}/direct");
-        for (i, (system, name)) in systems.iter().enumerate() {
-            report.add(
-                format!("pulls/{callers}/{key}/{system}"),
-                group.clone(),
-                *name,
-                unit,
-                better,
-                std::mem::take(&mut samples[i]),
-                Some(base.clone()),
-            );
-        }
+        report.add_group(
+            &format!("2. {callers} concurrent cold pulls of the {label} blob: {what}"),
+            &format!("pulls/{callers}/{}", what.replace(' ', "-")),
+            unit,
+            better,
+            Some("direct"),
+            systems
+                .iter()
+                .zip(samples.iter_mut())
+                .map(|((key, name), samples)| (*key, *name, std::mem::take(samples))),
+        );
     }
 }
 
@@ -1137,20 +1091,17 @@ async fn manifests(plan: &Plan, world: &World, warm: &Service, report: &mut Repo
             ("p50 latency", "ms", Better::Lower, &mut p50),
             ("p99 latency", "ms", Better::Lower, &mut p99),
         ] {
-            let group = format!("3. manifests by tag, {callers} concurrent caller(s): {what}");
-            let key = what.replace(' ', "-");
-            let base = format!("manifests/{callers}/{key}/direct");
-            for (i, (system, name, _)) in systems.iter().enumerate() {
-                report.add(
-                    format!("manifests/{callers}/{key}/{system}"),
-                    group.clone(),
-                    *name,
-                    unit,
-                    better,
-                    std::mem::take(&mut samples[i]),
-                    Some(base.clone()),
-                );
-            }
+            report.add_group(
+                &format!("3. manifests by tag, {callers} concurrent caller(s): {what}"),
+                &format!("manifests/{callers}/{}", what.replace(' ', "-")),
+                unit,
+                better,
+                Some("direct"),
+                systems
+                    .iter()
+                    .zip(samples.iter_mut())
+                    .map(|((key, name, _), samples)| (*key, *name, std::mem::take(samples))),
+            );
         }
     }
     for (i, (_, name, _)) in systems.iter().enumerate() {
@@ -1161,18 +1112,17 @@ async fn manifests(plan: &Plan, world: &World, warm: &Service, report: &mut Repo
             ));
         }
     }
-    let group = "3. upstream manifest requests per 1,000 calls (every run and concurrency)";
-    for (i, (system, name, _)) in systems.iter().enumerate() {
-        report.add(
-            format!("manifests/upstream-per-1k/{system}"),
-            group,
-            *name,
-            "req",
-            Better::Lower,
-            std::mem::take(&mut upstream_per_1k[i]),
-            None,
-        );
-    }
+    report.add_group(
+        "3. upstream manifest requests per 1,000 calls (every run and concurrency)",
+        "manifests/upstream-per-1k",
+        "req",
+        Better::Lower,
+        None,
+        systems
+            .iter()
+            .zip(upstream_per_1k.iter_mut())
+            .map(|((key, name, _), samples)| (*key, *name, std::mem::take(samples))),
+    );
     discard_proxy(proxy);
 }
 
@@ -1256,27 +1206,22 @@ async fn memory_per_stream(
         }
     }
     discard_proxy(proxy);
-    let group = format!(
-        "4. RSS growth of the serving process with {streams} concurrent warm streams of the {label} blob"
+    let [direct, proxy, oci] = growth;
+    report.add_group(
+        &format!(
+            "4. RSS growth of the serving process with {streams} concurrent warm streams of the \
+             {label} blob"
+        ),
+        "memory",
+        "MiB",
+        Better::Lower,
+        Some("direct"),
+        [
+            ("direct", "direct GETs (upstream registry)", direct),
+            ("proxy", "proxy registry GETs, warm", proxy),
+            ("oci", "oci-upstream FetchBlob, warm", oci),
+        ],
     );
-    for (i, (system, name)) in [
-        ("direct", "direct GETs (upstream registry)"),
-        ("proxy", "proxy registry GETs, warm"),
-        ("oci", "oci-upstream FetchBlob, warm"),
-    ]
-    .iter()
-    .enumerate()
-    {
-        report.add(
-            format!("memory/{system}"),
-            group.clone(),
-            *name,
-            "MiB",
-            Better::Lower,
-            std::mem::take(&mut growth[i]),
-            Some("memory/direct".into()),
-        );
-    }
 }
 
 /// The issue's targets, checked against this run's figures.

@@ -128,6 +128,32 @@ impl Report {
         });
     }
 
+    /// Adds a group of figures that share a unit: each row is `(key, name,
+    /// samples)`, its id `{prefix}/{key}`, and its ratio is taken to the
+    /// row whose key is `base`, when given.
+    pub fn add_group<'a>(
+        &mut self,
+        group: &str,
+        prefix: &str,
+        unit: &'static str,
+        better: Better,
+        base: Option<&str>,
+        rows: impl IntoIterator<Item = (&'a str, &'a str, Vec<f64>)>,
+    ) {
+        let base = base.map(|key| format!("{prefix}/{key}"));
+        for (key, name, samples) in rows {
+            self.add(
+                format!("{prefix}/{key}"),
+                group,
+                name,
+                unit,
+                better,
+                samples,
+                base.clone(),
+            );
+        }
+    }
+
     /// Adds a line to the notes printed under the table.
     pub fn note(&mut self, note: impl Into<String>) {
         let note = note.into();
