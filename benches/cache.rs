@@ -51,13 +51,9 @@ impl Plan {
     }
 }
 
-fn main() {
-    let plan = Plan::from_env();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime builds");
-    runtime.block_on(run(plan));
+#[tokio::main]
+async fn main() {
+    run(Plan::from_env()).await;
 }
 
 async fn run(plan: Plan) {

@@ -283,13 +283,9 @@ fn discard_service(service: Service, cache: PathBuf) {
     let _ = std::fs::remove_dir_all(cache);
 }
 
-fn main() {
-    let plan = Plan::from_env();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime builds");
-    runtime.block_on(run(plan));
+#[tokio::main]
+async fn main() {
+    run(Plan::from_env()).await;
 }
 
 async fn run(plan: Plan) {
