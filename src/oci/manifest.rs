@@ -152,36 +152,26 @@ mod tests {
 
     #[test]
     fn media_type_from_body_header_or_shape() {
-        assert_eq!(
-            inspect(IMAGE.as_bytes(), "").unwrap().as_str(),
-            MediaType::OCI_MANIFEST
-        );
-        assert_eq!(
-            inspect(IMAGE.as_bytes(), MediaType::OCI_MANIFEST)
-                .unwrap()
-                .as_str(),
-            MediaType::OCI_MANIFEST
-        );
-        let bare = r#"{"schemaVersion":2,"manifests":[]}"#;
-        assert_eq!(
-            inspect(bare.as_bytes(), "application/json")
-                .unwrap()
-                .as_str(),
-            MediaType::OCI_INDEX
-        );
-        assert_eq!(
-            inspect(bare.as_bytes(), MediaType::DOCKER_MANIFEST_LIST)
-                .unwrap()
-                .as_str(),
-            MediaType::DOCKER_MANIFEST_LIST
-        );
+        let bare_index = r#"{"schemaVersion":2,"manifests":[]}"#;
         let schema1 = r#"{"schemaVersion":1,"fsLayers":[]}"#;
-        assert_eq!(
-            inspect(schema1.as_bytes(), MediaType::DOCKER_SCHEMA1_SIGNED)
-                .unwrap()
-                .as_str(),
-            MediaType::DOCKER_SCHEMA1_SIGNED
-        );
+        for (body, content_type, expected) in [
+            (IMAGE, "", MediaType::OCI_MANIFEST),
+            (IMAGE, MediaType::OCI_MANIFEST, MediaType::OCI_MANIFEST),
+            (bare_index, "application/json", MediaType::OCI_INDEX),
+            (
+                bare_index,
+                MediaType::DOCKER_MANIFEST_LIST,
+                MediaType::DOCKER_MANIFEST_LIST,
+            ),
+            (
+                schema1,
+                MediaType::DOCKER_SCHEMA1_SIGNED,
+                MediaType::DOCKER_SCHEMA1_SIGNED,
+            ),
+        ] {
+            let found = inspect(body.as_bytes(), content_type).unwrap();
+            assert_eq!(found.as_str(), expected, "{content_type:?}: {body}");
+        }
     }
 
     #[test]
