@@ -752,18 +752,15 @@ fn is_internal(host: &str) -> bool {
     }
 }
 
-/// The last two labels of a DNS name (`auth.docker.io` → `docker.io`); none
-/// for IP literals and single-label names.
+/// The registrable domain of a DNS name by the Public Suffix List: one
+/// label more than its public suffix (`auth.docker.io` → `docker.io`,
+/// `registry.example.co.uk` → `example.co.uk`); none for IP literals, for
+/// single-label names and for public suffixes themselves.
 fn registrable_domain(host: &str) -> Option<&str> {
-    if host.parse::<IpAddr>().is_ok() || host.starts_with('[') {
+    if host.parse::<IpAddr>().is_ok() || host.starts_with('[') || !host.contains('.') {
         return None;
     }
-    let mut dots = host.rmatch_indices('.');
-    dots.next()?;
-    Some(match dots.next() {
-        Some((i, _)) => &host[i + 1..],
-        None => host,
-    })
+    psl::domain_str(host)
 }
 
 #[cfg(test)]
@@ -866,6 +863,17 @@ mod tests {
         ));
         assert!(!allowed("https://ghcr.io", "https://evil.example/token"));
         assert!(
+            !allowed(
+                "https://registry.example.co.uk",
+                "https://auth.attacker.co.uk/token"
+            ),
+            "co.uk is a public suffix, not a shared domain"
+        );
+        assert!(allowed(
+            "https://registry.example.co.uk",
+            "https://auth.example.co.uk/token"
+        ));
+        assert!(
             !allowed("https://ghcr.io", "http://ghcr.io/token"),
             "https downgrade"
         );
@@ -894,9 +902,16 @@ mod tests {
 
     #[test]
     fn registrable_domains() {
-        assert_eq!(registrable_domain("auth.docker.io"), Some("docker.io"));
-        assert_eq!(registrable_domain("docker.io"), Some("docker.io"));
-        assert_eq!(registrable_domain("localhost"), None);
-        assert_eq!(registrable_domain("10.1.2.3"), None);
+        for (host, domain) in [
+            ("auth.docker.io", Some("docker.io")),
+            ("docker.io", Some("docker.io")),
+            ("registry.example.co.uk", Some("example.co.uk")),
+            ("co.uk", None),
+            ("registry.corp.internal", Some("corp.internal")),
+            ("localhost", None),
+            ("10.1.2.3", None),
+        ] {
+            assert_eq!(registrable_domain(host), domain, "{host}");
+        }
     }
 }
