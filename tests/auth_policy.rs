@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,11 +23,10 @@ use axum::serve::{Listener, ListenerExt as _};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use common::Service;
+use common::rpc::{fetch_blob_bytes, fetch_manifest};
 use common::tls::TestCa;
 use common::token_issuer::{AuthRegistry, OCI_MANIFEST, sha256_digest};
-use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
-use oci_upstream::pb::{FetchBlobRequest, FetchManifestRequest, FetchManifestResponse};
-use tonic::transport::Channel;
+use oci_upstream::pb::FetchManifestResponse;
 use tonic::{Code, Status};
 
 const REPO: &str = "team/app";
@@ -36,46 +34,6 @@ const REPO: &str = "team/app";
 const GOOD_TOKEN: &str = "tok-good-5b0e";
 /// A public-looking upstream host, reached through the recording proxy.
 const PUBLIC_REGISTRY: &str = "registry.example.com";
-
-/// Upper bound on one RPC so a hung service fails instead of hanging CI.
-const RPC_BOUND: Duration = Duration::from_secs(60);
-
-type Client = UpstreamServiceClient<Channel>;
-
-async fn bounded<F: Future>(fut: F) -> F::Output {
-    tokio::time::timeout(RPC_BOUND, fut)
-        .await
-        .expect("the service answered within the RPC bound")
-}
-
-async fn manifest(client: &mut Client, reference: &str) -> Result<FetchManifestResponse, Status> {
-    bounded(client.fetch_manifest(FetchManifestRequest {
-        repository: REPO.into(),
-        reference: reference.into(),
-        ..Default::default()
-    }))
-    .await
-    .map(tonic::Response::into_inner)
-}
-
-async fn blob(client: &mut Client, digest: &str) -> Result<Vec<u8>, Status> {
-    bounded(async {
-        let mut stream = client
-            .fetch_blob(FetchBlobRequest {
-                repository: REPO.into(),
-                digest: digest.into(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        let mut data = Vec::new();
-        while let Some(msg) = stream.message().await? {
-            data.extend_from_slice(&msg.data);
-        }
-        Ok(data)
-    })
-    .await
-}
 
 // ---------------------------------------------------------------------------
 // A recording fake HTTP server.
@@ -374,18 +332,20 @@ async fn docker_config_credentials_are_picked_up_after_rotation_without_restart(
         ),
     ));
     let mut client = service.client().await;
-    let resp = manifest(&mut client, "v1")
+    let resp = fetch_manifest(&mut client, REPO, "v1")
         .await
         .expect("FetchManifest with the original credentials");
     assert_eq!(resp.digest, v1.digest);
     assert_eq!(
-        blob(&mut client, &v1.layer.0).await.expect("FetchBlob"),
+        fetch_blob_bytes(&mut client, REPO, &v1.layer.0)
+            .await
+            .expect("FetchBlob"),
         v1.layer.1.as_ref()
     );
 
     // The registry now only accepts the new password (same port, same storage).
     registry.restart_htpasswd(user, new).await;
-    let status = manifest(&mut client, "v3")
+    let status = fetch_manifest(&mut client, REPO, "v3")
         .await
         .expect_err("the old password must no longer work");
     assert_eq!(
@@ -399,7 +359,7 @@ async fn docker_config_credentials_are_picked_up_after_rotation_without_restart(
     write_secret_volume(secret.path(), 2, &registry.host(), &encode(new));
     let deadline = Instant::now() + Duration::from_secs(5);
     let resp = loop {
-        match manifest(&mut client, "v2").await {
+        match fetch_manifest(&mut client, REPO, "v2").await {
             Ok(resp) => break resp,
             Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -413,7 +373,7 @@ async fn docker_config_credentials_are_picked_up_after_rotation_without_restart(
     };
     assert_eq!(resp.digest, v2.digest);
     assert_eq!(
-        blob(&mut client, &v2.layer.0)
+        fetch_blob_bytes(&mut client, REPO, &v2.layer.0)
             .await
             .expect("FetchBlob after rotation"),
         v2.layer.1.as_ref()
@@ -466,11 +426,11 @@ async fn bearer_challenge_among_several_lowercase_and_without_scope_is_followed(
         let service = Service::start(&upstream(&fake.url(), ""));
         let mut client = service.client().await;
 
-        let resp = manifest(&mut client, "v1")
+        let resp = fetch_manifest(&mut client, REPO, "v1")
             .await
             .unwrap_or_else(|s| panic!("{what}: FetchManifest: {:?}: {}", s.code(), s.message()));
         assert_eq!(resp.manifest, content.manifest, "{what}");
-        let data = blob(&mut client, &content.blob_digest)
+        let data = fetch_blob_bytes(&mut client, REPO, &content.blob_digest)
             .await
             .unwrap_or_else(|s| panic!("{what}: FetchBlob: {:?}: {}", s.code(), s.message()));
         assert_eq!(data, content.blob.as_ref(), "{what}");
@@ -532,7 +492,7 @@ async fn through_proxy(
         &format!("proxy = \"{}\"\n{extra}", proxy.url()),
     ));
     let mut client = service.client().await;
-    let result = manifest(&mut client, "v1").await;
+    let result = fetch_manifest(&mut client, REPO, "v1").await;
     (proxy, result)
 }
 
@@ -577,7 +537,7 @@ async fn realm_on_the_same_host_at_another_port_is_used() {
     .await;
     let service = Service::start(&upstream(&registry.url(), ""));
     let mut client = service.client().await;
-    let resp = manifest(&mut client, "v1")
+    let resp = fetch_manifest(&mut client, REPO, "v1")
         .await
         .expect("a realm on the upstream's own host (another port) is allowed");
     assert_eq!(resp.manifest, content.manifest);
@@ -690,7 +650,7 @@ async fn token_endpoint_redirect_to_another_domain_is_refused() {
         ),
     ));
     let mut client = service.client().await;
-    let result = manifest(&mut client, "v1").await;
+    let result = fetch_manifest(&mut client, REPO, "v1").await;
     assert!(
         !proxy.seen_for("auth.example.com").is_empty(),
         "the allowed realm was never asked: {:?}",
@@ -717,7 +677,7 @@ async fn token_endpoint_redirect_from_127_0_0_1_to_localhost_is_refused() {
     .await;
     let service = Service::start(&upstream(&registry.url(), ""));
     let mut client = service.client().await;
-    let result = manifest(&mut client, "v1").await;
+    let result = fetch_manifest(&mut client, REPO, "v1").await;
     assert!(!token.seen().is_empty(), "the realm itself was never asked");
     assert_eq!(
         target.connections(),
@@ -743,7 +703,7 @@ async fn realm_on_localhost_for_a_127_0_0_1_upstream_is_refused() {
     .await;
     let service = Service::start(&upstream(&registry.url(), ""));
     let mut client = service.client().await;
-    let result = manifest(&mut client, "v1").await;
+    let result = fetch_manifest(&mut client, REPO, "v1").await;
     assert_eq!(
         target.connections(),
         0,
@@ -782,7 +742,7 @@ async fn https_upstream_is_trusted_through_ca_file_and_its_https_realm_is_used()
     registry.set(tokens_and_content(format!("{}/token", registry.url())));
 
     let untrusting = Service::start(&upstream(&registry.url(), ""));
-    let status = manifest(&mut untrusting.client().await, "v1")
+    let status = fetch_manifest(&mut untrusting.client().await, REPO, "v1")
         .await
         .expect_err("a certificate from an unknown authority must not be trusted");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
@@ -793,7 +753,7 @@ async fn https_upstream_is_trusted_through_ca_file_and_its_https_realm_is_used()
     );
 
     let service = Service::start(&upstream(&registry.url(), &ca_file_line(&ca)));
-    let resp = manifest(&mut service.client().await, "v1")
+    let resp = fetch_manifest(&mut service.client().await, REPO, "v1")
         .await
         .expect("the upstream's certificate is trusted through ca_file");
     assert_eq!(resp.manifest, content().manifest);
@@ -813,7 +773,7 @@ async fn plain_http_realm_for_an_https_upstream_is_refused() {
     let realm = format!("{}/token", target.url());
     let registry = Fake::start_tls(&ca, tokens_and_content(realm.clone())).await;
     let service = Service::start(&upstream(&registry.url(), &ca_file_line(&ca)));
-    let result = manifest(&mut service.client().await, "v1").await;
+    let result = fetch_manifest(&mut service.client().await, REPO, "v1").await;
     let status = assert_refused(&registry, result, &target.addr.to_string(), "http realm");
     assert_eq!(
         target.connections(),
@@ -875,7 +835,7 @@ async fn blob_redirect_to_another_host_carries_no_authorization() {
     ));
     let mut client = service.client().await;
 
-    let data = blob(&mut client, &content.blob_digest)
+    let data = fetch_blob_bytes(&mut client, REPO, &content.blob_digest)
         .await
         .unwrap_or_else(|s| panic!("FetchBlob via a redirect: {:?}: {}", s.code(), s.message()));
     assert_eq!(data, content.blob.as_ref(), "blob bytes after the redirect");

@@ -5,29 +5,13 @@
 
 mod common;
 
-use std::future::Future;
-use std::time::Duration;
-
 use common::Service;
 use common::registry::{Image, Registry, upstream_toml};
-use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
-use oci_upstream::pb::{
-    FetchBlobRequest, FetchManifestRequest, FetchTagsRequest, HeadBlobRequest, HeadManifestRequest,
-};
-use tonic::transport::Channel;
+use common::rpc::{Client, fetch_blob_bytes, fetch_manifest, fetch_tags, head_blob, head_manifest};
 use tonic::{Code, Status};
 
 const USER: &str = "alice";
 const PASSWORD: &str = "s3cr3t-Pa55";
-
-/// Upper bound on one RPC so a hung service fails instead of hanging CI.
-const RPC_BOUND: Duration = Duration::from_secs(60);
-
-async fn bounded<F: Future>(fut: F) -> F::Output {
-    tokio::time::timeout(RPC_BOUND, fut)
-        .await
-        .expect("the service answered within the RPC bound")
-}
 
 /// An auth-protected registry holding `team/app:v1`.
 async fn protected_registry() -> (Registry, Image) {
@@ -53,60 +37,34 @@ fn password_file(dir: &tempfile::TempDir, content: &str) -> String {
 }
 
 /// Fetches manifest, blob and tags of `image` and checks the content.
-async fn fetch_everything(client: &mut UpstreamServiceClient<Channel>, image: &Image) {
-    let resp = bounded(client.fetch_manifest(FetchManifestRequest {
-        repository: "team/app".into(),
-        reference: "v1".into(),
-        ..Default::default()
-    }))
-    .await
-    .expect("FetchManifest with basic credentials")
-    .into_inner();
+async fn fetch_everything(client: &mut Client, image: &Image) {
+    let resp = fetch_manifest(client, "team/app", "v1")
+        .await
+        .expect("FetchManifest with basic credentials");
     assert_eq!(resp.manifest, image.manifest.bytes);
     assert_eq!(resp.digest, image.manifest.digest);
     assert_eq!(resp.source.map(|s| s.upstream).as_deref(), Some("private"));
 
     let layer = &image.layers[0];
-    let mut stream = bounded(client.fetch_blob(FetchBlobRequest {
-        repository: "team/app".into(),
-        digest: layer.digest.clone(),
-        ..Default::default()
-    }))
-    .await
-    .expect("FetchBlob with basic credentials")
-    .into_inner();
-    let mut data = Vec::new();
-    while let Some(msg) = bounded(stream.message())
+    let data = fetch_blob_bytes(client, "team/app", &layer.digest)
         .await
-        .expect("FetchBlob stream with basic credentials")
-    {
-        data.extend_from_slice(&msg.data);
-    }
+        .expect("FetchBlob with basic credentials");
     assert_eq!(data, layer.data.as_ref(), "blob bytes");
 
-    let resp = bounded(client.head_blob(HeadBlobRequest {
-        repository: "team/app".into(),
-        digest: layer.digest.clone(),
-        ..Default::default()
-    }))
-    .await
-    .expect("HeadBlob with basic credentials")
-    .into_inner();
+    let resp = head_blob(client, "team/app", &layer.digest)
+        .await
+        .expect("HeadBlob with basic credentials");
     assert!(resp.exists);
 
-    let resp = bounded(client.fetch_tags(FetchTagsRequest {
-        repository: "team/app".into(),
-        ..Default::default()
-    }))
-    .await
-    .expect("FetchTags with basic credentials")
-    .into_inner();
+    let resp = fetch_tags(client, "team/app")
+        .await
+        .expect("FetchTags with basic credentials");
     assert_eq!(resp.tags, ["v1"]);
 }
 
 /// Asserts that every RPC against `team/app` is PERMISSION_DENIED, and that
 /// no message leaks `secret`.
-async fn expect_denied(client: &mut UpstreamServiceClient<Channel>, image: &Image, secret: &str) {
+async fn expect_denied(client: &mut Client, image: &Image, secret: &str) {
     let mut problems = Vec::new();
     let mut check = |what: &str, result: Result<(), Status>| match result {
         Err(s) if s.code() == Code::PermissionDenied => {
@@ -125,50 +83,16 @@ async fn expect_denied(client: &mut UpstreamServiceClient<Channel>, image: &Imag
         Ok(()) => problems.push(format!("{what}: expected PERMISSION_DENIED, got OK")),
     };
 
-    let result = bounded(client.fetch_manifest(FetchManifestRequest {
-        repository: "team/app".into(),
-        reference: "v1".into(),
-        ..Default::default()
-    }))
-    .await;
+    let digest = &image.layers[0].digest;
+    let result = fetch_manifest(client, "team/app", "v1").await;
     check("FetchManifest", result.map(drop));
-
-    let result = bounded(client.head_manifest(HeadManifestRequest {
-        repository: "team/app".into(),
-        reference: "v1".into(),
-        ..Default::default()
-    }))
-    .await;
+    let result = head_manifest(client, "team/app", "v1").await;
     check("HeadManifest (not exists=false)", result.map(drop));
-
-    let result = bounded(async {
-        let mut stream = client
-            .fetch_blob(FetchBlobRequest {
-                repository: "team/app".into(),
-                digest: image.layers[0].digest.clone(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        while stream.message().await?.is_some() {}
-        Ok(())
-    })
-    .await;
-    check("FetchBlob", result);
-
-    let result = bounded(client.head_blob(HeadBlobRequest {
-        repository: "team/app".into(),
-        digest: image.layers[0].digest.clone(),
-        ..Default::default()
-    }))
-    .await;
+    let result = fetch_blob_bytes(client, "team/app", digest).await;
+    check("FetchBlob", result.map(drop));
+    let result = head_blob(client, "team/app", digest).await;
     check("HeadBlob (not exists=false)", result.map(drop));
-
-    let result = bounded(client.fetch_tags(FetchTagsRequest {
-        repository: "team/app".into(),
-        ..Default::default()
-    }))
-    .await;
+    let result = fetch_tags(client, "team/app").await;
     check("FetchTags", result.map(drop));
 
     assert!(problems.is_empty(), "{}", problems.join("\n"));

@@ -8,33 +8,17 @@
 
 mod common;
 
-use std::future::Future;
 use std::time::Duration;
 
 use base64::Engine as _;
 use common::Service;
+use common::rpc::{Client, fetch_blob_bytes, fetch_manifest, fetch_tags};
 use common::token_issuer::{AuthRegistry, IssuerSettings, PushedImage, SERVICE, TokenIssuer};
-use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
-use oci_upstream::pb::{
-    FetchBlobRequest, FetchManifestRequest, FetchManifestResponse, FetchTagsRequest,
-};
-use tonic::transport::Channel;
-use tonic::{Code, Status};
+use tonic::Code;
 
 const REPO: &str = "team/app";
 const USER: &str = "alice";
 const PASSWORD: &str = "Tr0ub4dor-and-3";
-
-/// Upper bound on one RPC so a hung service fails instead of hanging CI.
-const RPC_BOUND: Duration = Duration::from_secs(60);
-
-type Client = UpstreamServiceClient<Channel>;
-
-async fn bounded<F: Future>(fut: F) -> F::Output {
-    tokio::time::timeout(RPC_BOUND, fut)
-        .await
-        .expect("the service answered within the RPC bound")
-}
 
 /// The service config: one upstream `reg` for `registry`, then `auth` lines.
 fn config(registry: &AuthRegistry, auth: &str) -> String {
@@ -54,53 +38,15 @@ fn basic_auth(dir: &tempfile::TempDir, password: &str) -> String {
     )
 }
 
-async fn manifest(client: &mut Client, reference: &str) -> Result<FetchManifestResponse, Status> {
-    bounded(client.fetch_manifest(FetchManifestRequest {
-        repository: REPO.into(),
-        reference: reference.into(),
-        ..Default::default()
-    }))
-    .await
-    .map(tonic::Response::into_inner)
-}
-
-async fn blob(client: &mut Client, digest: &str) -> Result<Vec<u8>, Status> {
-    bounded(async {
-        let mut stream = client
-            .fetch_blob(FetchBlobRequest {
-                repository: REPO.into(),
-                digest: digest.into(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        let mut data = Vec::new();
-        while let Some(msg) = stream.message().await? {
-            data.extend_from_slice(&msg.data);
-        }
-        Ok(data)
-    })
-    .await
-}
-
-async fn tags(client: &mut Client) -> Result<Vec<String>, Status> {
-    bounded(client.fetch_tags(FetchTagsRequest {
-        repository: REPO.into(),
-        ..Default::default()
-    }))
-    .await
-    .map(|r| r.into_inner().tags)
-}
-
 /// Fetches `image`'s manifest (by `tag`), both blobs, and checks the bytes.
 async fn fetch_image(client: &mut Client, tag: &str, image: &PushedImage) {
-    let resp = manifest(client, tag)
+    let resp = fetch_manifest(client, REPO, tag)
         .await
         .unwrap_or_else(|s| panic!("FetchManifest {REPO}:{tag}: {s:?}"));
     assert_eq!(resp.manifest, image.manifest, "manifest bytes of {tag}");
     assert_eq!(resp.digest, image.digest, "manifest digest of {tag}");
     for (digest, data) in [&image.layer, &image.config] {
-        let got = blob(client, digest)
+        let got = fetch_blob_bytes(client, REPO, digest)
             .await
             .unwrap_or_else(|s| panic!("FetchBlob {digest}: {s:?}"));
         assert_eq!(got, data.as_ref(), "blob {digest}");
@@ -122,7 +68,10 @@ async fn anonymous_token_flow_fetches_manifest_blob_and_tags() {
     let mut client = service.client().await;
 
     fetch_image(&mut client, "v1", &image).await;
-    assert_eq!(tags(&mut client).await.expect("FetchTags"), ["v1"]);
+    assert_eq!(
+        fetch_tags(&mut client, REPO).await.expect("FetchTags").tags,
+        ["v1"]
+    );
 
     let requests = issuer.get_requests();
     assert!(
@@ -166,7 +115,10 @@ async fn basic_credentials_are_sent_to_an_issuer_that_requires_them() {
     let mut client = service.client().await;
 
     fetch_image(&mut client, "v1", &image).await;
-    assert_eq!(tags(&mut client).await.expect("FetchTags"), ["v1"]);
+    assert_eq!(
+        fetch_tags(&mut client, REPO).await.expect("FetchTags").tags,
+        ["v1"]
+    );
 
     let requests = issuer.get_requests();
     assert!(!requests.is_empty(), "no token request");
@@ -185,12 +137,17 @@ async fn wrong_password_at_the_issuer_is_permission_denied() {
     let mut client = service.client().await;
 
     let results = [
-        ("FetchManifest", manifest(&mut client, "v1").await.map(drop)),
+        (
+            "FetchManifest",
+            fetch_manifest(&mut client, REPO, "v1").await.map(drop),
+        ),
         (
             "FetchBlob",
-            blob(&mut client, &image.layer.0).await.map(drop),
+            fetch_blob_bytes(&mut client, REPO, &image.layer.0)
+                .await
+                .map(drop),
         ),
-        ("FetchTags", tags(&mut client).await.map(drop)),
+        ("FetchTags", fetch_tags(&mut client, REPO).await.map(drop)),
     ];
     for (what, result) in results {
         match result {
@@ -235,7 +192,7 @@ async fn many_fetches_of_one_repository_use_one_token() {
     for (tag, image) in &images {
         fetch_image(&mut client, tag, image).await;
     }
-    let mut listed = tags(&mut client).await.expect("FetchTags");
+    let mut listed = fetch_tags(&mut client, REPO).await.expect("FetchTags").tags;
     listed.sort();
     assert_eq!(listed, ["v1", "v2", "v3", "v4"]);
 
@@ -260,7 +217,7 @@ async fn concurrent_first_fetches_share_one_token_request() {
     let fetches = images.iter().map(|(tag, image)| {
         let mut client = client.clone();
         async move {
-            let resp = manifest(&mut client, tag)
+            let resp = fetch_manifest(&mut client, REPO, tag)
                 .await
                 .unwrap_or_else(|s| panic!("FetchManifest {tag}: {s:?}"));
             assert_eq!(resp.digest, image.digest, "{tag}");
@@ -293,7 +250,7 @@ async fn expired_token_is_replaced_by_a_new_token_request() {
 
     // Wall-clock expiry is the behaviour under test; wait it out (bounded).
     tokio::time::sleep(lifetime + Duration::from_millis(500)).await;
-    let resp = manifest(&mut client, "v2")
+    let resp = fetch_manifest(&mut client, REPO, "v2")
         .await
         .expect("FetchManifest after the token expired");
     assert_eq!(resp.digest, v2.digest);
@@ -318,7 +275,7 @@ async fn token_lifetime_counts_from_issued_at() {
     let before = issuer.requests().len();
     assert!(before >= 1, "no token request for the first fetch");
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let resp = manifest(&mut client, "v2")
+    let resp = fetch_manifest(&mut client, REPO, "v2")
         .await
         .expect("FetchManifest after the token's issued_at + expires_in");
     assert_eq!(resp.digest, v2.digest);
@@ -351,7 +308,7 @@ async fn docker_config_identitytoken_uses_the_oauth2_refresh_token_form() {
     ));
     let mut client = service.client().await;
 
-    let result = manifest(&mut client, "v1").await;
+    let result = fetch_manifest(&mut client, REPO, "v1").await;
     let posts = issuer.post_requests();
     let resp = result.unwrap_or_else(|s| {
         panic!(
@@ -403,25 +360,15 @@ async fn no_password_or_token_appears_in_the_logs() {
     // does not have, and credentials the issuer refuses.
     fetch_image(&mut client, "v1", &image).await;
     fetch_image(&mut client, "v2", &v2).await;
-    tags(&mut client).await.expect("FetchTags");
-    let missing = bounded(client.fetch_manifest(FetchManifestRequest {
-        repository: "team/missing".into(),
-        reference: "v1".into(),
-        ..Default::default()
-    }))
-    .await;
+    fetch_tags(&mut client, REPO).await.expect("FetchTags");
+    let missing = fetch_manifest(&mut client, "team/missing", "v1").await;
     assert_eq!(
         missing.map(drop).map_err(|s| s.code()),
         Err(Code::NotFound),
         "a repository the registry does not have"
     );
     issuer.update(|s| s.users = vec![(USER.into(), "rotated-elsewhere".into())]);
-    let refused = bounded(client.fetch_manifest(FetchManifestRequest {
-        repository: "team/other".into(),
-        reference: "v1".into(),
-        ..Default::default()
-    }))
-    .await;
+    let refused = fetch_manifest(&mut client, "team/other", "v1").await;
     assert_eq!(
         refused.map(drop).map_err(|s| s.code()),
         Err(Code::PermissionDenied),

@@ -1,14 +1,15 @@
-//! Unary RPC helpers shared by tests: each call is bounded by
-//! [`RPC_BOUND`], so a hung service fails the test instead of hanging CI
-//! (a bound, not a timing assertion).
+//! RPC helpers shared by tests: each call is bounded by [`RPC_BOUND`], so a
+//! hung service fails the test instead of hanging CI (a bound, not a timing
+//! assertion).
 
 use std::future::Future;
 use std::time::Duration;
 
 use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
 use oci_upstream::pb::{
-    FetchManifestRequest, FetchManifestResponse, HeadBlobRequest, HeadBlobResponse,
-    HeadManifestRequest, HeadManifestResponse,
+    FetchBlobRequest, FetchManifestRequest, FetchManifestResponse, FetchTagsRequest,
+    FetchTagsResponse, HeadBlobRequest, HeadBlobResponse, HeadManifestRequest,
+    HeadManifestResponse,
 };
 use tonic::Status;
 use tonic::transport::Channel;
@@ -26,19 +27,69 @@ pub async fn bounded<F: Future>(fut: F) -> F::Output {
         .expect("the service answered within the RPC bound")
 }
 
+/// Awaits a unary `call` within [`RPC_BOUND`] and returns its message, for
+/// requests the helpers below do not build (platform, paging, `upstream`,
+/// `accept`, bad input).
+pub async fn unary<T>(
+    call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, Status> {
+    bounded(call).await.map(tonic::Response::into_inner)
+}
+
+/// A FetchManifest request for `repository` at `reference`; other fields
+/// default.
+pub fn manifest_request(repository: &str, reference: &str) -> FetchManifestRequest {
+    FetchManifestRequest {
+        repository: repository.into(),
+        reference: reference.into(),
+        ..Default::default()
+    }
+}
+
+/// A HeadManifest request for `repository` at `reference`; other fields
+/// default.
+pub fn head_manifest_request(repository: &str, reference: &str) -> HeadManifestRequest {
+    HeadManifestRequest {
+        repository: repository.into(),
+        reference: reference.into(),
+        ..Default::default()
+    }
+}
+
+/// A FetchBlob request for the whole blob `digest` in `repository`; other
+/// fields default.
+pub fn blob_request(repository: &str, digest: &str) -> FetchBlobRequest {
+    FetchBlobRequest {
+        repository: repository.into(),
+        digest: digest.into(),
+        ..Default::default()
+    }
+}
+
+/// A HeadBlob request for `digest` in `repository`; other fields default.
+pub fn head_blob_request(repository: &str, digest: &str) -> HeadBlobRequest {
+    HeadBlobRequest {
+        repository: repository.into(),
+        digest: digest.into(),
+        ..Default::default()
+    }
+}
+
+/// A FetchTags request for all tags of `repository` (no `n`, no `last`).
+pub fn tags_request(repository: &str) -> FetchTagsRequest {
+    FetchTagsRequest {
+        repository: repository.into(),
+        ..Default::default()
+    }
+}
+
 /// FetchManifest of `repository` at `reference`.
 pub async fn fetch_manifest(
     client: &mut Client,
     repository: &str,
     reference: &str,
 ) -> Result<FetchManifestResponse, Status> {
-    bounded(client.fetch_manifest(FetchManifestRequest {
-        repository: repository.into(),
-        reference: reference.into(),
-        ..Default::default()
-    }))
-    .await
-    .map(tonic::Response::into_inner)
+    unary(client.fetch_manifest(manifest_request(repository, reference))).await
 }
 
 /// HeadManifest of `repository` at `reference`.
@@ -47,13 +98,7 @@ pub async fn head_manifest(
     repository: &str,
     reference: &str,
 ) -> Result<HeadManifestResponse, Status> {
-    bounded(client.head_manifest(HeadManifestRequest {
-        repository: repository.into(),
-        reference: reference.into(),
-        ..Default::default()
-    }))
-    .await
-    .map(tonic::Response::into_inner)
+    unary(client.head_manifest(head_manifest_request(repository, reference))).await
 }
 
 /// HeadBlob of `digest` in `repository`.
@@ -62,11 +107,35 @@ pub async fn head_blob(
     repository: &str,
     digest: &str,
 ) -> Result<HeadBlobResponse, Status> {
-    bounded(client.head_blob(HeadBlobRequest {
-        repository: repository.into(),
-        digest: digest.into(),
-        ..Default::default()
-    }))
+    unary(client.head_blob(head_blob_request(repository, digest))).await
+}
+
+/// FetchTags of all tags of `repository`.
+pub async fn fetch_tags(
+    client: &mut Client,
+    repository: &str,
+) -> Result<FetchTagsResponse, Status> {
+    unary(client.fetch_tags(tags_request(repository))).await
+}
+
+/// FetchBlob of the whole blob `digest` in `repository`, read to the end of
+/// the stream (the whole read within [`RPC_BOUND`]): the blob's bytes, or the
+/// status the call or the stream ended with.
+pub async fn fetch_blob_bytes(
+    client: &mut Client,
+    repository: &str,
+    digest: &str,
+) -> Result<Vec<u8>, Status> {
+    bounded(async {
+        let mut stream = client
+            .fetch_blob(blob_request(repository, digest))
+            .await?
+            .into_inner();
+        let mut data = Vec::new();
+        while let Some(msg) = stream.message().await? {
+            data.extend_from_slice(&msg.data);
+        }
+        Ok(data)
+    })
     .await
-    .map(tonic::Response::into_inner)
 }
