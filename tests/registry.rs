@@ -6,67 +6,21 @@
 mod common;
 
 use std::fmt::Debug;
-use std::future::Future;
-use std::time::Duration;
 
 use common::Service;
 use common::registry::{OCI_INDEX, OCI_MANIFEST, Registry, pseudo_random_bytes, upstream_toml};
-use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
+use common::rpc::{
+    Client, blob_request, bounded, fetch_manifest, fetch_tags, head_blob, head_blob_request,
+    head_manifest, head_manifest_request, manifest_request, tags_request, unary,
+};
 use oci_upstream::pb::{
     BlobInfo, FetchBlobRequest, FetchBlobResponse, FetchManifestRequest, FetchManifestResponse,
-    FetchTagsRequest, FetchTagsResponse, HeadBlobRequest, HeadBlobResponse, HeadManifestRequest,
-    HeadManifestResponse, Platform,
+    FetchTagsRequest, FetchTagsResponse, HeadBlobRequest, HeadManifestRequest, Platform,
 };
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-type Client = UpstreamServiceClient<Channel>;
-
-/// Upper bound on one RPC, so a hung service fails the test instead of
-/// hanging CI. Not a timing assertion: healthy calls take milliseconds.
-const RPC_BOUND: Duration = Duration::from_secs(60);
 /// The most `data` one FetchBlob message may carry.
 const MAX_MESSAGE_DATA: usize = 1 << 20;
-
-/// Awaits `fut`, failing the test if it takes longer than [`RPC_BOUND`].
-async fn bounded<F: Future>(fut: F) -> F::Output {
-    tokio::time::timeout(RPC_BOUND, fut)
-        .await
-        .expect("the service answered within the RPC bound")
-}
-
-async fn fetch_manifest(
-    client: &mut Client,
-    req: FetchManifestRequest,
-) -> Result<FetchManifestResponse, Status> {
-    bounded(client.fetch_manifest(req))
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-async fn head_manifest(
-    client: &mut Client,
-    req: HeadManifestRequest,
-) -> Result<HeadManifestResponse, Status> {
-    bounded(client.head_manifest(req))
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-async fn head_blob(client: &mut Client, req: HeadBlobRequest) -> Result<HeadBlobResponse, Status> {
-    bounded(client.head_blob(req))
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-async fn fetch_tags(
-    client: &mut Client,
-    req: FetchTagsRequest,
-) -> Result<FetchTagsResponse, Status> {
-    bounded(client.fetch_tags(req))
-        .await
-        .map(tonic::Response::into_inner)
-}
 
 /// A whole FetchBlob stream, checked for the framing the contract promises.
 #[derive(Debug)]
@@ -123,68 +77,47 @@ async fn fetch_blob(client: &mut Client, req: FetchBlobRequest) -> Result<BlobRe
     .await
 }
 
-fn manifest_req(repository: &str, reference: &str) -> FetchManifestRequest {
-    FetchManifestRequest {
-        repository: repository.into(),
-        reference: reference.into(),
-        ..Default::default()
-    }
-}
-
-fn platform_req(
+/// FetchManifest of `repository` at `reference` for `platform`
+/// (`(os, architecture, variant)`).
+async fn fetch_for_platform(
+    client: &mut Client,
     repository: &str,
     reference: &str,
     platform: (&str, &str, &str),
-) -> FetchManifestRequest {
-    FetchManifestRequest {
+) -> Result<FetchManifestResponse, Status> {
+    unary(client.fetch_manifest(FetchManifestRequest {
         platform: Some(Platform {
             os: platform.0.into(),
             architecture: platform.1.into(),
             variant: platform.2.into(),
         }),
-        ..manifest_req(repository, reference)
-    }
-}
-
-fn head_manifest_req(repository: &str, reference: &str) -> HeadManifestRequest {
-    HeadManifestRequest {
-        repository: repository.into(),
-        reference: reference.into(),
-        ..Default::default()
-    }
-}
-
-fn blob_req(repository: &str, digest: &str) -> FetchBlobRequest {
-    FetchBlobRequest {
-        repository: repository.into(),
-        digest: digest.into(),
-        ..Default::default()
-    }
+        ..manifest_request(repository, reference)
+    }))
+    .await
 }
 
 fn range_req(repository: &str, digest: &str, offset: i64, length: i64) -> FetchBlobRequest {
     FetchBlobRequest {
         offset,
         length,
-        ..blob_req(repository, digest)
+        ..blob_request(repository, digest)
     }
 }
 
-fn head_blob_req(repository: &str, digest: &str) -> HeadBlobRequest {
-    HeadBlobRequest {
-        repository: repository.into(),
-        digest: digest.into(),
-        ..Default::default()
-    }
-}
-
-fn tags_req(repository: &str, n: i32, last: &str) -> FetchTagsRequest {
-    FetchTagsRequest {
-        repository: repository.into(),
+/// One page of FetchTags of `repository`: at most `n` tags (0: all), after
+/// `last`.
+async fn fetch_tags_page(
+    client: &mut Client,
+    repository: &str,
+    n: i32,
+    last: &str,
+) -> Result<FetchTagsResponse, Status> {
+    unary(client.fetch_tags(FetchTagsRequest {
         n,
         last: last.into(),
-        ..Default::default()
-    }
+        ..tags_request(repository)
+    }))
+    .await
 }
 
 fn source_of(source: &Option<oci_upstream::pb::Source>) -> &str {
@@ -283,7 +216,7 @@ async fn fetch_manifest_by_tag_and_by_digest() {
     let image = f.registry.push_image("team/app", "v1").await;
 
     for reference in ["v1", image.manifest.digest.as_str()] {
-        let resp = fetch_manifest(&mut f.client, manifest_req("team/app", reference))
+        let resp = fetch_manifest(&mut f.client, "team/app", reference)
             .await
             .unwrap_or_else(|s| panic!("FetchManifest team/app {reference}: {s:?}"));
         assert_eq!(
@@ -310,7 +243,7 @@ async fn fetch_manifest_by_tag_and_by_digest() {
 async fn fetch_manifest_of_index_without_platform_returns_the_index() {
     let mut f = Fixture::start().await;
     let index = f.registry.push_index("multi/app", "latest").await;
-    let resp = fetch_manifest(&mut f.client, manifest_req("multi/app", "latest"))
+    let resp = fetch_manifest(&mut f.client, "multi/app", "latest")
         .await
         .expect("FetchManifest of an index");
     assert_eq!(resp.manifest, index.index.bytes);
@@ -324,7 +257,7 @@ async fn head_manifest_reports_existing_and_missing() {
     let image = f.registry.push_image("team/app", "v1").await;
 
     for reference in ["v1", image.manifest.digest.as_str()] {
-        let resp = head_manifest(&mut f.client, head_manifest_req("team/app", reference))
+        let resp = head_manifest(&mut f.client, "team/app", reference)
             .await
             .unwrap_or_else(|s| panic!("HeadManifest team/app {reference}: {s:?}"));
         assert!(resp.exists, "{reference} exists");
@@ -334,7 +267,7 @@ async fn head_manifest_reports_existing_and_missing() {
         assert_eq!(source_of(&resp.source), "primary");
     }
 
-    let missing = head_manifest(&mut f.client, head_manifest_req("team/app", "no-such-tag"))
+    let missing = head_manifest(&mut f.client, "team/app", "no-such-tag")
         .await
         .expect("HeadManifest of a missing tag is OK");
     assert!(!missing.exists, "a missing tag does not exist: {missing:?}");
@@ -343,7 +276,7 @@ async fn head_manifest_reports_existing_and_missing() {
         "no digest for a missing tag: {missing:?}"
     );
 
-    let missing_repo = head_manifest(&mut f.client, head_manifest_req("no/such/repo", "v1"))
+    let missing_repo = head_manifest(&mut f.client, "no/such/repo", "v1")
         .await
         .expect("HeadManifest in a missing repository is OK");
     assert!(!missing_repo.exists, "{missing_repo:?}");
@@ -356,7 +289,7 @@ async fn fetch_blob_whole_streams_bounded_messages() {
     let blob = pseudo_random_bytes(11, 3 * (1 << 20) + 12345);
     let digest = f.registry.push_blob("team/app", &blob).await;
 
-    let read = fetch_blob(&mut f.client, blob_req("team/app", &digest))
+    let read = fetch_blob(&mut f.client, blob_request("team/app", &digest))
         .await
         .expect("FetchBlob whole");
     assert_eq!(read.info.digest, digest);
@@ -366,7 +299,7 @@ async fn fetch_blob_whole_streams_bounded_messages() {
     assert!(read.data == blob, "received bytes equal the blob");
 
     // A second read (possibly from cache) gives the same bytes.
-    let again = fetch_blob(&mut f.client, blob_req("team/app", &digest))
+    let again = fetch_blob(&mut f.client, blob_request("team/app", &digest))
         .await
         .expect("FetchBlob again");
     assert!(again.data == blob, "second read equals the blob");
@@ -377,7 +310,7 @@ async fn fetch_blob_of_image_layers_and_config() {
     let mut f = Fixture::start().await;
     let image = f.registry.push_image("team/app", "v1").await;
     for blob in image.layers.iter().chain([&image.config]) {
-        let read = fetch_blob(&mut f.client, blob_req("team/app", &blob.digest))
+        let read = fetch_blob(&mut f.client, blob_request("team/app", &blob.digest))
             .await
             .unwrap_or_else(|s| panic!("FetchBlob {}: {s:?}", blob.digest));
         assert_eq!(read.data, blob.data.as_ref());
@@ -391,7 +324,7 @@ async fn head_blob_reports_size_and_missing() {
     let blob = pseudo_random_bytes(12, 50_000);
     let digest = f.registry.push_blob("team/app", &blob).await;
 
-    let resp = head_blob(&mut f.client, head_blob_req("team/app", &digest))
+    let resp = head_blob(&mut f.client, "team/app", &digest)
         .await
         .expect("HeadBlob");
     assert!(resp.exists);
@@ -400,7 +333,7 @@ async fn head_blob_reports_size_and_missing() {
     assert_eq!(source_of(&resp.source), "primary");
 
     let absent = common::registry::sha256_digest(b"never pushed");
-    let resp = head_blob(&mut f.client, head_blob_req("team/app", &absent))
+    let resp = head_blob(&mut f.client, "team/app", &absent)
         .await
         .expect("HeadBlob of a missing digest is OK");
     assert!(!resp.exists, "{resp:?}");
@@ -413,7 +346,7 @@ async fn fetch_missing_manifest_and_blob_is_not_found() {
     f.registry.push_image("team/app", "v1").await;
     let msg = expect_code(
         "FetchManifest missing tag",
-        fetch_manifest(&mut f.client, manifest_req("team/app", "no-such-tag")).await,
+        fetch_manifest(&mut f.client, "team/app", "no-such-tag").await,
         Code::NotFound,
     );
     assert!(
@@ -424,7 +357,7 @@ async fn fetch_missing_manifest_and_blob_is_not_found() {
         "FetchBlob missing digest",
         fetch_blob(
             &mut f.client,
-            blob_req(
+            blob_request(
                 "team/app",
                 &common::registry::sha256_digest(b"never pushed"),
             ),
@@ -434,7 +367,7 @@ async fn fetch_missing_manifest_and_blob_is_not_found() {
     );
     expect_code(
         "FetchTags missing repository",
-        fetch_tags(&mut f.client, tags_req("no/such/repo", 0, "")).await,
+        fetch_tags(&mut f.client, "no/such/repo").await,
         Code::NotFound,
     );
 }
@@ -446,7 +379,7 @@ async fn fetch_tags_lists_pushed_tags() {
     f.registry.tag("team/app", "v1", &image.manifest).await;
     f.registry.tag("team/app", "latest", &image.manifest).await;
 
-    let resp = fetch_tags(&mut f.client, tags_req("team/app", 0, ""))
+    let resp = fetch_tags(&mut f.client, "team/app")
         .await
         .expect("FetchTags");
     assert_eq!(resp.name, "team/app");
@@ -469,7 +402,7 @@ async fn platform_resolves_index_to_child_manifest() {
         (("linux", "amd64", ""), &index.amd64),
     ];
     for (platform, child) in cases {
-        let resp = fetch_manifest(&mut f.client, platform_req("multi/app", "latest", platform))
+        let resp = fetch_for_platform(&mut f.client, "multi/app", "latest", platform)
             .await
             .unwrap_or_else(|s| panic!("FetchManifest with platform {platform:?}: {s:?}"));
         assert_eq!(
@@ -486,9 +419,11 @@ async fn platform_resolves_index_to_child_manifest() {
     }
 
     // By the index's digest, too.
-    let resp = fetch_manifest(
+    let resp = fetch_for_platform(
         &mut f.client,
-        platform_req("multi/app", &index.index.digest, ("linux", "arm64", "v8")),
+        "multi/app",
+        &index.index.digest,
+        ("linux", "arm64", "v8"),
     )
     .await
     .expect("FetchManifest of the index digest with a platform");
@@ -503,9 +438,11 @@ async fn platform_arm64_without_variant_in_index_counts_as_v8() {
         .push_index_without_arm64_variant("multi/app", "novariant")
         .await;
     for variant in ["v8", ""] {
-        let resp = fetch_manifest(
+        let resp = fetch_for_platform(
             &mut f.client,
-            platform_req("multi/app", "novariant", ("linux", "arm64", variant)),
+            "multi/app",
+            "novariant",
+            ("linux", "arm64", variant),
         )
         .await
         .unwrap_or_else(|s| {
@@ -518,9 +455,11 @@ async fn platform_arm64_without_variant_in_index_counts_as_v8() {
     }
     expect_code(
         "linux/arm64/v7 against arm64 without variant",
-        fetch_manifest(
+        fetch_for_platform(
             &mut f.client,
-            platform_req("multi/app", "novariant", ("linux", "arm64", "v7")),
+            "multi/app",
+            "novariant",
+            ("linux", "arm64", "v7"),
         )
         .await,
         Code::NotFound,
@@ -534,11 +473,7 @@ async fn platform_not_in_index_is_not_found_naming_it() {
 
     let msg = expect_code(
         "linux/s390x",
-        fetch_manifest(
-            &mut f.client,
-            platform_req("multi/app", "latest", ("linux", "s390x", "")),
-        )
-        .await,
+        fetch_for_platform(&mut f.client, "multi/app", "latest", ("linux", "s390x", "")).await,
         Code::NotFound,
     );
     assert!(
@@ -548,9 +483,11 @@ async fn platform_not_in_index_is_not_found_naming_it() {
 
     let msg = expect_code(
         "linux/arm64/v7",
-        fetch_manifest(
+        fetch_for_platform(
             &mut f.client,
-            platform_req("multi/app", "latest", ("linux", "arm64", "v7")),
+            "multi/app",
+            "latest",
+            ("linux", "arm64", "v7"),
         )
         .await,
         Code::NotFound,
@@ -562,9 +499,11 @@ async fn platform_not_in_index_is_not_found_naming_it() {
 
     let msg = expect_code(
         "windows/amd64",
-        fetch_manifest(
+        fetch_for_platform(
             &mut f.client,
-            platform_req("multi/app", "latest", ("windows", "amd64", "")),
+            "multi/app",
+            "latest",
+            ("windows", "amd64", ""),
         )
         .await,
         Code::NotFound,
@@ -581,7 +520,7 @@ async fn platform_on_single_manifest_returns_it_unchanged() {
     let image = f.registry.push_image("team/app", "v1").await;
     // The image is linux/amd64, but a platform on a non-index is ignored.
     for platform in [("linux", "arm64", "v8"), ("linux", "amd64", "")] {
-        let resp = fetch_manifest(&mut f.client, platform_req("team/app", "v1", platform))
+        let resp = fetch_for_platform(&mut f.client, "team/app", "v1", platform)
             .await
             .unwrap_or_else(|s| panic!("platform {platform:?} on a single manifest: {s:?}"));
         assert_eq!(resp.manifest, image.manifest.bytes, "{platform:?}");
@@ -711,7 +650,7 @@ async fn tag_pages_visit_every_tag_once_in_lexical_order() {
             pages <= 2 * TAGS.len(),
             "paging does not end; seen so far {seen:?}"
         );
-        let page = fetch_tags(&mut f.client, tags_req("team/app", 2, &last))
+        let page = fetch_tags_page(&mut f.client, "team/app", 2, &last)
             .await
             .unwrap_or_else(|s| panic!("FetchTags n=2 last={last:?}: {s:?}"));
         assert_eq!(page.name, "team/app");
@@ -741,7 +680,7 @@ async fn tag_pages_visit_every_tag_once_in_lexical_order() {
 async fn tags_with_n_zero_are_all_sorted() {
     let mut f = Fixture::start().await;
     let expected = push_tags(&f.registry, "team/app").await;
-    let resp = fetch_tags(&mut f.client, tags_req("team/app", 0, ""))
+    let resp = fetch_tags(&mut f.client, "team/app")
         .await
         .expect("FetchTags n=0");
     assert_eq!(resp.tags, expected);
@@ -749,7 +688,7 @@ async fn tags_with_n_zero_are_all_sorted() {
     assert_eq!(resp.name, "team/app");
 
     // `last` alone (n = 0) returns everything after it.
-    let resp = fetch_tags(&mut f.client, tags_req("team/app", 0, "latest"))
+    let resp = fetch_tags_page(&mut f.client, "team/app", 0, "latest")
         .await
         .expect("FetchTags n=0 last=latest");
     let after: Vec<String> = expected
@@ -768,18 +707,18 @@ async fn tags_name_is_the_repository_as_written() {
     let image = f.registry.push_image("library/app", "1").await;
     f.registry.push_image("team/app", "2").await;
 
-    let resp = fetch_tags(&mut f.client, tags_req("app", 0, ""))
+    let resp = fetch_tags(&mut f.client, "app")
         .await
         .expect("FetchTags app (library/app upstream)");
     assert_eq!(resp.name, "app", "name as the caller wrote it");
     assert_eq!(resp.tags, ["1"]);
 
-    let resp = fetch_manifest(&mut f.client, manifest_req("app", "1"))
+    let resp = fetch_manifest(&mut f.client, "app", "1")
         .await
         .expect("FetchManifest app:1 (library/app upstream)");
     assert_eq!(resp.digest, image.manifest.digest);
 
-    let resp = fetch_tags(&mut f.client, tags_req("team/app", 0, ""))
+    let resp = fetch_tags(&mut f.client, "team/app")
         .await
         .expect("FetchTags team/app is not prefixed");
     assert_eq!(resp.name, "team/app");
@@ -823,32 +762,32 @@ async fn failover_to_lower_priority_upstream() {
     let mut t = TwoRegistries::start("").await;
     let image = t.b.push_image("team/app", "v1").await;
 
-    let resp = fetch_manifest(&mut t.client, manifest_req("team/app", "v1"))
+    let resp = fetch_manifest(&mut t.client, "team/app", "v1")
         .await
         .expect("FetchManifest falls over to b");
     assert_eq!(resp.manifest, image.manifest.bytes);
     assert_eq!(source_of(&resp.source), "b");
 
-    let resp = head_manifest(&mut t.client, head_manifest_req("team/app", "v1"))
+    let resp = head_manifest(&mut t.client, "team/app", "v1")
         .await
         .expect("HeadManifest falls over to b");
     assert!(resp.exists);
     assert_eq!(source_of(&resp.source), "b");
 
     let layer = &image.layers[0];
-    let read = fetch_blob(&mut t.client, blob_req("team/app", &layer.digest))
+    let read = fetch_blob(&mut t.client, blob_request("team/app", &layer.digest))
         .await
         .expect("FetchBlob falls over to b");
     assert_eq!(read.data, layer.data.as_ref());
     assert_eq!(source_of(&read.info.source), "b");
 
-    let resp = head_blob(&mut t.client, head_blob_req("team/app", &layer.digest))
+    let resp = head_blob(&mut t.client, "team/app", &layer.digest)
         .await
         .expect("HeadBlob falls over to b");
     assert!(resp.exists);
     assert_eq!(source_of(&resp.source), "b");
 
-    let resp = fetch_tags(&mut t.client, tags_req("team/app", 0, ""))
+    let resp = fetch_tags(&mut t.client, "team/app")
         .await
         .expect("FetchTags falls over to b");
     assert_eq!(resp.tags, ["v1"]);
@@ -874,7 +813,7 @@ async fn priority_number_orders_upstreams_not_file_order() {
     );
     let service = Service::start(&config);
     let mut client = service.client().await;
-    let resp = fetch_manifest(&mut client, manifest_req("team/app", "v1"))
+    let resp = fetch_manifest(&mut client, "team/app", "v1")
         .await
         .expect("FetchManifest");
     assert_eq!(
@@ -892,26 +831,26 @@ async fn upstream_field_restricts_candidates() {
 
     let only_a = FetchManifestRequest {
         upstream: "a".into(),
-        ..manifest_req("team/app", "v1")
+        ..manifest_request("team/app", "v1")
     };
     expect_code(
         "FetchManifest with upstream = a (image only on b)",
-        fetch_manifest(&mut t.client, only_a).await,
+        unary(t.client.fetch_manifest(only_a)).await,
         Code::NotFound,
     );
 
     let head_only_a = HeadManifestRequest {
         upstream: "a".into(),
-        ..head_manifest_req("team/app", "v1")
+        ..head_manifest_request("team/app", "v1")
     };
-    let resp = head_manifest(&mut t.client, head_only_a)
+    let resp = unary(t.client.head_manifest(head_only_a))
         .await
         .expect("HeadManifest with upstream = a");
     assert!(!resp.exists, "only a is asked, and a lacks it: {resp:?}");
 
     let blob_only_a = FetchBlobRequest {
         upstream: "a".into(),
-        ..blob_req("team/app", &image.layers[0].digest)
+        ..blob_request("team/app", &image.layers[0].digest)
     };
     expect_code(
         "FetchBlob with upstream = a",
@@ -921,9 +860,9 @@ async fn upstream_field_restricts_candidates() {
 
     let only_b = FetchManifestRequest {
         upstream: "b".into(),
-        ..manifest_req("team/app", "v1")
+        ..manifest_request("team/app", "v1")
     };
-    let resp = fetch_manifest(&mut t.client, only_b)
+    let resp = unary(t.client.fetch_manifest(only_b))
         .await
         .expect("FetchManifest with upstream = b");
     assert_eq!(resp.digest, image.manifest.digest);
@@ -938,25 +877,19 @@ async fn unknown_upstream_name_is_invalid_argument() {
     let mut problems = Vec::new();
     problems.extend(invalid_argument_problem(
         "FetchManifest upstream=nope",
-        fetch_manifest(
-            &mut t.client,
-            FetchManifestRequest {
-                upstream: "nope".into(),
-                ..manifest_req("team/app", "v1")
-            },
-        )
+        unary(t.client.fetch_manifest(FetchManifestRequest {
+            upstream: "nope".into(),
+            ..manifest_request("team/app", "v1")
+        }))
         .await,
         &["upstream"],
     ));
     problems.extend(invalid_argument_problem(
         "HeadManifest upstream=nope",
-        head_manifest(
-            &mut t.client,
-            HeadManifestRequest {
-                upstream: "nope".into(),
-                ..head_manifest_req("team/app", "v1")
-            },
-        )
+        unary(t.client.head_manifest(HeadManifestRequest {
+            upstream: "nope".into(),
+            ..head_manifest_request("team/app", "v1")
+        }))
         .await,
         &["upstream"],
     ));
@@ -966,7 +899,7 @@ async fn unknown_upstream_name_is_invalid_argument() {
             &mut t.client,
             FetchBlobRequest {
                 upstream: "nope".into(),
-                ..blob_req("team/app", &digest)
+                ..blob_request("team/app", &digest)
             },
         )
         .await,
@@ -974,25 +907,19 @@ async fn unknown_upstream_name_is_invalid_argument() {
     ));
     problems.extend(invalid_argument_problem(
         "HeadBlob upstream=nope",
-        head_blob(
-            &mut t.client,
-            HeadBlobRequest {
-                upstream: "nope".into(),
-                ..head_blob_req("team/app", &digest)
-            },
-        )
+        unary(t.client.head_blob(HeadBlobRequest {
+            upstream: "nope".into(),
+            ..head_blob_request("team/app", &digest)
+        }))
         .await,
         &["upstream"],
     ));
     problems.extend(invalid_argument_problem(
         "FetchTags upstream=nope",
-        fetch_tags(
-            &mut t.client,
-            FetchTagsRequest {
-                upstream: "nope".into(),
-                ..tags_req("team/app", 0, "")
-            },
-        )
+        unary(t.client.fetch_tags(FetchTagsRequest {
+            upstream: "nope".into(),
+            ..tags_request("team/app")
+        }))
         .await,
         &["upstream"],
     ));
@@ -1021,7 +948,7 @@ async fn excluded_repository_is_not_found() {
     }
     let mut problems = Vec::new();
     for (repo, admitted) in repos {
-        let result = fetch_manifest(&mut f.client, manifest_req(repo, "v1")).await;
+        let result = fetch_manifest(&mut f.client, repo, "v1").await;
         match (admitted, result) {
             (true, Ok(_)) => {}
             (false, Err(s)) if s.code() == Code::NotFound => {}
@@ -1037,7 +964,7 @@ async fn excluded_repository_is_not_found() {
     // The message says that no upstream admits the repository.
     let msg = expect_code(
         "excluded secret/app",
-        fetch_manifest(&mut f.client, manifest_req("secret/app", "v1")).await,
+        fetch_manifest(&mut f.client, "secret/app", "v1").await,
         Code::NotFound,
     );
     let lower = msg.to_lowercase();
@@ -1060,13 +987,10 @@ async fn excluded_repository_is_not_found() {
     // Naming the upstream explicitly does not bypass its rules.
     expect_code(
         "excluded secret/app with upstream = primary",
-        fetch_manifest(
-            &mut f.client,
-            FetchManifestRequest {
-                upstream: "primary".into(),
-                ..manifest_req("secret/app", "v1")
-            },
-        )
+        unary(f.client.fetch_manifest(FetchManifestRequest {
+            upstream: "primary".into(),
+            ..manifest_request("secret/app", "v1")
+        }))
         .await,
         Code::NotFound,
     );
@@ -1090,7 +1014,7 @@ async fn include_globs_star_is_one_segment_double_star_one_or_more() {
     }
     let mut problems = Vec::new();
     for (repo, admitted) in repos {
-        let result = fetch_manifest(&mut f.client, manifest_req(repo, "v1")).await;
+        let result = fetch_manifest(&mut f.client, repo, "v1").await;
         match (admitted, result) {
             (true, Ok(_)) => {}
             (false, Err(s)) if s.code() == Code::NotFound => {}
@@ -1116,21 +1040,21 @@ async fn missing_everywhere_is_not_found_but_one_upstream_down_is_unavailable() 
     // Both upstreams answer 404.
     expect_code(
         "FetchManifest missing on both",
-        fetch_manifest(&mut t.client, manifest_req("team/app", "missing-1")).await,
+        fetch_manifest(&mut t.client, "team/app", "missing-1").await,
         Code::NotFound,
     );
-    let resp = head_manifest(&mut t.client, head_manifest_req("team/app", "missing-2"))
+    let resp = head_manifest(&mut t.client, "team/app", "missing-2")
         .await
         .expect("HeadManifest missing on both");
     assert!(!resp.exists);
     expect_code(
         "FetchBlob missing on both",
-        fetch_blob(&mut t.client, blob_req("team/app", &absent_blob)).await,
+        fetch_blob(&mut t.client, blob_request("team/app", &absent_blob)).await,
         Code::NotFound,
     );
     expect_code(
         "FetchTags of a repository on neither",
-        fetch_tags(&mut t.client, tags_req("team/nothing", 0, "")).await,
+        fetch_tags(&mut t.client, "team/nothing").await,
         Code::NotFound,
     );
 
@@ -1139,34 +1063,34 @@ async fn missing_everywhere_is_not_found_but_one_upstream_down_is_unavailable() 
     t.b.stop();
     let msg = expect_code(
         "FetchManifest missing on a, b down",
-        fetch_manifest(&mut t.client, manifest_req("team/app", "missing-3")).await,
+        fetch_manifest(&mut t.client, "team/app", "missing-3").await,
         Code::Unavailable,
     );
     assert!(!msg.is_empty(), "UNAVAILABLE carries a message");
     expect_code(
         "HeadManifest missing on a, b down (not exists=false)",
-        head_manifest(&mut t.client, head_manifest_req("team/app", "missing-4")).await,
+        head_manifest(&mut t.client, "team/app", "missing-4").await,
         Code::Unavailable,
     );
     let other_absent = common::registry::sha256_digest(b"another absent blob");
     expect_code(
         "FetchBlob missing on a, b down",
-        fetch_blob(&mut t.client, blob_req("team/app", &other_absent)).await,
+        fetch_blob(&mut t.client, blob_request("team/app", &other_absent)).await,
         Code::Unavailable,
     );
     expect_code(
         "HeadBlob missing on a, b down (not exists=false)",
-        head_blob(&mut t.client, head_blob_req("team/app", &other_absent)).await,
+        head_blob(&mut t.client, "team/app", &other_absent).await,
         Code::Unavailable,
     );
     expect_code(
         "FetchTags of a repository on neither, b down",
-        fetch_tags(&mut t.client, tags_req("team/void", 0, "")).await,
+        fetch_tags(&mut t.client, "team/void").await,
         Code::Unavailable,
     );
 
     // What `a` (tried first) has is still served.
-    let resp = fetch_manifest(&mut t.client, manifest_req("team/app", "v1"))
+    let resp = fetch_manifest(&mut t.client, "team/app", "v1")
         .await
         .expect("FetchManifest of an image on a while b is down");
     assert_eq!(resp.digest, image.manifest.digest);
@@ -1206,7 +1130,7 @@ async fn bad_repository_is_invalid_argument_in_every_rpc() {
     for repo in bad_repositories() {
         problems.extend(invalid_argument_problem(
             &format!("FetchManifest repository {repo:?}"),
-            fetch_manifest(&mut f.client, manifest_req(&repo, "v1")).await,
+            fetch_manifest(&mut f.client, &repo, "v1").await,
             &["repository"],
         ));
     }
@@ -1214,22 +1138,22 @@ async fn bad_repository_is_invalid_argument_in_every_rpc() {
     for repo in ["Team/App", "a//b", ""] {
         problems.extend(invalid_argument_problem(
             &format!("HeadManifest repository {repo:?}"),
-            head_manifest(&mut f.client, head_manifest_req(repo, "v1")).await,
+            head_manifest(&mut f.client, repo, "v1").await,
             &["repository"],
         ));
         problems.extend(invalid_argument_problem(
             &format!("FetchBlob repository {repo:?}"),
-            fetch_blob(&mut f.client, blob_req(repo, GOOD_DIGEST)).await,
+            fetch_blob(&mut f.client, blob_request(repo, GOOD_DIGEST)).await,
             &["repository"],
         ));
         problems.extend(invalid_argument_problem(
             &format!("HeadBlob repository {repo:?}"),
-            head_blob(&mut f.client, head_blob_req(repo, GOOD_DIGEST)).await,
+            head_blob(&mut f.client, repo, GOOD_DIGEST).await,
             &["repository"],
         ));
         problems.extend(invalid_argument_problem(
             &format!("FetchTags repository {repo:?}"),
-            fetch_tags(&mut f.client, tags_req(repo, 0, "")).await,
+            fetch_tags(&mut f.client, repo).await,
             &["repository"],
         ));
     }
@@ -1259,12 +1183,12 @@ async fn bad_reference_is_invalid_argument() {
     for reference in &references {
         problems.extend(invalid_argument_problem(
             &format!("FetchManifest reference {reference:?}"),
-            fetch_manifest(&mut f.client, manifest_req("team/app", reference)).await,
+            fetch_manifest(&mut f.client, "team/app", reference).await,
             &["reference"],
         ));
         problems.extend(invalid_argument_problem(
             &format!("HeadManifest reference {reference:?}"),
-            head_manifest(&mut f.client, head_manifest_req("team/app", reference)).await,
+            head_manifest(&mut f.client, "team/app", reference).await,
             &["reference"],
         ));
     }
@@ -1289,12 +1213,12 @@ async fn bad_blob_digest_is_invalid_argument() {
     for digest in &digests {
         problems.extend(invalid_argument_problem(
             &format!("FetchBlob digest {digest:?}"),
-            fetch_blob(&mut f.client, blob_req("team/app", digest)).await,
+            fetch_blob(&mut f.client, blob_request("team/app", digest)).await,
             &["digest"],
         ));
         problems.extend(invalid_argument_problem(
             &format!("HeadBlob digest {digest:?}"),
-            head_blob(&mut f.client, head_blob_req("team/app", digest)).await,
+            head_blob(&mut f.client, "team/app", digest).await,
             &["digest"],
         ));
     }
@@ -1316,25 +1240,19 @@ async fn bad_accept_is_invalid_argument() {
     for accept in &accepts {
         problems.extend(invalid_argument_problem(
             &format!("FetchManifest accept {accept:?}"),
-            fetch_manifest(
-                &mut f.client,
-                FetchManifestRequest {
-                    accept: vec![OCI_INDEX.into(), accept.clone()],
-                    ..manifest_req("team/app", "v1")
-                },
-            )
+            unary(f.client.fetch_manifest(FetchManifestRequest {
+                accept: vec![OCI_INDEX.into(), accept.clone()],
+                ..manifest_request("team/app", "v1")
+            }))
             .await,
             &["accept"],
         ));
         problems.extend(invalid_argument_problem(
             &format!("HeadManifest accept {accept:?}"),
-            head_manifest(
-                &mut f.client,
-                HeadManifestRequest {
-                    accept: vec![accept.clone()],
-                    ..head_manifest_req("team/app", "v1")
-                },
-            )
+            unary(f.client.head_manifest(HeadManifestRequest {
+                accept: vec![accept.clone()],
+                ..head_manifest_request("team/app", "v1")
+            }))
             .await,
             &["accept"],
         ));
@@ -1350,7 +1268,7 @@ async fn bad_platform_is_invalid_argument() {
     for platform in [("linux", "", ""), ("", "amd64", ""), ("linux", "", "v8")] {
         problems.extend(invalid_argument_problem(
             &format!("FetchManifest platform {platform:?}"),
-            fetch_manifest(&mut f.client, platform_req("multi/app", "latest", platform)).await,
+            fetch_for_platform(&mut f.client, "multi/app", "latest", platform).await,
             &["platform", "os", "architecture"],
         ));
     }
@@ -1365,7 +1283,7 @@ async fn bad_tag_paging_is_invalid_argument() {
     for n in [-1, i32::MIN] {
         problems.extend(invalid_argument_problem(
             &format!("FetchTags n = {n}"),
-            fetch_tags(&mut f.client, tags_req("team/app", n, "")).await,
+            fetch_tags_page(&mut f.client, "team/app", n, "").await,
             &["n"],
         ));
     }
@@ -1377,7 +1295,7 @@ async fn bad_tag_paging_is_invalid_argument() {
     ] {
         problems.extend(invalid_argument_problem(
             &format!("FetchTags last = {last:?}"),
-            fetch_tags(&mut f.client, tags_req("team/app", 2, &last)).await,
+            fetch_tags_page(&mut f.client, "team/app", 2, &last).await,
             &["last"],
         ));
     }
