@@ -20,8 +20,8 @@ use axum::http::{HeaderName, StatusCode};
 use axum::response::Response;
 use common::Service;
 use common::registry::{OCI_MANIFEST, Registry, pseudo_random_bytes, upstream_toml};
-use common::rpc::{Client, bounded, fetch_manifest, head_blob, head_manifest};
-use oci_upstream::pb::{BlobInfo, FetchBlobRequest, FetchBlobResponse};
+use common::rpc::{Client, blob_request, bounded, fetch_manifest, head_blob, head_manifest};
+use oci_upstream::pb::{BlobInfo, FetchBlobResponse};
 use sha2::{Digest as _, Sha256};
 use tonic::{Code, Status, Streaming};
 
@@ -235,21 +235,13 @@ fn empty_read() -> BlobRead {
 /// FetchBlob of a whole blob, to the end of the stream, whether it fails at
 /// the call or in the stream.
 async fn fetch_blob(client: &mut Client, repository: &str, digest: &str, keep: bool) -> BlobRead {
-    let call = bounded(client.fetch_blob(blob_req(repository, digest))).await;
+    let call = bounded(client.fetch_blob(blob_request(repository, digest))).await;
     match call {
         Ok(response) => drain(response.into_inner(), empty_read(), Sha256::new(), keep).await,
         Err(status) => BlobRead {
             end: Err(status),
             ..empty_read()
         },
-    }
-}
-
-fn blob_req(repository: &str, digest: &str) -> FetchBlobRequest {
-    FetchBlobRequest {
-        repository: repository.into(),
-        digest: digest.into(),
-        ..Default::default()
     }
 }
 
@@ -611,7 +603,7 @@ async fn eviction_keeps_the_store_under_max_size_while_an_evicted_blob_streams()
     // the first data message: the service's reader now waits with the file
     // open.
     let mut reader = service.client().await;
-    let mut stream = bounded(reader.fetch_blob(blob_req(repo, &big.digest)))
+    let mut stream = bounded(reader.fetch_blob(blob_request(repo, &big.digest)))
         .await
         .expect("FetchBlob of the cached big blob")
         .into_inner();

@@ -16,9 +16,9 @@ use bytes::Bytes;
 use common::Service;
 use common::fake::{FakeRegistry, Reply, sha256_digest};
 use common::registry::{pseudo_random_bytes, upstream_toml};
-use common::rpc::{Client, bounded, fetch_manifest, head_manifest};
+use common::rpc::{Client, blob_request, bounded, fetch_manifest, head_manifest};
 use common::slow::SlowBlobServer;
-use oci_upstream::pb::{BlobInfo, FetchBlobRequest, FetchBlobResponse};
+use oci_upstream::pb::{BlobInfo, FetchBlobResponse};
 use serde_json::json;
 use tokio::time::Instant;
 use tonic::{Code, Status, Streaming};
@@ -44,14 +44,6 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-fn blob_req(repository: &str, digest: &str) -> FetchBlobRequest {
-    FetchBlobRequest {
-        repository: repository.into(),
-        digest: digest.into(),
-        ..Default::default()
-    }
-}
-
 /// A blob stream being read, every data byte compared as it arrives with
 /// the upstream's content (whose sha256 is the digest asked for), so a stream
 /// read to its end with all its bytes is byte-identical to the blob and
@@ -72,7 +64,7 @@ impl Reader {
         digest: &str,
         expected: Arc<Bytes>,
     ) -> Reader {
-        let stream = bounded(client.fetch_blob(blob_req(repository, digest)))
+        let stream = bounded(client.fetch_blob(blob_request(repository, digest)))
             .await
             .expect("FetchBlob call")
             .into_inner();
