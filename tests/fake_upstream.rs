@@ -11,11 +11,11 @@ use base64::Engine as _;
 use bytes::Bytes;
 use common::Service;
 use common::fake::{FakeRegistry, Recorded, Reply, sha256_digest};
-use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
-use oci_upstream::pb::{
-    BlobInfo, FetchBlobRequest, FetchManifestRequest, FetchTagsRequest, HeadManifestRequest,
-    Platform,
+use common::rpc::{
+    blob_request, expect_err, head_manifest_request, manifest_request, tags_request,
 };
+use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
+use oci_upstream::pb::{BlobInfo, FetchBlobRequest, FetchManifestRequest, Platform};
 use serde_json::json;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -115,47 +115,6 @@ fn deadline<T>(message: T) -> tonic::Request<T> {
     request
 }
 
-fn manifest_request(reference: &str) -> FetchManifestRequest {
-    FetchManifestRequest {
-        repository: REPO.to_string(),
-        reference: reference.to_string(),
-        ..Default::default()
-    }
-}
-
-fn head_request(reference: &str) -> HeadManifestRequest {
-    HeadManifestRequest {
-        repository: REPO.to_string(),
-        reference: reference.to_string(),
-        ..Default::default()
-    }
-}
-
-fn blob_request(repository: &str, digest: &str) -> FetchBlobRequest {
-    FetchBlobRequest {
-        repository: repository.to_string(),
-        digest: digest.to_string(),
-        ..Default::default()
-    }
-}
-
-fn tags_request() -> FetchTagsRequest {
-    FetchTagsRequest {
-        repository: REPO.to_string(),
-        ..Default::default()
-    }
-}
-
-/// Expects a failed unary call and returns its status.
-fn expect_err<T: std::fmt::Debug>(
-    result: Result<tonic::Response<T>, tonic::Status>,
-) -> tonic::Status {
-    match result {
-        Ok(response) => panic!("expected an error, got OK: {:?}", response.into_inner()),
-        Err(status) => status,
-    }
-}
-
 /// Everything a FetchBlob stream delivered before it ended.
 struct BlobOutcome {
     info: Option<BlobInfo>,
@@ -239,7 +198,7 @@ async fn manifest_by_digest_with_wrong_bytes_is_data_loss_when_alone() {
     for attempt in 1..=2 {
         let status = expect_err(
             client
-                .fetch_manifest(deadline(manifest_request(&digest)))
+                .fetch_manifest(deadline(manifest_request(REPO, &digest)))
                 .await,
         );
         assert_eq!(
@@ -271,7 +230,7 @@ async fn manifest_by_digest_with_wrong_bytes_is_taken_from_the_next_upstream() {
     let mut client = service.client().await;
 
     let response = client
-        .fetch_manifest(deadline(manifest_request(&digest)))
+        .fetch_manifest(deadline(manifest_request(REPO, &digest)))
         .await
         .expect("b serves the right bytes")
         .into_inner();
@@ -300,7 +259,7 @@ async fn docker_content_digest_disagreeing_with_the_bytes_is_data_loss_when_alon
 
     let status = expect_err(
         client
-            .fetch_manifest(deadline(manifest_request("v1")))
+            .fetch_manifest(deadline(manifest_request(REPO, "v1")))
             .await,
     );
     assert_eq!(status.code(), Code::DataLoss, "{status:?}");
@@ -323,7 +282,7 @@ async fn docker_content_digest_disagreeing_with_the_bytes_moves_on_to_the_next_u
     let mut client = service.client().await;
 
     let response = client
-        .fetch_manifest(deadline(manifest_request("v1")))
+        .fetch_manifest(deadline(manifest_request(REPO, "v1")))
         .await
         .expect("b serves consistent bytes")
         .into_inner();
@@ -419,7 +378,7 @@ async fn platform_child_with_wrong_bytes_is_data_loss() {
             architecture: architecture.to_string(),
             variant: String::new(),
         }),
-        ..manifest_request("multi")
+        ..manifest_request(REPO, "multi")
     };
 
     let control = client
@@ -453,7 +412,7 @@ async fn server_errors_move_on_to_the_next_upstream() {
 
     for (tag, body) in [("v500", &v500), ("v503", &v503)] {
         let response = client
-            .fetch_manifest(deadline(manifest_request(tag)))
+            .fetch_manifest(deadline(manifest_request(REPO, tag)))
             .await
             .unwrap_or_else(|s| panic!("{tag}: b serves it, got {s:?}"))
             .into_inner();
@@ -479,7 +438,11 @@ async fn server_errors_from_the_only_upstream_are_unavailable() {
     let mut client = service.client().await;
 
     for tag in ["v500", "v503"] {
-        let status = expect_err(client.fetch_manifest(deadline(manifest_request(tag))).await);
+        let status = expect_err(
+            client
+                .fetch_manifest(deadline(manifest_request(REPO, tag)))
+                .await,
+        );
         assert_eq!(status.code(), Code::Unavailable, "{tag}: {status:?}");
     }
 }
@@ -507,7 +470,7 @@ async fn a_503_is_retried_on_the_same_upstream() {
     let mut client = service.client().await;
 
     let response = client
-        .fetch_manifest(deadline(manifest_request("v1")))
+        .fetch_manifest(deadline(manifest_request(REPO, "v1")))
         .await
         .expect("the retry succeeds")
         .into_inner();
@@ -539,7 +502,7 @@ async fn one_unavailable_and_one_not_found_is_unavailable() {
 
         let status = expect_err(
             client
-                .fetch_manifest(deadline(manifest_request("v1")))
+                .fetch_manifest(deadline(manifest_request(REPO, "v1")))
                 .await,
         );
         assert_eq!(
@@ -547,7 +510,11 @@ async fn one_unavailable_and_one_not_found_is_unavailable() {
             Code::Unavailable,
             "a={first} b={second} fetch: {status:?}"
         );
-        let status = expect_err(client.head_manifest(deadline(head_request("v2"))).await);
+        let status = expect_err(
+            client
+                .head_manifest(deadline(head_manifest_request(REPO, "v2")))
+                .await,
+        );
         assert_eq!(
             status.code(),
             Code::Unavailable,
@@ -571,14 +538,14 @@ async fn all_not_found_is_not_found_and_head_says_it_does_not_exist() {
 
     let status = expect_err(
         client
-            .fetch_manifest(deadline(manifest_request("v1")))
+            .fetch_manifest(deadline(manifest_request(REPO, "v1")))
             .await,
     );
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
     assert!(a.count(&manifest_path("v1")) >= 1 && b.count(&manifest_path("v1")) >= 1);
 
     let head = client
-        .head_manifest(deadline(head_request("v2")))
+        .head_manifest(deadline(head_manifest_request(REPO, "v2")))
         .await
         .expect("HeadManifest answers OK when nothing has it")
         .into_inner();
@@ -688,7 +655,7 @@ async fn bearer_challenge_fetches_one_token_for_the_scope() {
 
     for (tag, body) in [("v1", &v1), ("v2", &v2)] {
         let response = client
-            .fetch_manifest(deadline(manifest_request(tag)))
+            .fetch_manifest(deadline(manifest_request(REPO, tag)))
             .await
             .unwrap_or_else(|s| panic!("{tag}: {s:?}"))
             .into_inner();
@@ -747,7 +714,7 @@ async fn upstream_requests_carry_accept_and_protocol_headers() {
     let mut client = service.client().await;
 
     client
-        .fetch_manifest(deadline(manifest_request("v1")))
+        .fetch_manifest(deadline(manifest_request(REPO, "v1")))
         .await
         .expect("manifest v1 is served");
     let requests = a.requests_to(&manifest_path("v1"));
@@ -775,7 +742,7 @@ async fn upstream_requests_carry_accept_and_protocol_headers() {
     let response = client
         .fetch_manifest(deadline(FetchManifestRequest {
             accept: vec![DOCKER_MANIFEST.to_string()],
-            ..manifest_request("v2")
+            ..manifest_request(REPO, "v2")
         }))
         .await
         .expect("manifest v2 is served")
@@ -834,7 +801,7 @@ async fn proxy_environment_variables_are_ignored() {
     let mut client = service.client().await;
 
     let response = client
-        .fetch_manifest(deadline(manifest_request("v1")))
+        .fetch_manifest(deadline(manifest_request(REPO, "v1")))
         .await
         .expect("fetched directly")
         .into_inner();
@@ -881,13 +848,17 @@ async fn manifest_over_the_size_cap_is_refused() {
     let mut client = service.client().await;
 
     let control = client
-        .fetch_manifest(deadline(manifest_request("small")))
+        .fetch_manifest(deadline(manifest_request(REPO, "small")))
         .await
         .expect("a manifest under the cap is served")
         .into_inner();
     assert_eq!(control.manifest, small);
     for tag in ["big", "big-chunked"] {
-        let status = expect_err(client.fetch_manifest(deadline(manifest_request(tag))).await);
+        let status = expect_err(
+            client
+                .fetch_manifest(deadline(manifest_request(REPO, tag)))
+                .await,
+        );
         assert_ne!(status.code(), Code::Ok, "{tag}");
         assert!(
             !status.message().contains("padding"),
@@ -915,12 +886,12 @@ async fn manifest_with_both_manifests_and_layers_is_refused() {
     let mut client = service.client().await;
 
     client
-        .fetch_manifest(deadline(manifest_request("plain")))
+        .fetch_manifest(deadline(manifest_request(REPO, "plain")))
         .await
         .expect("control: a plain manifest is served");
     let status = expect_err(
         client
-            .fetch_manifest(deadline(manifest_request("confused")))
+            .fetch_manifest(deadline(manifest_request(REPO, "confused")))
             .await,
     );
     assert_ne!(status.code(), Code::Ok);
@@ -944,14 +915,14 @@ async fn index_body_served_as_an_image_manifest_is_refused() {
     let mut client = service.client().await;
 
     let control = client
-        .fetch_manifest(deadline(manifest_request("honest")))
+        .fetch_manifest(deadline(manifest_request(REPO, "honest")))
         .await
         .expect("control: the index with its own media type is served")
         .into_inner();
     assert_eq!(control.media_type, OCI_INDEX);
     let status = expect_err(
         client
-            .fetch_manifest(deadline(manifest_request("mislabelled")))
+            .fetch_manifest(deadline(manifest_request(REPO, "mislabelled")))
             .await,
     );
     assert_ne!(status.code(), Code::Ok);
@@ -978,7 +949,7 @@ async fn tag_list_link_to_another_host_is_not_followed() {
     let service = Service::start(&upstream("a", &a, 10, ""));
     let mut client = service.client().await;
 
-    let result = client.fetch_tags(deadline(tags_request())).await;
+    let result = client.fetch_tags(deadline(tags_request(REPO))).await;
     assert!(
         a.count(&format!("/v2/{REPO}/tags/list")) >= 1,
         "a was asked"
@@ -1014,7 +985,7 @@ async fn tag_list_pages_on_the_same_host_are_followed_and_sorted() {
     let mut client = service.client().await;
 
     let response = client
-        .fetch_tags(deadline(tags_request()))
+        .fetch_tags(deadline(tags_request(REPO)))
         .await
         .expect("tags are listed")
         .into_inner();
@@ -1053,7 +1024,7 @@ async fn large_error_body_on_a_404_is_not_read_to_the_end() {
 
     let status = expect_err(
         client
-            .fetch_manifest(deadline(manifest_request("missing")))
+            .fetch_manifest(deadline(manifest_request(REPO, "missing")))
             .await,
     );
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
@@ -1068,7 +1039,7 @@ async fn large_error_body_on_a_404_is_not_read_to_the_end() {
     );
     // Still healthy afterwards.
     let response = client
-        .fetch_manifest(deadline(manifest_request("present")))
+        .fetch_manifest(deadline(manifest_request(REPO, "present")))
         .await
         .expect("the service still serves")
         .into_inner();

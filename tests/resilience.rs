@@ -22,10 +22,9 @@ use common::fake::{FakeRegistry, Reply};
 use common::faulty::{
     Act, Cut, FaultyServer, OnAccept, blob_path, dead_port_url, manifest_path, sha256_digest,
 };
+use common::rpc::{blob_request, expect_err, head_blob_request, manifest_request};
 use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
-use oci_upstream::pb::{
-    BlobInfo, FetchBlobRequest, FetchManifestRequest, HeadBlobRequest, Platform,
-};
+use oci_upstream::pb::{BlobInfo, Platform};
 use serde_json::json;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -200,23 +199,6 @@ async fn guard<T>(call: impl Future<Output = T>) -> T {
         .expect("the service answered within the hang guard")
 }
 
-fn manifest_request(reference: &str) -> FetchManifestRequest {
-    FetchManifestRequest {
-        repository: REPO.to_string(),
-        reference: reference.to_string(),
-        ..Default::default()
-    }
-}
-
-fn expect_err<T: std::fmt::Debug>(
-    result: Result<tonic::Response<T>, tonic::Status>,
-) -> tonic::Status {
-    match result {
-        Ok(response) => panic!("expected an error, got OK: {:?}", response.into_inner()),
-        Err(status) => status,
-    }
-}
-
 /// Everything a FetchBlob stream delivered before it ended.
 #[derive(Debug, Default)]
 struct BlobOutcome {
@@ -248,11 +230,7 @@ impl BlobOutcome {
 }
 
 async fn fetch_blob(client: &mut UpstreamServiceClient<Channel>, digest: &str) -> BlobOutcome {
-    let request = FetchBlobRequest {
-        repository: REPO.to_string(),
-        digest: digest.to_string(),
-        ..Default::default()
-    };
+    let request = blob_request(REPO, digest);
     guard(async {
         let mut outcome = BlobOutcome::default();
         let mut stream = match client.fetch_blob(request).await {
@@ -356,7 +334,7 @@ async fn connections_dropped_at_accept_are_retried_then_unavailable() {
         let mut client = service.client().await;
 
         let started = Instant::now();
-        let status = expect_err(guard(client.fetch_manifest(manifest_request("v1"))).await);
+        let status = expect_err(guard(client.fetch_manifest(manifest_request(REPO, "v1"))).await);
         let elapsed = started.elapsed();
 
         assert_eq!(status.code(), Code::Unavailable, "{mode:?}: {status:?}");
@@ -386,7 +364,7 @@ async fn connections_dropped_at_accept_fall_over_to_the_next_upstream() {
     let mut client = service.client().await;
 
     let started = Instant::now();
-    let response = guard(client.fetch_manifest(manifest_request("v1")))
+    let response = guard(client.fetch_manifest(manifest_request(REPO, "v1")))
         .await
         .expect("served by the healthy upstream")
         .into_inner();
@@ -417,7 +395,7 @@ async fn refused_connection_on_a_dead_port_is_unavailable_or_served_by_the_next(
     let service = Service::start(&config("", &[&dead]));
     let mut client = service.client().await;
     let started = Instant::now();
-    let status = expect_err(guard(client.fetch_manifest(manifest_request("v1"))).await);
+    let status = expect_err(guard(client.fetch_manifest(manifest_request(REPO, "v1"))).await);
     let elapsed = started.elapsed();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(
@@ -431,7 +409,7 @@ async fn refused_connection_on_a_dead_port_is_unavailable_or_served_by_the_next(
     let service = Service::start(&config("", &[&dead, &b]));
     let mut client = service.client().await;
     let started = Instant::now();
-    let response = guard(client.fetch_manifest(manifest_request("v1")))
+    let response = guard(client.fetch_manifest(manifest_request(REPO, "v1")))
         .await
         .expect("served by the healthy upstream")
         .into_inner();
@@ -492,7 +470,7 @@ async fn hang_before_headers_is_cut_by_the_timeout() {
     let mut client = service.client().await;
 
     let started = Instant::now();
-    let status = expect_err(guard(client.fetch_manifest(manifest_request("v1"))).await);
+    let status = expect_err(guard(client.fetch_manifest(manifest_request(REPO, "v1"))).await);
     let elapsed = started.elapsed();
 
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
@@ -532,7 +510,7 @@ async fn hang_before_headers_is_bounded_by_the_callers_deadline() {
     let (status, message) = guard(raw_unary(
         service.addr,
         "FetchManifest",
-        &manifest_request("v1"),
+        &manifest_request(REPO, "v1"),
         "1500m",
         Duration::from_millis(100),
     ))
@@ -551,7 +529,7 @@ async fn hang_before_headers_is_bounded_by_the_callers_deadline() {
     // A tonic caller with the same deadline is answered within it too (its
     // own timer may end the call first, which tonic reports as CANCELLED).
     let mut client = service.client().await;
-    let mut request = tonic::Request::new(manifest_request("v1"));
+    let mut request = tonic::Request::new(manifest_request(REPO, "v1"));
     request.set_timeout(deadline);
     let started_tonic = Instant::now();
     let tonic_status = expect_err(guard(client.fetch_manifest(request)).await);
@@ -724,7 +702,7 @@ async fn three_503s_then_success_is_ok_after_three_retries() {
     let mut client = service.client().await;
 
     let started = Instant::now();
-    let response = guard(client.fetch_manifest(manifest_request(&digest)))
+    let response = guard(client.fetch_manifest(manifest_request(REPO, &digest)))
         .await
         .expect("OK on the fourth attempt")
         .into_inner();
@@ -756,7 +734,7 @@ async fn five_hundred_threes_beyond_the_retries_are_unavailable() {
     let mut client = service.client().await;
 
     let started = Instant::now();
-    let status = expect_err(guard(client.fetch_manifest(manifest_request(&digest))).await);
+    let status = expect_err(guard(client.fetch_manifest(manifest_request(REPO, &digest))).await);
     let elapsed = started.elapsed();
 
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
@@ -786,7 +764,7 @@ async fn too_many_requests_with_retry_after_is_retried() {
     let mut client = service.client().await;
 
     let started = Instant::now();
-    let response = guard(client.fetch_manifest(manifest_request(&digest)))
+    let response = guard(client.fetch_manifest(manifest_request(REPO, &digest)))
         .await
         .expect("OK after the rate limit")
         .into_inner();
@@ -810,7 +788,7 @@ async fn too_many_requests_forever_is_resource_exhausted_with_retry_info() {
     let mut client = service.client().await;
 
     let started = Instant::now();
-    let status = expect_err(guard(client.fetch_manifest(manifest_request(&digest))).await);
+    let status = expect_err(guard(client.fetch_manifest(manifest_request(REPO, &digest))).await);
     let elapsed = started.elapsed();
 
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
@@ -845,7 +823,7 @@ async fn retry_after_is_capped_by_retry_max_delay() {
     let mut client = service.client().await;
 
     let started = Instant::now();
-    let response = guard(client.fetch_manifest(manifest_request(&digest)))
+    let response = guard(client.fetch_manifest(manifest_request(REPO, &digest)))
         .await
         .expect("OK after a capped wait")
         .into_inner();
@@ -874,7 +852,7 @@ async fn other_4xx_are_not_retried() {
     ] {
         let path = manifest_path(REPO, tag);
         fake.on(&path, Reply::status(status));
-        let answer = expect_err(guard(client.fetch_manifest(manifest_request(tag))).await);
+        let answer = expect_err(guard(client.fetch_manifest(manifest_request(REPO, tag))).await);
         assert_ne!(answer.code(), Code::Internal, "{status}: {answer:?}");
         if status == 403 {
             assert_eq!(answer.code(), Code::PermissionDenied, "{answer:?}");
@@ -1079,7 +1057,7 @@ async fn manifest_over_the_size_cap_is_refused_without_retries() {
 
     for (tag, path) in [("big", &with_length), ("big-chunked", &chunked)] {
         let started = Instant::now();
-        let status = expect_err(guard(client.fetch_manifest(manifest_request(tag))).await);
+        let status = expect_err(guard(client.fetch_manifest(manifest_request(REPO, tag))).await);
         let elapsed = started.elapsed();
         assert_eq!(status.code(), Code::Unavailable, "{tag}: {status:?}");
         assert_eq!(fake.count(path), 1, "{tag}: a 200 is not retried");
@@ -1116,7 +1094,7 @@ async fn invalid_json_where_an_index_is_needed_is_not_ok() {
     let mut client = service.client().await;
 
     for (tag, _) in bodies {
-        let mut request = manifest_request(tag);
+        let mut request = manifest_request(REPO, tag);
         request.platform = Some(Platform {
             os: "linux".into(),
             architecture: "amd64".into(),
@@ -1160,7 +1138,7 @@ async fn circuit_opens_skips_the_upstream_probes_after_cooldown_and_closes() {
     let service = Service::start(&config("", &[&a, &b]));
     let mut client = service.client().await;
     let fetch = |client: &mut UpstreamServiceClient<Channel>, i: usize, only: Option<&str>| {
-        let mut request = manifest_request(&manifests[i].1);
+        let mut request = manifest_request(REPO, &manifests[i].1);
         request.upstream = only.unwrap_or_default().to_string();
         let mut client = client.clone();
         async move { guard(client.fetch_manifest(request)).await }
@@ -1288,7 +1266,7 @@ async fn wait_until_ok_through_circuit(
 ) -> oci_upstream::pb::FetchManifestResponse {
     let start = Instant::now();
     loop {
-        let mut request = manifest_request(digest);
+        let mut request = manifest_request(REPO, digest);
         request.upstream = only.to_string();
         match guard(client.fetch_manifest(request)).await {
             Ok(response) => return response.into_inner(),
@@ -1324,7 +1302,8 @@ async fn circuit_probe_abandoned_by_its_caller_does_not_keep_the_circuit_open() 
     let mut client = service.client().await;
 
     // One failure opens the circuit.
-    let status = expect_err(guard(client.fetch_manifest(manifest_request(&manifests[0].1))).await);
+    let status =
+        expect_err(guard(client.fetch_manifest(manifest_request(REPO, &manifests[0].1))).await);
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(up.request_count(), 1);
 
@@ -1338,7 +1317,7 @@ async fn circuit_probe_abandoned_by_its_caller_does_not_keep_the_circuit_open() 
             "no probe within {:?}",
             start.elapsed()
         );
-        let call = client.fetch_manifest(manifest_request(&manifests[1].1));
+        let call = client.fetch_manifest(manifest_request(REPO, &manifests[1].1));
         let _ = tokio::time::timeout(Duration::from_millis(300), call).await;
     }
     assert_eq!(up.request_count(), 2, "one probe");
@@ -1382,7 +1361,8 @@ async fn circuit_probe_made_by_a_blob_resume_is_counted() {
         up.count(&blob_at) == 1
     })
     .await;
-    let status = expect_err(guard(client.fetch_manifest(manifest_request(&failing_digest))).await);
+    let status =
+        expect_err(guard(client.fetch_manifest(manifest_request(REPO, &failing_digest))).await);
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 
     let outcome = guard(blob).await.expect("blob task");
@@ -1425,11 +1405,7 @@ async fn overload_is_shed_with_resource_exhausted_at_once() {
     // Two slow streams in flight, each past its first data message.
     let mut streams = Vec::new();
     for (_, digest) in &slow {
-        let request = FetchBlobRequest {
-            repository: REPO.to_string(),
-            digest: digest.clone(),
-            ..Default::default()
-        };
+        let request = blob_request(REPO, digest);
         let mut stream = guard(client.clone().fetch_blob(request))
             .await
             .expect("admitted")
@@ -1448,11 +1424,11 @@ async fn overload_is_shed_with_resource_exhausted_at_once() {
     let requests = up.request_count();
     let started = Instant::now();
     let status = expect_err(
-        guard(client.clone().head_blob(HeadBlobRequest {
-            repository: REPO.to_string(),
-            digest: slow[0].1.clone(),
-            ..Default::default()
-        }))
+        guard(
+            client
+                .clone()
+                .head_blob(head_blob_request(REPO, &slow[0].1)),
+        )
         .await,
     );
     let elapsed = started.elapsed();
@@ -1472,7 +1448,7 @@ async fn overload_is_shed_with_resource_exhausted_at_once() {
         match guard(
             client
                 .clone()
-                .fetch_manifest(manifest_request(&quick_digest)),
+                .fetch_manifest(manifest_request(REPO, &quick_digest)),
         )
         .await
         {
@@ -1516,11 +1492,7 @@ async fn connections_per_upstream_are_bounded() {
         let a = Up::new("a", &up.url()).retries(0).max_connections(limit);
         let service = Service::start(&config("", &[&a]));
         let client = service.client().await;
-        let request = FetchBlobRequest {
-            repository: REPO.to_string(),
-            digest: digest.clone(),
-            ..Default::default()
-        };
+        let request = blob_request(REPO, &digest);
         let mut stream = guard(client.clone().fetch_blob(request))
             .await
             .expect("the download starts")
@@ -1539,7 +1511,7 @@ async fn connections_per_upstream_are_bounded() {
         let result = guard(
             client
                 .clone()
-                .fetch_manifest(manifest_request(&quick_digest)),
+                .fetch_manifest(manifest_request(REPO, &quick_digest)),
         )
         .await;
         let elapsed = started.elapsed();

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::Service;
 use common::faulty::{Act, Cut, FaultyServer, manifest_path, sha256_digest};
+use common::rpc::{blob_request, manifest_request};
 use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
-use oci_upstream::pb::{FetchBlobRequest, FetchManifestRequest};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::Code;
@@ -79,11 +79,7 @@ fn start_stream(
     digest: &str,
 ) -> (JoinHandle<Outcome>, oneshot::Receiver<()>) {
     let mut client = client.clone();
-    let request = FetchBlobRequest {
-        repository: REPO.to_string(),
-        digest: digest.to_string(),
-        ..Default::default()
-    };
+    let request = blob_request(REPO, digest);
     let (active, is_active) = oneshot::channel();
     let task = tokio::spawn(async move {
         let mut active = Some(active);
@@ -201,11 +197,11 @@ async fn sigterm_drains_active_streams_then_exits_zero() {
     );
 
     // A new call is refused, without any upstream work.
-    let status = guard(client.clone().fetch_manifest(FetchManifestRequest {
-        repository: REPO.to_string(),
-        reference: manifest_digest.clone(),
-        ..Default::default()
-    }))
+    let status = guard(
+        client
+            .clone()
+            .fetch_manifest(manifest_request(REPO, &manifest_digest)),
+    )
     .await
     .expect_err("a new call during the drain is refused");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");

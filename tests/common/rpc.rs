@@ -118,6 +118,15 @@ pub async fn fetch_tags(
     unary(client.fetch_tags(tags_request(repository))).await
 }
 
+/// Expects a failed call and returns its status; an OK answer fails the
+/// test, showing the response.
+pub fn expect_err<T: std::fmt::Debug>(result: Result<tonic::Response<T>, Status>) -> Status {
+    match result {
+        Ok(response) => panic!("expected an error, got OK: {:?}", response.into_inner()),
+        Err(status) => status,
+    }
+}
+
 /// FetchBlob of the whole blob `digest` in `repository`, read to the end of
 /// the stream (the whole read within [`RPC_BOUND`]): the blob's bytes, or the
 /// status the call or the stream ended with.
