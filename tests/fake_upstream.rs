@@ -12,7 +12,8 @@ use bytes::Bytes;
 use common::Service;
 use common::fake::{FakeRegistry, Recorded, Reply, sha256_digest};
 use common::rpc::{
-    blob_request, expect_err, head_manifest_request, manifest_request, tags_request,
+    blob_request, expect_err, head_manifest_request, manifest_request, read_blob_stream,
+    tags_request,
 };
 use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
 use oci_upstream::pb::{BlobInfo, FetchBlobRequest, FetchManifestRequest, Platform};
@@ -137,30 +138,17 @@ async fn fetch_blob(
         largest: 0,
         error: None,
     };
-    let mut stream = match client.fetch_blob(deadline(request)).await {
-        Ok(response) => response.into_inner(),
-        Err(status) => {
-            outcome.error = Some(status);
-            return outcome;
+    let end = read_blob_stream(client.fetch_blob(deadline(request)), |message| {
+        outcome.messages += 1;
+        if outcome.info.is_none() {
+            outcome.info = message.info;
         }
-    };
-    loop {
-        match stream.message().await {
-            Ok(Some(message)) => {
-                outcome.messages += 1;
-                if outcome.info.is_none() {
-                    outcome.info = message.info;
-                }
-                outcome.largest = outcome.largest.max(message.data.len());
-                outcome.data.extend_from_slice(&message.data);
-            }
-            Ok(None) => return outcome,
-            Err(status) => {
-                outcome.error = Some(status);
-                return outcome;
-            }
-        }
-    }
+        outcome.largest = outcome.largest.max(message.data.len());
+        outcome.data.extend_from_slice(&message.data);
+    })
+    .await;
+    outcome.error = end.err();
+    outcome
 }
 
 /// The media types listed by a request's `Accept` headers, parameters dropped.

@@ -11,7 +11,7 @@ use common::Service;
 use common::registry::{OCI_INDEX, OCI_MANIFEST, Registry, pseudo_random_bytes, upstream_toml};
 use common::rpc::{
     Client, blob_request, bounded, fetch_manifest, fetch_tags, head_blob, head_blob_request,
-    head_manifest, head_manifest_request, manifest_request, tags_request, unary,
+    head_manifest, head_manifest_request, manifest_request, read_blob_stream, tags_request, unary,
 };
 use oci_upstream::pb::{
     BlobInfo, FetchBlobRequest, FetchBlobResponse, FetchManifestRequest, FetchManifestResponse,
@@ -35,46 +35,43 @@ struct BlobRead {
 /// each message's `offset` equal to the position of its first byte.
 async fn fetch_blob(client: &mut Client, req: FetchBlobRequest) -> Result<BlobRead, Status> {
     let start = req.offset;
-    bounded(async {
-        let mut stream = client.fetch_blob(req).await?.into_inner();
-        let mut info = None;
-        let mut data = Vec::new();
-        let mut index = 0usize;
-        while let Some(msg) = stream.message().await? {
-            let FetchBlobResponse {
-                info: msg_info,
-                data: chunk,
-                offset,
-            } = msg;
-            if index == 0 {
-                info = Some(msg_info.expect("the first FetchBlob message carries info"));
-            } else {
-                assert!(
-                    msg_info.is_none(),
-                    "message {index} carries info; only the first may"
-                );
-            }
+    let mut info = None;
+    let mut data = Vec::new();
+    let mut index = 0usize;
+    bounded(read_blob_stream(client.fetch_blob(req), |msg| {
+        let FetchBlobResponse {
+            info: msg_info,
+            data: chunk,
+            offset,
+        } = msg;
+        if index == 0 {
+            info = Some(msg_info.expect("the first FetchBlob message carries info"));
+        } else {
             assert!(
-                chunk.len() <= MAX_MESSAGE_DATA,
-                "message {index} carries {} bytes, more than 1 MiB",
-                chunk.len()
+                msg_info.is_none(),
+                "message {index} carries info; only the first may"
             );
-            if !chunk.is_empty() {
-                assert_eq!(
-                    offset,
-                    start + data.len() as i64,
-                    "message {index}: offset is not the position of its first byte"
-                );
-            }
-            data.extend_from_slice(&chunk);
-            index += 1;
         }
-        Ok(BlobRead {
-            info: info.expect("a FetchBlob stream has at least the info message"),
-            data,
-        })
+        assert!(
+            chunk.len() <= MAX_MESSAGE_DATA,
+            "message {index} carries {} bytes, more than 1 MiB",
+            chunk.len()
+        );
+        if !chunk.is_empty() {
+            assert_eq!(
+                offset,
+                start + data.len() as i64,
+                "message {index}: offset is not the position of its first byte"
+            );
+        }
+        data.extend_from_slice(&chunk);
+        index += 1;
+    }))
+    .await?;
+    Ok(BlobRead {
+        info: info.expect("a FetchBlob stream has at least the info message"),
+        data,
     })
-    .await
 }
 
 /// FetchManifest of `repository` at `reference` for `platform`

@@ -22,7 +22,9 @@ use common::fake::{FakeRegistry, Reply};
 use common::faulty::{
     Act, Cut, FaultyServer, OnAccept, blob_path, dead_port_url, manifest_path, sha256_digest,
 };
-use common::rpc::{blob_request, expect_err, head_blob_request, manifest_request};
+use common::rpc::{
+    blob_request, expect_err, head_blob_request, manifest_request, read_blob_stream,
+};
 use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
 use oci_upstream::pb::{BlobInfo, Platform};
 use serde_json::json;
@@ -230,33 +232,19 @@ impl BlobOutcome {
 }
 
 async fn fetch_blob(client: &mut UpstreamServiceClient<Channel>, digest: &str) -> BlobOutcome {
-    let request = blob_request(REPO, digest);
-    guard(async {
-        let mut outcome = BlobOutcome::default();
-        let mut stream = match client.fetch_blob(request).await {
-            Ok(response) => response.into_inner(),
-            Err(status) => {
-                outcome.error = Some(status);
-                return outcome;
+    let mut outcome = BlobOutcome::default();
+    let end = guard(read_blob_stream(
+        client.fetch_blob(blob_request(REPO, digest)),
+        |message| {
+            if outcome.info.is_none() {
+                outcome.info = message.info;
             }
-        };
-        loop {
-            match stream.message().await {
-                Ok(Some(message)) => {
-                    if outcome.info.is_none() {
-                        outcome.info = message.info;
-                    }
-                    outcome.data.extend_from_slice(&message.data);
-                }
-                Ok(None) => return outcome,
-                Err(status) => {
-                    outcome.error = Some(status);
-                    return outcome;
-                }
-            }
-        }
-    })
-    .await
+            outcome.data.extend_from_slice(&message.data);
+        },
+    ))
+    .await;
+    outcome.error = end.err();
+    outcome
 }
 
 /// Polls `cond` until it holds, failing after `limit`.

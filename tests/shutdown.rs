@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::Service;
 use common::faulty::{Act, Cut, FaultyServer, manifest_path, sha256_digest};
-use common::rpc::{blob_request, manifest_request};
+use common::rpc::{blob_request, manifest_request, read_blob_stream};
 use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -84,30 +84,17 @@ fn start_stream(
     let task = tokio::spawn(async move {
         let mut active = Some(active);
         let mut outcome = Outcome::default();
-        let mut stream = match client.fetch_blob(request).await {
-            Ok(response) => response.into_inner(),
-            Err(status) => {
-                outcome.error = Some(status);
-                return outcome;
-            }
-        };
-        loop {
-            match stream.message().await {
-                Ok(Some(message)) => {
-                    outcome.data.extend_from_slice(&message.data);
-                    if !outcome.data.is_empty() {
-                        if let Some(active) = active.take() {
-                            let _ = active.send(());
-                        }
-                    }
-                }
-                Ok(None) => return outcome,
-                Err(status) => {
-                    outcome.error = Some(status);
-                    return outcome;
+        let end = read_blob_stream(client.fetch_blob(request), |message| {
+            outcome.data.extend_from_slice(&message.data);
+            if !outcome.data.is_empty() {
+                if let Some(active) = active.take() {
+                    let _ = active.send(());
                 }
             }
-        }
+        })
+        .await;
+        outcome.error = end.err();
+        outcome
     });
     (task, is_active)
 }

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
 use oci_upstream::pb::{
-    FetchBlobRequest, FetchManifestRequest, FetchManifestResponse, FetchTagsRequest,
-    FetchTagsResponse, HeadBlobRequest, HeadBlobResponse, HeadManifestRequest,
+    FetchBlobRequest, FetchBlobResponse, FetchManifestRequest, FetchManifestResponse,
+    FetchTagsRequest, FetchTagsResponse, HeadBlobRequest, HeadBlobResponse, HeadManifestRequest,
     HeadManifestResponse,
 };
-use tonic::Status;
 use tonic::transport::Channel;
+use tonic::{Status, Streaming};
 
 /// A client of the service.
 pub type Client = UpstreamServiceClient<Channel>;
@@ -127,6 +127,21 @@ pub fn expect_err<T: std::fmt::Debug>(result: Result<tonic::Response<T>, Status>
     }
 }
 
+/// Awaits a FetchBlob `call` and reads its stream to the end, handing each
+/// message to `each`; the error is the status the call or the stream ended
+/// with. Not bounded here: callers bound it (by [`RPC_BOUND`], a hang guard
+/// or a deadline).
+pub async fn read_blob_stream(
+    call: impl Future<Output = Result<tonic::Response<Streaming<FetchBlobResponse>>, Status>>,
+    mut each: impl FnMut(FetchBlobResponse),
+) -> Result<(), Status> {
+    let mut stream = call.await?.into_inner();
+    while let Some(msg) = stream.message().await? {
+        each(msg);
+    }
+    Ok(())
+}
+
 /// FetchBlob of the whole blob `digest` in `repository`, read to the end of
 /// the stream (the whole read within [`RPC_BOUND`]): the blob's bytes, or the
 /// status the call or the stream ended with.
@@ -135,16 +150,11 @@ pub async fn fetch_blob_bytes(
     repository: &str,
     digest: &str,
 ) -> Result<Vec<u8>, Status> {
-    bounded(async {
-        let mut stream = client
-            .fetch_blob(blob_request(repository, digest))
-            .await?
-            .into_inner();
-        let mut data = Vec::new();
-        while let Some(msg) = stream.message().await? {
-            data.extend_from_slice(&msg.data);
-        }
-        Ok(data)
-    })
-    .await
+    let mut data = Vec::new();
+    bounded(read_blob_stream(
+        client.fetch_blob(blob_request(repository, digest)),
+        |msg| data.extend_from_slice(&msg.data),
+    ))
+    .await?;
+    Ok(data)
 }
