@@ -9,16 +9,14 @@
 //! query string dropped), so a long run does not accumulate log text.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// How long a registry may take to answer `GET /v2/`.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Spawn attempts (a port from `free_port()` can be taken in between).
 const START_ATTEMPTS: usize = 3;
 /// Lines of non-access-log output kept for error messages.
@@ -186,7 +184,7 @@ impl Distribution {
                     }
                 });
             }
-            match wait_ready(&mut child, addr) {
+            match crate::common::registry::wait_ready(&mut child, addr) {
                 Ok(()) => {
                     return Distribution {
                         child,
@@ -313,36 +311,4 @@ fn request_key(line: &str) -> Option<String> {
     parts.next().filter(|v| v.starts_with("HTTP/"))?;
     let path = target.split('?').next()?;
     Some(format!("{method} {path}"))
-}
-
-/// Polls `GET /v2/` until it answers 200, the process exits, or
-/// [`READY_TIMEOUT`] passes.
-fn wait_ready(child: &mut Child, addr: SocketAddr) -> Result<(), String> {
-    let deadline = Instant::now() + READY_TIMEOUT;
-    while Instant::now() < deadline {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("docker-registry exited early with {status}"));
-        }
-        if probe(addr) == Some(200) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    Err(format!(
-        "no answer on http://{addr}/v2/ within {READY_TIMEOUT:?}"
-    ))
-}
-
-/// One raw HTTP/1.1 `GET /v2/`; the status code if something answered.
-fn probe(addr: SocketAddr) -> Option<u16> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        stream,
-        "GET /v2/ HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut status_line = String::new();
-    BufReader::new(stream).read_line(&mut status_line).ok()?;
-    status_line.split_whitespace().nth(1)?.parse().ok()
 }

@@ -608,9 +608,10 @@ fn capture_output(child: &mut Child) -> Arc<Mutex<String>> {
     log
 }
 
-/// Polls `GET /v2/` until it answers 200 or 401 (auth enabled), the process
-/// exits, or [`READY_TIMEOUT`] passes.
-fn wait_ready(child: &mut Child, addr: SocketAddr) -> Result<(), String> {
+/// Polls `GET /v2/` of the `docker-registry` process `child` until it
+/// answers 200 or 401 (auth enabled), the process exits, or
+/// [`READY_TIMEOUT`] passes.
+pub fn wait_ready(child: &mut Child, addr: SocketAddr) -> Result<(), String> {
     let deadline = Instant::now() + READY_TIMEOUT;
     while Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {
