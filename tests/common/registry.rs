@@ -81,7 +81,8 @@ impl Registry {
                 .stderr(Stdio::piped())
                 .spawn()
                 .expect("spawn docker-registry");
-            let log = capture_output(&mut child);
+            let log = Arc::new(Mutex::new(String::new()));
+            capture_output(&mut child, &log);
             match wait_ready(&mut child, addr) {
                 Ok(()) => {
                     return Registry {
@@ -587,9 +588,8 @@ fn distribution_config(root: &Path, addr: SocketAddr, htpasswd: Option<&Path>) -
     config
 }
 
-/// Collects a child's stdout and stderr into a shared string.
-fn capture_output(child: &mut Child) -> Arc<Mutex<String>> {
-    let log = Arc::new(Mutex::new(String::new()));
+/// Appends a child's stdout and stderr, line by line, to `log`.
+pub fn capture_output(child: &mut Child, log: &Arc<Mutex<String>>) {
     let streams: [Box<dyn Read + Send>; 2] = [
         Box::new(child.stdout.take().expect("piped stdout")),
         Box::new(child.stderr.take().expect("piped stderr")),
@@ -605,7 +605,6 @@ fn capture_output(child: &mut Child) -> Arc<Mutex<String>> {
             }
         });
     }
-    log
 }
 
 /// Polls `GET /v2/` of the `docker-registry` process `child` until it

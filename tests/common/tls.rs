@@ -14,18 +14,22 @@ use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+/// The `openssl` CLI; a test fails saying how to install it when missing.
+pub fn openssl_binary() -> PathBuf {
+    super::require_binary(
+        "openssl",
+        &["/usr/bin/openssl"],
+        "apt-get install -y openssl",
+    )
+}
+
 /// Runs `openssl ARGS...` and panics with its stderr when it fails.
 pub fn openssl<I, S>(args: I)
 where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    let bin = super::require_binary(
-        "openssl",
-        &["/usr/bin/openssl"],
-        "apt-get install -y openssl",
-    );
-    let out = Command::new(bin)
+    let out = Command::new(openssl_binary())
         .args(args)
         .stdin(Stdio::null())
         .output()

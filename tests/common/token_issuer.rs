@@ -170,36 +170,29 @@ impl TokenIssuer {
     /// Makes a fresh RSA key and self-signed certificate with `openssl` and
     /// serves `/token` on `127.0.0.1:0`.
     pub async fn start(settings: IssuerSettings) -> TokenIssuer {
-        let openssl = super::require_binary(
-            "openssl",
-            &["/usr/bin/openssl"],
-            "apt-get install -y openssl",
-        );
+        let openssl = super::tls::openssl_binary();
         let dir = tempfile::tempdir().expect("temp dir for the issuer's key");
         let (key, cert) = (dir.path().join("key.pem"), dir.path().join("cert.pem"));
         let (k, c) = (key.clone(), cert.clone());
-        let bin = openssl.clone();
-        let out = tokio::task::spawn_blocking(move || {
-            Command::new(bin)
-                .args([
-                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                ])
-                .args(["-subj", &format!("/CN={ISSUER}")])
-                .arg("-keyout")
-                .arg(&k)
-                .arg("-out")
-                .arg(&c)
-                .stdin(Stdio::null())
-                .output()
+        tokio::task::spawn_blocking(move || {
+            let subject = format!("/CN={ISSUER}");
+            super::tls::openssl(
+                [
+                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                ]
+                .map(std::ffi::OsStr::new)
+                .into_iter()
+                .chain([
+                    subject.as_ref(),
+                    "-keyout".as_ref(),
+                    k.as_os_str(),
+                    "-out".as_ref(),
+                    c.as_os_str(),
+                ]),
+            );
         })
         .await
-        .expect("openssl task")
-        .expect("run openssl req");
-        assert!(
-            out.status.success(),
-            "openssl req failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        .expect("openssl task");
         let pem = std::fs::read_to_string(&cert).expect("read the issuer certificate");
         // The PEM body is the base64 of the DER certificate, as x5c wants it.
         let cert_der: String = pem
@@ -805,7 +798,7 @@ async fn spawn_registry(
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn docker-registry");
-    capture(&mut child, log);
+    super::registry::capture_output(&mut child, log);
     let deadline = Instant::now() + READY_TIMEOUT;
     let why = loop {
         if let Ok(Some(status)) = child.try_wait() {
@@ -837,24 +830,4 @@ fn htpasswd_auth(dir: &Path, user: &str, password: &str) -> String {
         "auth:\n  htpasswd:\n    realm: test-registry\n    path: {}\n",
         path.display()
     )
-}
-
-/// Appends a child's stdout and stderr to `log`.
-fn capture(child: &mut Child, log: &Arc<Mutex<String>>) {
-    use std::io::{BufRead as _, BufReader, Read};
-    let streams: [Box<dyn Read + Send>; 2] = [
-        Box::new(child.stdout.take().expect("piped stdout")),
-        Box::new(child.stderr.take().expect("piped stderr")),
-    ];
-    for stream in streams {
-        let log = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines() {
-                let Ok(line) = line else { break };
-                let mut log = log.lock().expect("log lock");
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-    }
 }
