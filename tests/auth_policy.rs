@@ -455,6 +455,18 @@ async fn bearer_challenge_among_several_lowercase_and_without_scope_is_followed(
 // ---------------------------------------------------------------------------
 // Realm policy.
 
+/// A registry: serves [`content`] to requests bearing [`GOOD_TOKEN`] and
+/// answers every other one with a Bearer challenge naming `realm`.
+fn bearer_registry(realm: String) -> impl Fn(&Seen) -> Response + Send + Sync + 'static {
+    let content = content();
+    move |seen| {
+        if seen.authorization.as_deref() == Some(&format!("Bearer {GOOD_TOKEN}")) {
+            return content.serve(&seen.path);
+        }
+        unauthorized(&[&format!(r#"Bearer realm="{realm}",service="reg""#)])
+    }
+}
+
 /// A registry answering for `registry_host` through the recording proxy (or
 /// directly): 401 with a Bearer challenge naming `realm` until it sees
 /// [`GOOD_TOKEN`]; every other host it is asked for acts as a token endpoint
@@ -464,15 +476,12 @@ fn registry_or_token(
     registry_host: String,
     realm: String,
 ) -> impl Fn(&Seen) -> Response + Send + Sync + 'static {
-    let content = content();
+    let registry = bearer_registry(realm);
     move |seen| {
         if seen.host != registry_host {
             return token_reply();
         }
-        if seen.authorization.as_deref() == Some(&format!("Bearer {GOOD_TOKEN}")) {
-            return content.serve(&seen.path);
-        }
-        unauthorized(&[&format!(r#"Bearer realm="{realm}",service="reg""#)])
+        registry(seen)
     }
 }
 
@@ -527,14 +536,7 @@ async fn realm_on_the_same_host_at_another_port_is_used() {
     let content = content();
     let token = Fake::start(|_| token_reply()).await;
     let realm = format!("{}/token", token.url());
-    let c = content.clone();
-    let registry = Fake::start(move |seen| {
-        if seen.authorization.as_deref() == Some(&format!("Bearer {GOOD_TOKEN}")) {
-            return c.serve(&seen.path);
-        }
-        unauthorized(&[&format!(r#"Bearer realm="{realm}",service="reg""#)])
-    })
-    .await;
+    let registry = Fake::start(bearer_registry(realm)).await;
     let service = Service::start(&upstream(&registry.url(), ""));
     let mut client = service.client().await;
     let resp = fetch_manifest(&mut client, REPO, "v1")
@@ -667,14 +669,7 @@ async fn token_endpoint_redirect_from_127_0_0_1_to_localhost_is_refused() {
     let location = format!("http://localhost:{}/token", target.addr.port());
     let token = Fake::start(move |_| redirect(&location)).await;
     let realm = format!("{}/token", token.url());
-    let content = content();
-    let registry = Fake::start(move |seen| {
-        if seen.authorization.as_deref() == Some(&format!("Bearer {GOOD_TOKEN}")) {
-            return content.serve(&seen.path);
-        }
-        unauthorized(&[&format!(r#"Bearer realm="{realm}",service="reg""#)])
-    })
-    .await;
+    let registry = Fake::start(bearer_registry(realm)).await;
     let service = Service::start(&upstream(&registry.url(), ""));
     let mut client = service.client().await;
     let result = fetch_manifest(&mut client, REPO, "v1").await;
@@ -693,14 +688,7 @@ async fn realm_on_localhost_for_a_127_0_0_1_upstream_is_refused() {
     // directly (the same check the redirect test relies on).
     let target = Fake::start(|_| token_reply()).await;
     let realm = format!("http://localhost:{}/token", target.addr.port());
-    let content = content();
-    let registry = Fake::start(move |seen| {
-        if seen.authorization.as_deref() == Some(&format!("Bearer {GOOD_TOKEN}")) {
-            return content.serve(&seen.path);
-        }
-        unauthorized(&[&format!(r#"Bearer realm="{realm}",service="reg""#)])
-    })
-    .await;
+    let registry = Fake::start(bearer_registry(realm)).await;
     let service = Service::start(&upstream(&registry.url(), ""));
     let mut client = service.client().await;
     let result = fetch_manifest(&mut client, REPO, "v1").await;
@@ -718,15 +706,12 @@ async fn realm_on_localhost_for_a_127_0_0_1_upstream_is_refused() {
 /// A registry that answers `/token` itself, serves [`content`] for
 /// [`GOOD_TOKEN`], and otherwise challenges with `realm`.
 fn tokens_and_content(realm: String) -> impl Fn(&Seen) -> Response + Send + Sync + 'static {
-    let content = content();
+    let registry = bearer_registry(realm);
     move |seen| {
         if seen.path == "/token" {
             return token_reply();
         }
-        if seen.authorization.as_deref() == Some(&format!("Bearer {GOOD_TOKEN}")) {
-            return content.serve(&seen.path);
-        }
-        unauthorized(&[&format!(r#"Bearer realm="{realm}",service="reg""#)])
+        registry(seen)
     }
 }
 
