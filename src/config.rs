@@ -12,6 +12,9 @@ use bytesize::ByteSize;
 use serde::Deserialize;
 use url::Url;
 
+use crate::glob::Glob;
+use crate::secret::SecretSource;
+
 /// Environment variable naming the config file when `--config` is absent.
 pub const CONFIG_ENV: &str = "OCI_UPSTREAM_CONFIG";
 /// Environment variable overriding `listen`.
@@ -149,10 +152,10 @@ pub struct UpstreamConfig {
     pub enabled: bool,
     /// Repository globs this upstream serves.
     #[serde(default = "all_repositories")]
-    pub repositories: Vec<String>,
+    pub repositories: Vec<Glob>,
     /// Repository globs this upstream never serves.
     #[serde(default)]
-    pub exclude: Vec<String>,
+    pub exclude: Vec<Glob>,
     /// Map single-component names to `library/NAME`; default true for Docker
     /// Hub hosts only.
     pub library_prefix: Option<bool>,
@@ -199,8 +202,8 @@ pub struct UpstreamConfig {
 fn yes() -> bool {
     true
 }
-fn all_repositories() -> Vec<String> {
-    vec!["**".to_owned()]
+fn all_repositories() -> Vec<Glob> {
+    vec![Glob::parse("**").expect("`**` is a valid glob")]
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
@@ -292,9 +295,10 @@ impl<'de> Deserialize<'de> for Rate {
     }
 }
 
-/// Where an upstream's credentials come from.
+/// Where an upstream's credentials come from. Each secret has exactly one
+/// source (a file or an environment variable), checked as it is read.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(try_from = "RawAuth")]
 pub enum AuthConfig {
     /// No credentials (the token flow still runs, anonymously).
     #[default]
@@ -303,23 +307,100 @@ pub enum AuthConfig {
     Basic {
         /// The username.
         username: String,
-        /// File holding the password (one trailing newline trimmed).
-        password_file: Option<PathBuf>,
-        /// Environment variable holding the password.
-        password_env: Option<String>,
+        /// Where the password is read (`password_file` or `password_env`).
+        password: SecretSource,
     },
-    /// A static bearer token.
+    /// A static bearer token (`token_file` or `token_env`).
     Bearer {
-        /// File holding the token.
-        token_file: Option<PathBuf>,
-        /// Environment variable holding the token.
-        token_env: Option<String>,
+        /// Where the token is read.
+        token: SecretSource,
     },
     /// Credentials from a Docker `config.json` or `.dockerconfigjson`.
     DockerConfig {
         /// The file.
         file: PathBuf,
     },
+}
+
+impl AuthConfig {
+    /// The `type` key's value, as written in the config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AuthConfig::Anonymous => "anonymous",
+            AuthConfig::Basic { .. } => "basic",
+            AuthConfig::Bearer { .. } => "bearer",
+            AuthConfig::DockerConfig { .. } => "docker-config",
+        }
+    }
+}
+
+/// `[upstreams.auth]` as written, before its sources are checked.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+enum RawAuth {
+    Anonymous,
+    Basic {
+        username: String,
+        password_file: Option<PathBuf>,
+        password_env: Option<String>,
+    },
+    Bearer {
+        token_file: Option<PathBuf>,
+        token_env: Option<String>,
+    },
+    DockerConfig {
+        file: PathBuf,
+    },
+}
+
+impl TryFrom<RawAuth> for AuthConfig {
+    type Error = String;
+
+    fn try_from(raw: RawAuth) -> Result<Self, String> {
+        Ok(match raw {
+            RawAuth::Anonymous => AuthConfig::Anonymous,
+            RawAuth::Basic {
+                username,
+                password_file,
+                password_env,
+            } => {
+                if username.is_empty() || username.contains(':') {
+                    return Err("username must be non-empty and must not contain ':'".to_owned());
+                }
+                let password = secret_source(password_file, password_env, "password")?;
+                AuthConfig::Basic { username, password }
+            }
+            RawAuth::Bearer {
+                token_file,
+                token_env,
+            } => AuthConfig::Bearer {
+                token: secret_source(token_file, token_env, "token")?,
+            },
+            RawAuth::DockerConfig { file } => {
+                if file.as_os_str().is_empty() {
+                    return Err("file must name a file".to_owned());
+                }
+                AuthConfig::DockerConfig { file }
+            }
+        })
+    }
+}
+
+/// The one source of a secret: `{what}_file` or `{what}_env`.
+fn secret_source(
+    file: Option<PathBuf>,
+    env: Option<String>,
+    what: &str,
+) -> Result<SecretSource, String> {
+    match (file, env) {
+        (Some(_), Some(_)) => Err(format!("set either {what}_file or {what}_env, not both")),
+        (None, None) => Err(format!("one of {what}_file or {what}_env is required")),
+        (None, Some(var)) if var.is_empty() => {
+            Err(format!("{what}_env must name an environment variable"))
+        }
+        (Some(path), None) => Ok(SecretSource::File(path)),
+        (None, Some(var)) => Ok(SecretSource::Env(var)),
+    }
 }
 
 impl Config {
@@ -351,9 +432,19 @@ impl Config {
         Ok(config)
     }
 
-    /// Parses TOML text (no environment, no validation beyond types).
+    /// Parses TOML text (no environment, no validation beyond types). An
+    /// error names the field's path (`upstreams[0].repositories[1]`).
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string().trim_end().to_owned()))
+        serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            let inner = inner.trim_end();
+            ConfigError::Syntax(if path == "." {
+                inner.to_owned()
+            } else {
+                format!("{path}: {inner}")
+            })
+        })
     }
 
     /// Checks what types alone cannot: unique names, URL schemes, globs,
@@ -418,12 +509,6 @@ impl Config {
                     "must not carry credentials; use [upstreams.auth]",
                 ));
             }
-            for (key, globs) in [("repositories", &up.repositories), ("exclude", &up.exclude)] {
-                for (j, g) in globs.iter().enumerate() {
-                    crate::upstream::Glob::parse(g)
-                        .map_err(|e| ConfigError::invalid(field(&format!("{key}[{j}]")), e))?;
-                }
-            }
             if let Some(proxy) = &up.proxy {
                 if !matches!(proxy.scheme(), "http" | "https") {
                     return Err(ConfigError::invalid(
@@ -446,56 +531,8 @@ impl Config {
                     "must be at least 1",
                 ));
             }
-            validate_auth(&up.auth, &field)?;
         }
         Ok(())
-    }
-}
-
-fn validate_auth(auth: &AuthConfig, field: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
-    let one_of =
-        |file: &Option<PathBuf>, env: &Option<String>, file_key: &str, env_key: &str| match (
-            file, env,
-        ) {
-            (Some(_), Some(_)) => Err(ConfigError::invalid(
-                field(&format!("auth.{file_key}")),
-                format!("set either {file_key} or {env_key}, not both"),
-            )),
-            (None, None) => Err(ConfigError::invalid(
-                field(&format!("auth.{file_key}")),
-                format!("one of {file_key} or {env_key} is required"),
-            )),
-            (_, Some(var)) if var.is_empty() => Err(ConfigError::invalid(
-                field(&format!("auth.{env_key}")),
-                "must name an environment variable",
-            )),
-            _ => Ok(()),
-        };
-    match auth {
-        AuthConfig::Anonymous => Ok(()),
-        AuthConfig::Basic {
-            username,
-            password_file,
-            password_env,
-        } => {
-            if username.is_empty() || username.contains(':') {
-                return Err(ConfigError::invalid(
-                    field("auth.username"),
-                    "must be non-empty and must not contain ':'",
-                ));
-            }
-            one_of(password_file, password_env, "password_file", "password_env")
-        }
-        AuthConfig::Bearer {
-            token_file,
-            token_env,
-        } => one_of(token_file, token_env, "token_file", "token_env"),
-        AuthConfig::DockerConfig { file } => {
-            if file.as_os_str().is_empty() {
-                return Err(ConfigError::invalid(field("auth.file"), "must name a file"));
-            }
-            Ok(())
-        }
     }
 }
 
@@ -560,10 +597,9 @@ mod tests {
         assert!(
             error_of(&up("repositories = [\"a/**b\"]")).contains("upstreams[0].repositories[0]")
         );
-        assert!(
-            error_of(&up("[upstreams.auth]\ntype = \"basic\"\nusername = \"u\""))
-                .contains("upstreams[0].auth.password_file")
-        );
+        let missing = error_of(&up("[upstreams.auth]\ntype = \"basic\"\nusername = \"u\""));
+        assert!(missing.starts_with("upstreams[0].auth: "), "{missing}");
+        assert!(missing.contains("one of password_file or password_env is required"));
         assert!(error_of(&up("[upstreams.auth]\ntype = \"magic\"")).contains("magic"));
         assert!(error_of(&up("min_rate = \"fast\"")).contains("min_rate"));
         assert!(error_of("upstreams = []").contains("upstreams"));

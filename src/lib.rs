@@ -16,12 +16,15 @@
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![deny(clippy::await_holding_lock)]
 
 pub mod app;
-pub mod cache;
+pub(crate) mod cache;
 pub mod config;
-pub mod grpc;
-pub mod oci;
+pub(crate) mod glob;
+pub(crate) mod grpc;
+pub(crate) mod oci;
 pub mod pb;
+pub(crate) mod secret;
 pub mod telemetry;
-pub mod upstream;
+pub(crate) mod upstream;

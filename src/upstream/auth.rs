@@ -1,91 +1,24 @@
-//! Upstream credentials and `WWW-Authenticate` challenges: where a password
-//! or token comes from, a [`Secret`] type that cannot be printed, and the
-//! challenge parser that drives the token flow.
+//! Upstream credentials and how a request is authenticated: where the
+//! username, password or token come from ([`Credentials`], including Docker
+//! config files), and the flow of [`Upstream::send_once`]: a token or Basic
+//! credentials up front when known, else the 401 challenge's flow and one
+//! retry.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use reqwest::StatusCode;
+use reqwest::header::{HeaderValue, WWW_AUTHENTICATE};
 use serde::Deserialize;
 
+use super::challenge::{Challenge, parse_challenges};
+use super::client::{Request, Upstream};
+use super::error::{Fault, FaultKind};
 use crate::config::AuthConfig;
-
-/// A password or token. `Debug` and `Display` print `<redacted>`; the value is
-/// reachable only through [`Secret::expose`], at the point it goes on the wire.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The raw value, for an `Authorization` header or a token request.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-/// Where a secret is read from. Files are read on each use, so a rotated
-/// Kubernetes Secret takes effect without a restart.
-#[derive(Debug, Clone)]
-pub enum SecretSource {
-    /// A file; one trailing newline is trimmed.
-    File(PathBuf),
-    /// An environment variable.
-    Env(String),
-}
-
-impl SecretSource {
-    fn from_config(file: &Option<PathBuf>, env: &Option<String>) -> Self {
-        match (file, env) {
-            (Some(path), _) => SecretSource::File(path.clone()),
-            (None, Some(var)) => SecretSource::Env(var.clone()),
-            // Config validation requires one of the two.
-            (None, None) => SecretSource::Env(String::new()),
-        }
-    }
-
-    /// Reads the secret now. The error names the source, never the value.
-    pub fn read(&self) -> Result<Secret, String> {
-        match self {
-            SecretSource::File(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
-                Ok(Secret(trim_newline(text)))
-            }
-            SecretSource::Env(var) => std::env::var(var)
-                .map(Secret)
-                .map_err(|_| format!("environment variable {var} is not set")),
-        }
-    }
-}
-
-/// Trims one trailing `\n` (or `\r\n`).
-fn trim_newline(mut s: String) -> String {
-    if s.ends_with('\n') {
-        s.pop();
-        if s.ends_with('\r') {
-            s.pop();
-        }
-    }
-    s
-}
+use crate::secret::{Secret, SecretSource};
 
 /// An upstream's credentials.
 #[derive(Debug, Clone)]
@@ -129,18 +62,11 @@ impl Credentials {
     pub fn from_config(config: &AuthConfig) -> Self {
         match config {
             AuthConfig::Anonymous => Credentials::Anonymous,
-            AuthConfig::Basic {
-                username,
-                password_file,
-                password_env,
-            } => Credentials::Basic {
+            AuthConfig::Basic { username, password } => Credentials::Basic {
                 username: username.clone(),
-                password: SecretSource::from_config(password_file, password_env),
+                password: password.clone(),
             },
-            AuthConfig::Bearer {
-                token_file,
-                token_env,
-            } => Credentials::Bearer(SecretSource::from_config(token_file, token_env)),
+            AuthConfig::Bearer { token } => Credentials::Bearer(token.clone()),
             AuthConfig::DockerConfig { file } => Credentials::DockerConfig(file.clone()),
         }
     }
@@ -254,125 +180,106 @@ fn docker_config_lookup(path: &Path, host: &str) -> Result<Resolved, String> {
     })
 }
 
-/// One challenge of a `WWW-Authenticate` header.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Challenge {
-    /// The scheme, lowercased (`bearer`, `basic`).
-    pub scheme: String,
-    /// Parameters with lowercased names.
-    pub params: Vec<(String, String)>,
+/// The `Authorization` a request carries.
+#[derive(Debug, Clone)]
+pub(crate) enum Authorization {
+    Bearer(Secret),
+    Basic(BasicAuth),
 }
 
-impl Challenge {
-    /// A parameter's value.
-    pub fn param(&self, name: &str) -> Option<&str> {
-        self.params
+impl Authorization {
+    pub(crate) fn header(&self) -> HeaderValue {
+        use base64::Engine as _;
+        let text = match self {
+            Authorization::Bearer(token) => format!("Bearer {}", token.expose()),
+            Authorization::Basic(b) => {
+                let raw = format!("{}:{}", b.username, b.password.expose());
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(raw)
+                )
+            }
+        };
+        // A secret with bytes not allowed in a header cannot be sent; an empty
+        // header makes the upstream refuse, which reports as PERMISSION_DENIED.
+        let mut value =
+            HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""));
+        value.set_sensitive(true);
+        value
+    }
+}
+
+impl Upstream {
+    /// Sends `req` once, authenticating as the upstream asks: a cached or
+    /// static token up front, then on a 401 the challenge's flow (Bearer
+    /// token or Basic credentials) and one retry. The answer may still be a
+    /// 401/403 (credentials refused).
+    pub(super) async fn send_once(&self, req: &Request) -> Result<reqwest::Response, Fault> {
+        let first = self.upfront_auth(&req.scope).await?;
+        let response = self.execute(req, first.as_ref()).await?;
+        if response.status() != StatusCode::UNAUTHORIZED
+            || matches!(self.credentials, Credentials::Bearer(_))
+        {
+            return Ok(response);
+        }
+        if let Some(Authorization::Bearer(token)) = &first {
+            self.tokens.invalidate(&req.scope, token).await;
+        }
+        let challenges: Vec<Challenge> = response
+            .headers()
+            .get_all(WWW_AUTHENTICATE)
             .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Parses every challenge in a `WWW-Authenticate` value: several challenges
-/// in one header, quoted values containing commas and escapes, any case of
-/// scheme and parameter names. Unparseable pieces are skipped.
-pub fn parse_challenges(header: &str) -> Vec<Challenge> {
-    let mut p = Cursor {
-        s: header.as_bytes(),
-        i: 0,
-    };
-    let mut out = Vec::new();
-    loop {
-        p.skip(|b| b == b',' || b.is_ascii_whitespace());
-        if p.done() {
-            break;
-        }
-        let Some(scheme) = p.token() else {
-            p.i += 1;
-            continue;
-        };
-        let mut challenge = Challenge {
-            scheme: scheme.to_ascii_lowercase(),
-            params: Vec::new(),
-        };
-        loop {
-            p.skip(|b| b.is_ascii_whitespace());
-            let start = p.i;
-            let Some(name) = p.token() else { break };
-            p.skip(|b| b.is_ascii_whitespace());
-            if !p.eat(b'=') {
-                // A token68 or the next challenge's scheme.
-                p.i = start;
-                break;
-            }
-            p.skip(|b| b.is_ascii_whitespace());
-            let value = if p.peek() == Some(b'"') {
-                p.quoted()
-            } else {
-                p.token().unwrap_or_default()
-            };
-            challenge.params.push((name.to_ascii_lowercase(), value));
-            p.skip(|b| b.is_ascii_whitespace());
-            if !p.eat(b',') {
-                break;
-            }
-        }
-        if challenge.params.is_empty() {
-            // Skip a token68 (e.g. `Negotiate abc==`) so it is not read as a scheme.
-            p.skip(|b| b != b',');
-        }
-        out.push(challenge);
-    }
-    out
-}
-
-struct Cursor<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl Cursor<'_> {
-    fn done(&self) -> bool {
-        self.i >= self.s.len()
-    }
-    fn peek(&self) -> Option<u8> {
-        self.s.get(self.i).copied()
-    }
-    fn eat(&mut self, b: u8) -> bool {
-        if self.peek() == Some(b) {
-            self.i += 1;
-            true
-        } else {
-            false
-        }
-    }
-    fn skip(&mut self, f: impl Fn(u8) -> bool) {
-        while self.peek().is_some_and(&f) {
-            self.i += 1;
-        }
-    }
-    fn token(&mut self) -> Option<String> {
-        let start = self.i;
-        self.skip(|b| !(b.is_ascii_whitespace() || matches!(b, b',' | b'=' | b'"')));
-        (self.i > start).then(|| String::from_utf8_lossy(&self.s[start..self.i]).into_owned())
-    }
-    fn quoted(&mut self) -> String {
-        self.i += 1; // opening quote
-        let mut out = Vec::new();
-        while let Some(b) = self.peek() {
-            self.i += 1;
-            match b {
-                b'"' => break,
-                b'\\' => {
-                    if let Some(next) = self.peek() {
-                        out.push(next);
-                        self.i += 1;
-                    }
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(parse_challenges)
+            .collect();
+        let retry = if let Some(bearer) = challenges
+            .iter()
+            .find(|c| c.scheme == "bearer" && c.param("realm").is_some())
+        {
+            Authorization::Bearer(self.token(bearer, &req.scope).await?)
+        } else if challenges.iter().any(|c| c.scheme == "basic") {
+            match self.basic()? {
+                Some(basic) if !matches!(first, Some(Authorization::Basic(_))) => {
+                    self.basic_first.store(true, Ordering::Relaxed);
+                    Authorization::Basic(basic)
                 }
-                _ => out.push(b),
+                _ => return Ok(response),
             }
+        } else {
+            return Ok(response);
+        };
+        drop(response);
+        self.execute(req, Some(&retry)).await
+    }
+
+    pub(super) async fn upfront_auth(&self, scope: &str) -> Result<Option<Authorization>, Fault> {
+        let config_error =
+            |e: String| Fault::new(FaultKind::Denied, format!("upstream `{}`: {e}", self.name));
+        if let Some(token) = self.credentials.bearer().map_err(config_error)? {
+            return Ok(Some(Authorization::Bearer(token)));
         }
-        String::from_utf8_lossy(&out).into_owned()
+        if let Some(token) = self.tokens.get(scope).await {
+            return Ok(Some(Authorization::Bearer(token)));
+        }
+        if self.basic_first.load(Ordering::Relaxed) {
+            return Ok(self.basic()?.map(Authorization::Basic));
+        }
+        Ok(None)
+    }
+
+    pub(super) fn basic(&self) -> Result<Option<BasicAuth>, Fault> {
+        Ok(self.resolved()?.basic)
+    }
+
+    /// The credentials for this upstream's host, read now.
+    pub(super) fn resolved(&self) -> Result<Resolved, Fault> {
+        let host = match self.base.port() {
+            Some(port) => format!("{}:{port}", self.base.host_str().unwrap_or_default()),
+            None => self.base.host_str().unwrap_or_default().to_owned(),
+        };
+        self.credentials
+            .resolve(&host)
+            .map_err(|e| Fault::new(FaultKind::Denied, format!("upstream `{}`: {e}", self.name)))
     }
 }
 
@@ -381,64 +288,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_a_distribution_bearer_challenge() {
-        let c = parse_challenges(
-            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/nginx:pull""#,
-        );
-        assert_eq!(c.len(), 1);
-        assert_eq!(c[0].scheme, "bearer");
-        assert_eq!(c[0].param("realm"), Some("https://auth.docker.io/token"));
-        assert_eq!(c[0].param("service"), Some("registry.docker.io"));
-        assert_eq!(c[0].param("scope"), Some("repository:library/nginx:pull"));
-    }
-
-    #[test]
-    fn several_challenges_quoted_commas_and_case() {
-        let c = parse_challenges(
-            r#"Basic realm="Registry, with comma", BEARER Realm="https://t/x",Scope="repository:a:pull,push", error="invalid_token""#,
-        );
-        assert_eq!(c.len(), 2);
-        assert_eq!(c[0].scheme, "basic");
-        assert_eq!(c[0].param("realm"), Some("Registry, with comma"));
-        assert_eq!(c[1].scheme, "bearer");
-        assert_eq!(c[1].param("realm"), Some("https://t/x"));
-        assert_eq!(c[1].param("scope"), Some("repository:a:pull,push"));
-        assert_eq!(c[1].param("error"), Some("invalid_token"));
-    }
-
-    #[test]
-    fn missing_scope_unquoted_values_escapes_and_token68() {
-        let c = parse_challenges(r#"Bearer realm=https://t/token, service=reg"#);
-        assert_eq!(c[0].param("realm"), Some("https://t/token"));
-        assert_eq!(c[0].param("service"), Some("reg"));
-        assert_eq!(c[0].param("scope"), None);
-        let c = parse_challenges(r#"Basic realm="a \"b\"""#);
-        assert_eq!(c[0].param("realm"), Some(r#"a "b""#));
-        let c = parse_challenges("Negotiate abc==, Basic realm=x");
-        assert_eq!(c.len(), 2);
-        assert_eq!(c[1].scheme, "basic");
-        assert!(parse_challenges("").is_empty());
-        assert!(parse_challenges(" , ").is_empty());
-    }
-
-    #[test]
-    fn secrets_do_not_print() {
-        let s = Secret::new("hunter2");
-        assert_eq!(format!("{s:?} {s}"), "<redacted> <redacted>");
+    fn basic_credentials_do_not_print() {
         let b = BasicAuth {
             username: "u".into(),
-            password: s,
+            password: Secret::new("hunter2"),
         };
         assert!(!format!("{b:?}").contains("hunter2"));
-    }
-
-    #[test]
-    fn secret_files_lose_one_trailing_newline() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("pw");
-        std::fs::write(&path, "pa ss\n\n").unwrap();
-        let read = SecretSource::File(path).read().unwrap();
-        assert_eq!(read.expose(), "pa ss\n");
     }
 
     #[test]

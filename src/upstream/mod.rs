@@ -1,38 +1,51 @@
-//! The engine: fetches OCI content from upstream registries. It routes a
-//! request to the upstreams whose rules admit the repository, serves what
-//! the cache holds for that route, tries the upstreams in priority order on
-//! a miss, authenticates as each asks, and verifies every byte it hands out
-//! against its digest. It knows nothing of gRPC; the service adapter in
-//! [`crate::grpc`] translates to and from it.
+//! The engine: fetches OCI content from upstream registries. It knows
+//! nothing of gRPC; the service adapter in [`crate::grpc`] translates to and
+//! from it. One [`Engine`] serves every request:
+//!
+//! - [`Engine::fetch_manifest`] and [`Engine::head_manifest`] (in
+//!   [`manifest`]): a manifest by tag or digest, through the tag entries and
+//!   the store, with platform resolution of an index.
+//! - [`Engine::fetch_blob`] and [`Engine::head_blob`] (in [`blob`]): a
+//!   verifying stream of a blob or a range of it, joining a download of the
+//!   same blob already under way.
+//! - [`Engine::fetch_tags`] (in [`tags`]): a page of a repository's tags.
+//!
+//! Each operation routes the repository to its candidate upstreams
+//! ([`routing`]), serves what the cache holds for that route, and on a miss
+//! tries the candidates in priority order ([`failover`]). Talking to one
+//! upstream is [`client`] (HTTP, connection cap, retries) with [`auth`],
+//! [`token`], [`challenge`] and [`realm`] for authentication,
+//! [`resilience`] for backoff and circuit breaking, and [`distribution`]
+//! for the OCI URLs, headers and error envelope.
 
 mod auth;
 mod blob;
+mod challenge;
+mod client;
+mod distribution;
 mod error;
-mod glob;
+mod failover;
+mod http;
 mod manifest;
-mod registry;
-mod remote;
+mod realm;
 mod resilience;
 mod routing;
 mod tags;
-mod token_cache;
+mod token;
 
-use std::future::Future;
 use std::sync::Arc;
 
-use bytes::Bytes;
-
-pub use auth::{Secret, parse_challenges};
-pub use blob::{BlobChunk, BlobInfo, BlobMeta, BlobRange, BlobRequest, BlobStream};
-pub use error::{Error, Fault, FaultKind, Faults};
-pub use glob::Glob;
+pub use blob::{BlobInfo, BlobMeta, BlobRange, BlobRequest};
+pub use error::Error;
+use error::Fault;
+#[cfg(test)]
+pub(crate) use error::{FaultKind, Faults};
 pub use manifest::{Manifest, ManifestMeta, ManifestRequest};
 pub use tags::{TagPage, TagsRequest};
 
-use crate::cache::{Cache, CacheError, Holder, negative::Negative};
+use crate::cache::{Cache, CacheError};
 use crate::config::Config;
-use crate::oci::{Digest, MediaType, Repository};
-use remote::Remote;
+use client::Upstream;
 use routing::Router;
 
 /// The cache as the engine uses it: downloads fail with engine errors.
@@ -49,9 +62,9 @@ pub struct Source {
 }
 
 impl Source {
-    fn fetched(remote: &Remote) -> Self {
+    fn fetched(upstream: &Upstream) -> Self {
         Self {
-            upstream: remote.name().to_owned(),
+            upstream: upstream.name().to_owned(),
             cache_hit: false,
         }
     }
@@ -93,15 +106,15 @@ pub enum BuildError {
 impl Engine {
     /// Builds the engine from a validated configuration, opening the cache.
     pub fn new(config: &Config) -> Result<Self, BuildError> {
-        let remotes = config
+        let upstreams = config
             .upstreams
             .iter()
             .enumerate()
-            .map(|(i, u)| Remote::new(u, i))
+            .map(|(i, u)| Upstream::new(u, i))
             .collect::<Result<Vec<_>, _>>()
             .map_err(BuildError::Upstream)?;
         Ok(Self {
-            router: Router::new(remotes),
+            router: Router::new(upstreams),
             cache: Arc::new(Cache::open(&config.cache)?),
             limits: Limits {
                 max_manifest: usize::try_from(config.max_manifest_size.as_u64())
@@ -112,155 +125,7 @@ impl Engine {
     }
 }
 
-/// Tries `attempt` on each candidate in order and returns the first success
-/// with the upstream that gave it; when all fail, the error their faults add
-/// up to. A "not found" is remembered per (upstream, `key`) for the negative
-/// TTL, and a remembered one skips the upstream.
-async fn try_in_order<T, F, Fut>(
-    negative: &Negative,
-    candidates: &[Arc<Remote>],
-    key: &str,
-    attempt: F,
-) -> Result<(Arc<Remote>, T), Error>
-where
-    F: Fn(Arc<Remote>) -> Fut,
-    Fut: Future<Output = Result<T, Fault>>,
-{
-    let mut faults = Faults::default();
-    for remote in candidates {
-        if !remote.circuit().allow() {
-            faults.push(Fault::unavailable(format!(
-                "upstream `{}` is skipped: its circuit is open after repeated failures",
-                remote.name()
-            )));
-            continue;
-        }
-        if negative.contains(remote.name(), key) {
-            faults.push(Fault::new(
-                FaultKind::NotFound,
-                format!(
-                    "upstream `{}` answered \"not found\" for {key} recently",
-                    remote.name()
-                ),
-            ));
-            continue;
-        }
-        match attempt(remote.clone()).await {
-            Ok(value) => {
-                remote.circuit().record_success();
-                return Ok((remote.clone(), value));
-            }
-            Err(fault) => {
-                tracing::debug!(upstream = remote.name(), %fault, "upstream failed; trying the next");
-                if fault.is_upstream_failure() {
-                    remote.circuit().record_failure();
-                } else {
-                    remote.circuit().record_success();
-                }
-                if fault.is_not_found() {
-                    negative.insert(remote.name(), key);
-                }
-                faults.push(fault);
-            }
-        }
-    }
-    let error = faults.into_error();
-    if !matches!(error, Error::NotFound(_)) {
-        tracing::warn!(%error, "no upstream could answer");
-    }
-    Err(error)
-}
-
-/// The cache's record that `remote` holds content for `repository`.
-fn holder_for(remote: &Remote, repository: &Repository) -> Holder {
-    Holder {
-        upstream: remote.name().to_owned(),
-        repository: remote.remote_name(repository),
-    }
-}
-
-/// The first candidate known to hold content for `repository`, given the
-/// cache's holders of that content.
-fn known_holder<'a>(
-    candidates: &'a [Arc<Remote>],
-    repository: &Repository,
-    holders: &[Holder],
-) -> Option<&'a Arc<Remote>> {
-    candidates
-        .iter()
-        .find(|c| holders.contains(&holder_for(c, repository)))
-}
-
 fn cache_error(e: CacheError) -> Error {
     tracing::error!(error = %e, "cache failure");
     Error::Cache(e.to_string())
-}
-
-/// The caller's acceptable media types, or every OCI and Docker v2 type.
-fn media_types_or_default(accept: &[MediaType]) -> Vec<MediaType> {
-    if accept.is_empty() {
-        MediaType::DEFAULT_ACCEPT
-            .iter()
-            .map(|m| MediaType::known(m))
-            .collect()
-    } else {
-        accept.to_vec()
-    }
-}
-
-/// Checks `bytes` against `expected`, and against a `Docker-Content-Digest`
-/// the upstream sent; returns the digest computed with `expected`'s
-/// algorithm (sha256 when there is none).
-fn verify_digest(
-    remote: &Remote,
-    what: &str,
-    bytes: &Bytes,
-    expected: Option<&Digest>,
-    header: Option<&Digest>,
-) -> Result<Digest, Fault> {
-    let algorithm = expected.map_or(crate::oci::Algorithm::Sha256, Digest::algorithm);
-    let computed = algorithm.digest(bytes);
-    if let Some(expected) = expected {
-        if *expected != computed {
-            return Err(Fault::integrity(format!(
-                "upstream `{}` sent bytes for {what} that hash to {computed}",
-                remote.name()
-            )));
-        }
-    }
-    if let Some(header) = header {
-        let matches = if header.algorithm() == algorithm {
-            *header == computed
-        } else {
-            header.matches(bytes)
-        };
-        if !matches {
-            return Err(Fault::integrity(format!(
-                "upstream `{}` sent {what} with Docker-Content-Digest {header}, but its bytes hash to {computed}",
-                remote.name()
-            )));
-        }
-    }
-    Ok(computed)
-}
-
-/// The `Docker-Content-Digest` header, when present and valid.
-fn header_digest(headers: &reqwest::header::HeaderMap) -> Option<Digest> {
-    let value = headers.get("Docker-Content-Digest")?.to_str().ok()?;
-    Digest::parse(value.trim()).ok()
-}
-
-/// The `Content-Type` without parameters, lowercased.
-fn content_type(headers: &reqwest::header::HeaderMap) -> String {
-    headers
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_default()
 }

@@ -2,23 +2,46 @@
 
 use std::sync::Arc;
 
+use super::client::Upstream;
 use super::error::Error;
-use super::remote::Remote;
+use crate::cache::Holder;
+use crate::glob::Glob;
 use crate::oci::Repository;
+
+/// An upstream's repository rules: include globs, minus exclude globs.
+#[derive(Debug, Clone)]
+pub(crate) struct RouteRules {
+    include: Vec<Glob>,
+    exclude: Vec<Glob>,
+}
+
+impl RouteRules {
+    /// Rules admitting what matches an `include` glob and no `exclude` glob.
+    pub(crate) fn new(include: Vec<Glob>, exclude: Vec<Glob>) -> Self {
+        Self { include, exclude }
+    }
+
+    /// True when the rules admit `repository`.
+    pub(crate) fn admits(&self, repository: &Repository) -> bool {
+        let name = repository.as_str();
+        self.include.iter().any(|g| g.matches(name))
+            && !self.exclude.iter().any(|g| g.matches(name))
+    }
+}
 
 /// The configured upstreams, sorted by priority (ties keep file order).
 #[derive(Debug)]
 pub struct Router {
-    remotes: Vec<Arc<Remote>>,
+    upstreams: Vec<Arc<Upstream>>,
 }
 
 impl Router {
-    /// Sorts `remotes` (given in file order) by priority.
-    pub fn new(mut remotes: Vec<Remote>) -> Self {
+    /// Sorts `upstreams` (given in file order) by priority.
+    pub fn new(mut upstreams: Vec<Upstream>) -> Self {
         // A stable sort keeps file order among equal priorities.
-        remotes.sort_by_key(Remote::priority);
+        upstreams.sort_by_key(Upstream::priority);
         Self {
-            remotes: remotes.into_iter().map(Arc::new).collect(),
+            upstreams: upstreams.into_iter().map(Arc::new).collect(),
         }
     }
 
@@ -29,25 +52,25 @@ impl Router {
         &self,
         repository: &Repository,
         only: Option<&str>,
-    ) -> Result<Vec<Arc<Remote>>, Error> {
+    ) -> Result<Vec<Arc<Upstream>>, Error> {
         if let Some(name) = only {
-            let remote = self
-                .remotes
+            let upstream = self
+                .upstreams
                 .iter()
                 .find(|r| r.name() == name)
                 .ok_or_else(|| Error::UnknownUpstream(name.to_owned()))?;
-            if !remote.enabled() || !remote.admits(repository) {
+            if !upstream.enabled() || !upstream.rules().admits(repository) {
                 return Err(Error::NotRouted {
                     upstream: name.to_owned(),
                     repository: repository.to_string(),
                 });
             }
-            return Ok(vec![remote.clone()]);
+            return Ok(vec![upstream.clone()]);
         }
         let candidates: Vec<_> = self
-            .remotes
+            .upstreams
             .iter()
-            .filter(|r| r.enabled() && r.admits(repository))
+            .filter(|r| r.enabled() && r.rules().admits(repository))
             .cloned()
             .collect();
         if candidates.is_empty() {
@@ -55,6 +78,26 @@ impl Router {
         }
         Ok(candidates)
     }
+}
+
+/// The cache's record that `upstream` holds content for `repository`.
+pub(crate) fn holder_for(upstream: &Upstream, repository: &Repository) -> Holder {
+    Holder {
+        upstream: upstream.name().to_owned(),
+        repository: upstream.repository_name(repository),
+    }
+}
+
+/// The first candidate known to hold content for `repository`, given the
+/// cache's holders of that content.
+pub(crate) fn known_holder<'a>(
+    candidates: &'a [Arc<Upstream>],
+    repository: &Repository,
+    holders: &[Holder],
+) -> Option<&'a Arc<Upstream>> {
+    candidates
+        .iter()
+        .find(|c| holders.contains(&holder_for(c, repository)))
 }
 
 #[cfg(test)]
@@ -70,7 +113,7 @@ mod tests {
                 .upstreams
                 .iter()
                 .enumerate()
-                .map(|(i, u)| Remote::new(u, i).unwrap())
+                .map(|(i, u)| Upstream::new(u, i).unwrap())
                 .collect(),
         )
     }

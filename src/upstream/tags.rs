@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::registry::{fault_from_response, next_link, tags_request};
-use super::remote::Remote;
-use super::{Engine, Error, Fault, Source, try_in_order};
+use super::client::Upstream;
+use super::distribution::{fault_from_response, next_link, tags_request};
+use super::failover::try_in_order;
+use super::{Engine, Error, Fault, Source};
 use crate::oci::{Repository, Tag};
 
 /// Most bytes read for one page of a tag list.
@@ -54,11 +55,11 @@ impl Engine {
             .router
             .candidates(repository, req.upstream.as_deref())?;
         let key = format!("tags of `{repository}`");
-        let (remote, mut tags) = try_in_order(
+        let (upstream, mut tags) = try_in_order(
             &self.cache.negative,
             &candidates,
             &key,
-            |remote| async move { self.list_tags(&remote, repository).await },
+            |upstream| async move { self.list_tags(&upstream, repository).await },
         )
         .await?;
         tags.sort_unstable();
@@ -67,37 +68,37 @@ impl Engine {
             tags,
             req.last.as_ref().map(Tag::as_str),
             req.n,
-            Source::fetched(&remote),
+            Source::fetched(&upstream),
         ))
     }
 
     async fn list_tags(
         &self,
-        remote: &Arc<Remote>,
+        upstream: &Arc<Upstream>,
         repository: &Repository,
     ) -> Result<Vec<String>, Fault> {
         let mut tags = Vec::new();
         let mut next = None;
         loop {
-            let request = tags_request(remote, repository, next.take());
-            let response = remote.send(&request).await?;
+            let request = tags_request(upstream, repository, next.take());
+            let response = upstream.send(&request).await?;
             if !response.status().is_success() {
-                return Err(fault_from_response(remote, &request.what, response).await);
+                return Err(fault_from_response(upstream, &request.what, response).await);
             }
             let link = next_link(response.headers(), &request.url).map_err(|e| {
                 Fault::unavailable(format!(
                     "upstream `{}` listing {}: {e}",
-                    remote.name(),
+                    upstream.name(),
                     request.what
                 ))
             })?;
-            let body = remote
+            let body = upstream
                 .read_body(response, TAG_PAGE_LIMIT, &request.what)
                 .await?;
             let list: TagList = serde_json::from_slice(&body).map_err(|e| {
                 Fault::unavailable(format!(
                     "upstream `{}` sent an unusable tag list for {}: {e}",
-                    remote.name(),
+                    upstream.name(),
                     request.what
                 ))
             })?;
@@ -107,7 +108,7 @@ impl Engine {
             if tags.len() > self.limits.max_tags {
                 return Err(Fault::unavailable(format!(
                     "upstream `{}` lists more than {} tags for {} (max_tags)",
-                    remote.name(),
+                    upstream.name(),
                     self.limits.max_tags,
                     request.what
                 )));

@@ -13,10 +13,27 @@ enum Segment {
     Pattern(String),
 }
 
-/// A compiled repository glob.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A compiled repository glob. Deserializes from its pattern text, so a
+/// config holding one has already been checked.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub struct Glob {
+    pattern: String,
     segments: Vec<Segment>,
+}
+
+impl TryFrom<String> for Glob {
+    type Error = String;
+
+    fn try_from(pattern: String) -> Result<Self, String> {
+        Self::parse(&pattern)
+    }
+}
+
+impl std::fmt::Display for Glob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.pattern)
+    }
 }
 
 impl Glob {
@@ -36,7 +53,10 @@ impl Glob {
                 s => Ok(Segment::Pattern(s.to_owned())),
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { segments })
+        Ok(Self {
+            pattern: pattern.to_owned(),
+            segments,
+        })
     }
 
     /// True when `name` (a repository name) matches.

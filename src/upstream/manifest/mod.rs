@@ -5,20 +5,21 @@
 //! background refresh asks the upstream again (stale-while-revalidate), up to
 //! `stale_if_error` old; older ones are fetched before answering.
 
+mod fetch;
+
 use std::sync::Arc;
 
 use bytes::Bytes;
-use reqwest::Method;
 
-use super::registry::{display_ref, fault_from_response, manifest_request};
-use super::remote::{Remote, content_length};
-use super::{
-    Engine, EngineCache, Error, Fault, Limits, Source, cache_error, content_type, header_digest,
-    holder_for, known_holder, media_types_or_default, try_in_order, verify_digest,
-};
+use super::client::Upstream;
+use super::distribution::{display_ref, media_types_or_default};
+use super::failover::try_in_order;
+use super::routing::{holder_for, known_holder};
+use super::{Engine, EngineCache, Error, Fault, Limits, Source, cache_error};
 use crate::cache::TagEntry;
-use crate::oci::manifest::{inspect, select_platform};
+use crate::oci::manifest::select_platform;
 use crate::oci::{Digest, MediaType, Platform, Reference, Repository, Tag};
+use fetch::{get_manifest, head_manifest_at};
 
 /// A request for a manifest.
 #[derive(Debug, Clone)]
@@ -176,8 +177,8 @@ impl Engine {
             &self.cache.negative,
             &candidates,
             &key,
-            |remote| async move {
-                head_manifest_at(&remote, self.limits, repository, reference, accept).await
+            |upstream| async move {
+                head_manifest_at(&upstream, self.limits, repository, reference, accept).await
             },
         )
         .await;
@@ -197,18 +198,18 @@ impl Engine {
     /// The manifest from the store, if this route is known to hold it.
     async fn cached_manifest(
         &self,
-        candidates: &[Arc<Remote>],
+        candidates: &[Arc<Upstream>],
         repository: &Repository,
         digest: &Digest,
     ) -> Option<Manifest> {
         let object = self.cache.store.lookup(digest)?;
-        let remote = known_holder(candidates, repository, &object.holders)?;
-        read_stored(&self.cache, digest, remote.name()).await
+        let upstream = known_holder(candidates, repository, &object.holders)?;
+        read_stored(&self.cache, digest, upstream.name()).await
     }
 
     async fn manifest_by_digest(
         &self,
-        candidates: &[Arc<Remote>],
+        candidates: &[Arc<Upstream>],
         repository: &Repository,
         digest: &Digest,
         accept: &[MediaType],
@@ -225,40 +226,40 @@ impl Engine {
         if self.cache.store.lookup(digest).is_some() {
             // Cached, but not known to be on this route: confirm first.
             let reference = &reference;
-            let (remote, _) = try_in_order(
+            let (upstream, _) = try_in_order(
                 &self.cache.negative,
                 candidates,
                 &key,
-                |remote| async move {
-                    head_manifest_at(&remote, self.limits, repository, reference, accept).await
+                |upstream| async move {
+                    head_manifest_at(&upstream, self.limits, repository, reference, accept).await
                 },
             )
             .await?;
             self.cache
                 .store
-                .add_holder(digest, holder_for(&remote, repository))
+                .add_holder(digest, holder_for(&upstream, repository))
                 .map_err(cache_error)?;
-            if let Some(m) = read_stored(&self.cache, digest, remote.name()).await {
+            if let Some(m) = read_stored(&self.cache, digest, upstream.name()).await {
                 return Ok(m);
             }
         }
         let reference = &reference;
-        let (remote, manifest) = try_in_order(
+        let (upstream, manifest) = try_in_order(
             &self.cache.negative,
             candidates,
             &key,
-            |remote| async move {
-                get_manifest(&remote, self.limits, repository, reference, accept).await
+            |upstream| async move {
+                get_manifest(&upstream, self.limits, repository, reference, accept).await
             },
         )
         .await?;
-        store_manifest(&self.cache, &manifest, &remote, repository).await;
+        store_manifest(&self.cache, &manifest, &upstream, repository).await;
         Ok(manifest)
     }
 
     async fn manifest_by_tag(
         &self,
-        candidates: &[Arc<Remote>],
+        candidates: &[Arc<Upstream>],
         req: &ManifestRequest,
         tag: &Tag,
         accept: &[MediaType],
@@ -298,7 +299,7 @@ impl Engine {
     fn tag_entry(
         &self,
         key: &str,
-        candidates: &[Arc<Remote>],
+        candidates: &[Arc<Upstream>],
     ) -> Option<(TagEntry, Digest, Freshness)> {
         let entry = self.cache.tags.get(key)?;
         let digest = Digest::parse(&entry.digest).ok()?;
@@ -337,7 +338,7 @@ fn tag_key(
 struct TagRefresh {
     cache: Arc<EngineCache>,
     limits: Limits,
-    candidates: Vec<Arc<Remote>>,
+    candidates: Vec<Arc<Upstream>>,
     repository: Repository,
     tag: Tag,
     accept: Vec<MediaType>,
@@ -351,21 +352,20 @@ impl TagRefresh {
         let key = format!("manifest `{}`", display_ref(&self.repository, &reference));
         let (reference, repository, accept, limits) =
             (&reference, &self.repository, &self.accept[..], self.limits);
-        let (remote, manifest) =
-            try_in_order(
-                &self.cache.negative,
-                &self.candidates,
-                &key,
-                |remote| async move {
-                    get_manifest(&remote, limits, repository, reference, accept).await
-                },
-            )
-            .await?;
-        if store_manifest(&self.cache, &manifest, &remote, repository).await {
+        let (upstream, manifest) = try_in_order(
+            &self.cache.negative,
+            &self.candidates,
+            &key,
+            |upstream| async move {
+                get_manifest(&upstream, limits, repository, reference, accept).await
+            },
+        )
+        .await?;
+        if store_manifest(&self.cache, &manifest, &upstream, repository).await {
             let entry = TagEntry {
                 digest: manifest.digest.to_string(),
                 media_type: manifest.media_type.to_string(),
-                upstream: remote.name().to_owned(),
+                upstream: upstream.name().to_owned(),
                 fetched_at_ms: TagEntry::now_ms(),
             };
             if let Err(e) = self.cache.tags.put(&self.key, entry) {
@@ -407,7 +407,7 @@ async fn read_stored(cache: &EngineCache, digest: &Digest, upstream: &str) -> Op
 async fn store_manifest(
     cache: &Arc<EngineCache>,
     manifest: &Manifest,
-    remote: &Remote,
+    upstream: &Upstream,
     repository: &Repository,
 ) -> bool {
     let store = cache.store.clone();
@@ -415,7 +415,7 @@ async fn store_manifest(
         manifest.digest.clone(),
         manifest.bytes.clone(),
         manifest.media_type.clone(),
-        holder_for(remote, repository),
+        holder_for(upstream, repository),
     );
     let result =
         tokio::task::spawn_blocking(move || store.put(&digest, bytes, &media_type, holder)).await;
@@ -428,88 +428,6 @@ async fn store_manifest(
         Err(e) => {
             tracing::error!(error = %e, "cache task failed");
             false
-        }
-    }
-}
-
-async fn get_manifest(
-    remote: &Arc<Remote>,
-    limits: Limits,
-    repository: &Repository,
-    reference: &Reference,
-    accept: &[MediaType],
-) -> Result<Manifest, Fault> {
-    let request = manifest_request(remote, Method::GET, repository, reference, accept);
-    let response = remote.send(&request).await?;
-    if !response.status().is_success() {
-        return Err(fault_from_response(remote, &request.what, response).await);
-    }
-    let header = header_digest(response.headers());
-    let content_type = content_type(response.headers());
-    let bytes = remote
-        .read_body(response, limits.max_manifest, &request.what)
-        .await?;
-    let digest = verify_digest(
-        remote,
-        &request.what,
-        &bytes,
-        reference.digest(),
-        header.as_ref(),
-    )?;
-    let media_type = inspect(&bytes, &content_type).map_err(|e| {
-        Fault::unavailable(format!(
-            "upstream `{}` sent an unusable {}: {e}",
-            remote.name(),
-            request.what
-        ))
-    })?;
-    Ok(Manifest {
-        bytes,
-        media_type,
-        digest,
-        source: Source::fetched(remote),
-    })
-}
-
-async fn head_manifest_at(
-    remote: &Arc<Remote>,
-    limits: Limits,
-    repository: &Repository,
-    reference: &Reference,
-    accept: &[MediaType],
-) -> Result<ManifestMeta, Fault> {
-    let request = manifest_request(remote, Method::HEAD, repository, reference, accept);
-    let response = remote.send(&request).await?;
-    if !response.status().is_success() {
-        return Err(fault_from_response(remote, &request.what, response).await);
-    }
-    let headers = response.headers();
-    let digest = header_digest(headers);
-    let size = content_length(headers);
-    let media_type = MediaType::parse(&content_type(headers)).ok();
-    if let (Some(expected), Some(digest)) = (reference.digest(), &digest) {
-        if expected != digest {
-            return Err(Fault::integrity(format!(
-                "upstream `{}` answered HEAD for {} with Docker-Content-Digest {digest}",
-                remote.name(),
-                request.what
-            )));
-        }
-    }
-    let digest = digest.or_else(|| reference.digest().cloned());
-    match (digest, size, media_type) {
-        (Some(digest), Some(size), Some(media_type)) => Ok(ManifestMeta {
-            media_type,
-            digest,
-            size,
-            source: Source::fetched(remote),
-        }),
-        // The upstream did not say enough: fetch and measure instead.
-        _ => {
-            drop(response);
-            get_manifest(remote, limits, repository, reference, accept)
-                .await
-                .map(ManifestMeta::from)
         }
     }
 }

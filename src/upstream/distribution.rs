@@ -7,25 +7,26 @@ use reqwest::header::{HeaderMap, HeaderValue};
 use serde::Deserialize;
 use url::Url;
 
+use super::client::{Request, Upstream};
 use super::error::{Fault, FaultKind};
-use super::remote::{Remote, Request, read_prefix};
+use super::http::read_prefix;
 use super::resilience::retry_after;
 use crate::oci::{Digest, MediaType, Reference, Repository};
 
 /// Most bytes of an error body read for a message.
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
 
-/// The pull scope for a repository on `remote`.
-pub fn pull_scope(remote: &Remote, repository: &Repository) -> String {
-    format!("repository:{}:pull", remote.remote_name(repository))
+/// The pull scope for a repository on `upstream`.
+pub fn pull_scope(upstream: &Upstream, repository: &Repository) -> String {
+    format!("repository:{}:pull", upstream.repository_name(repository))
 }
 
-fn endpoint(remote: &Remote, repository: &Repository, tail: &str) -> Url {
-    let mut url = remote.base().clone();
+fn endpoint(upstream: &Upstream, repository: &Repository, tail: &str) -> Url {
+    let mut url = upstream.base().clone();
     let path = format!(
         "{}/v2/{}/{tail}",
         url.path().trim_end_matches('/'),
-        remote.remote_name(repository)
+        upstream.repository_name(repository)
     );
     url.set_path(&path);
     url
@@ -33,7 +34,7 @@ fn endpoint(remote: &Remote, repository: &Repository, tail: &str) -> Url {
 
 /// `GET|HEAD /v2/NAME/manifests/REFERENCE`.
 pub fn manifest_request(
-    remote: &Remote,
+    upstream: &Upstream,
     method: reqwest::Method,
     repository: &Repository,
     reference: &Reference,
@@ -41,39 +42,39 @@ pub fn manifest_request(
 ) -> Request {
     Request {
         method,
-        url: endpoint(remote, repository, &format!("manifests/{reference}")),
+        url: endpoint(upstream, repository, &format!("manifests/{reference}")),
         accept: Some(accept_header(accept)),
         range: None,
-        scope: pull_scope(remote, repository),
+        scope: pull_scope(upstream, repository),
         what: format!("manifest `{}`", display_ref(repository, reference)),
     }
 }
 
 /// `GET|HEAD /v2/NAME/blobs/DIGEST`.
 pub fn blob_request(
-    remote: &Remote,
+    upstream: &Upstream,
     method: reqwest::Method,
     repository: &Repository,
     digest: &Digest,
 ) -> Request {
     Request {
         method,
-        url: endpoint(remote, repository, &format!("blobs/{digest}")),
+        url: endpoint(upstream, repository, &format!("blobs/{digest}")),
         accept: None,
         range: None,
-        scope: pull_scope(remote, repository),
+        scope: pull_scope(upstream, repository),
         what: format!("blob `{repository}@{digest}`"),
     }
 }
 
 /// `GET /v2/NAME/tags/list`, or the page at `url` (from a `Link` header).
-pub fn tags_request(remote: &Remote, repository: &Repository, url: Option<Url>) -> Request {
+pub fn tags_request(upstream: &Upstream, repository: &Repository, url: Option<Url>) -> Request {
     Request {
         method: reqwest::Method::GET,
-        url: url.unwrap_or_else(|| endpoint(remote, repository, "tags/list")),
+        url: url.unwrap_or_else(|| endpoint(upstream, repository, "tags/list")),
         accept: Some(HeaderValue::from_static("application/json")),
         range: None,
-        scope: pull_scope(remote, repository),
+        scope: pull_scope(upstream, repository),
         what: format!("tags of `{repository}`"),
     }
 }
@@ -152,7 +153,7 @@ struct RegistryError {
 /// "not found", 401/403 refused credentials, 429 a rate limit (with
 /// `Retry-After`), anything else an upstream that could not answer.
 pub async fn fault_from_response(
-    remote: &Remote,
+    upstream: &Upstream,
     what: &str,
     response: reqwest::Response,
 ) -> Fault {
@@ -181,11 +182,44 @@ pub async fn fault_from_response(
         kind,
         format!(
             "upstream `{}` answered {} for {what}{detail}",
-            remote.name(),
+            upstream.name(),
             status.as_u16()
         ),
     )
     .with_retry_after(retry_after)
+}
+
+/// The caller's acceptable media types, or every OCI and Docker v2 type.
+pub(crate) fn media_types_or_default(accept: &[MediaType]) -> Vec<MediaType> {
+    if accept.is_empty() {
+        MediaType::DEFAULT_ACCEPT
+            .iter()
+            .map(|m| MediaType::known(m))
+            .collect()
+    } else {
+        accept.to_vec()
+    }
+}
+
+/// The `Docker-Content-Digest` header, when present and valid.
+pub(crate) fn header_digest(headers: &reqwest::header::HeaderMap) -> Option<Digest> {
+    let value = headers.get("Docker-Content-Digest")?.to_str().ok()?;
+    Digest::parse(value.trim()).ok()
+}
+
+/// The `Content-Type` without parameters, lowercased.
+pub(crate) fn content_type(headers: &reqwest::header::HeaderMap) -> String {
+    headers
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -1,0 +1,393 @@
+//! One upstream registry as the engine sees it ([`Upstream`]): its HTTP
+//! clients, settings and circuit breaker, the cap on requests open to it,
+//! and [`Upstream::send`], which retries what is worth retrying. The
+//! authentication flow is in [`super::auth`] and [`super::token`]; the OCI
+//! URLs and headers in [`super::distribution`].
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::header::{ACCEPT, ACCEPT_ENCODING, AUTHORIZATION, HeaderValue};
+use reqwest::{Method, StatusCode};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use url::Url;
+
+use super::auth::{Authorization, Credentials};
+use super::error::Fault;
+use super::http::{ReadError, describe, read_limited};
+use super::realm::realm_allowed;
+use super::resilience::{Circuit, backoff, retry_after};
+use super::routing::RouteRules;
+use super::token::TokenCache;
+use crate::config::UpstreamConfig;
+use crate::oci::Repository;
+
+/// Redirects followed for one request.
+const MAX_REDIRECTS: usize = 10;
+
+/// A request to an upstream, before authentication.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// GET or HEAD.
+    pub method: Method,
+    /// Absolute URL on the upstream.
+    pub url: Url,
+    /// The `Accept` header, if any.
+    pub accept: Option<HeaderValue>,
+    /// Ask for the bytes from this offset on (`Range: bytes=N-`).
+    pub range: Option<u64>,
+    /// Token scope, e.g. `repository:library/nginx:pull`.
+    pub scope: String,
+    /// What is asked for, for messages: "manifest `library/nginx:1.27`".
+    pub what: String,
+}
+
+/// One configured upstream registry.
+#[derive(Debug)]
+pub struct Upstream {
+    pub(super) name: String,
+    pub(super) base: Url,
+    pub(super) priority: i64,
+    pub(super) enabled: bool,
+    pub(super) rules: RouteRules,
+    pub(super) library_prefix: bool,
+    pub(super) timeout: Duration,
+    pub(super) retries: u32,
+    pub(super) retry_max_delay: Duration,
+    pub(super) min_rate: u64,
+    pub(super) circuit: Circuit,
+    /// Permits for requests in flight (see [`ConnectionPermit`]).
+    pub(super) connections: Arc<Semaphore>,
+    pub(super) max_connections: usize,
+    pub(super) realm_hosts: Vec<String>,
+    pub(super) http: reqwest::Client,
+    /// For token requests: follows only redirects that the realm policy allows.
+    pub(super) token_http: reqwest::Client,
+    pub(super) credentials: Credentials,
+    pub(super) tokens: TokenCache,
+    /// Set once the upstream asked for Basic auth, so later requests send it
+    /// up front instead of collecting a 401 each time.
+    pub(super) basic_first: AtomicBool,
+}
+
+/// The certificates of a PEM bundle; an unreadable file, or one with no
+/// certificate in it, is an error (a typo must not silently trust nothing).
+fn read_ca_file(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| e.to_string())?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err("no PEM certificate in the file".to_owned());
+    }
+    Ok(certs)
+}
+
+impl Upstream {
+    /// Builds the upstream at `position` in the config file.
+    pub fn new(config: &UpstreamConfig, position: usize) -> Result<Self, String> {
+        let realm_hosts: Vec<String> = config
+            .realm_hosts
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
+        let extra_roots = match &config.ca_file {
+            Some(path) => read_ca_file(path).map_err(|e| {
+                format!(
+                    "upstream `{}`: ca_file {}: {e}",
+                    config.name,
+                    path.display()
+                )
+            })?,
+            None => Vec::new(),
+        };
+        let client = |redirect| {
+            let builder = extra_roots.iter().cloned().fold(
+                reqwest::Client::builder(),
+                reqwest::ClientBuilder::add_root_certificate,
+            );
+            let builder = builder
+                .connect_timeout(config.connect_timeout)
+                .read_timeout(config.timeout)
+                .redirect(redirect)
+                .user_agent(concat!("oci-upstream/", env!("CARGO_PKG_VERSION")))
+                .pool_idle_timeout(Duration::from_secs(90));
+            let builder = match &config.proxy {
+                Some(proxy) => builder.proxy(
+                    reqwest::Proxy::all(proxy.as_str())
+                        .map_err(|e| format!("upstream `{}`: invalid proxy: {e}", config.name))?,
+                ),
+                None => builder.no_proxy(),
+            };
+            builder
+                .build()
+                .map_err(|e| format!("upstream `{}`: cannot build HTTP client: {e}", config.name))
+        };
+        let http = client(reqwest::redirect::Policy::limited(MAX_REDIRECTS))?;
+        let (base, hosts) = (config.url.clone(), realm_hosts.clone());
+        let token_http = client(reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= MAX_REDIRECTS {
+                attempt.error("too many redirects from the token endpoint")
+            } else if let Err(why) = realm_allowed(&base, &hosts, attempt.url()) {
+                attempt.error(format!(
+                    "token endpoint redirected to a refused realm: {why}"
+                ))
+            } else {
+                attempt.follow()
+            }
+        }))?;
+        Ok(Self {
+            name: config.name.clone(),
+            base: config.url.clone(),
+            priority: config.priority.unwrap_or(position as i64),
+            enabled: config.enabled,
+            rules: RouteRules::new(config.repositories.clone(), config.exclude.clone()),
+            library_prefix: config.library_prefix(),
+            timeout: config.timeout,
+            retries: config.retries,
+            retry_max_delay: config.retry_max_delay,
+            min_rate: config.min_rate.0,
+            circuit: Circuit::new(config.circuit_failures, config.circuit_cooldown),
+            connections: Arc::new(Semaphore::new(config.max_connections)),
+            max_connections: config.max_connections,
+            realm_hosts,
+            http,
+            token_http,
+            credentials: Credentials::from_config(&config.auth),
+            tokens: TokenCache::default(),
+            basic_first: AtomicBool::new(false),
+        })
+    }
+
+    /// The configured name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Routing priority (lower first).
+    pub fn priority(&self) -> i64 {
+        self.priority
+    }
+
+    /// Whether the upstream is enabled.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Which repositories this upstream serves.
+    pub fn rules(&self) -> &RouteRules {
+        &self.rules
+    }
+
+    /// The repository's name on this upstream (`nginx` → `library/nginx` on
+    /// Docker Hub; only single-component names are prefixed).
+    pub fn repository_name(&self, repository: &Repository) -> String {
+        if self.library_prefix && repository.is_single_component() {
+            format!("library/{repository}")
+        } else {
+            repository.as_str().to_owned()
+        }
+    }
+
+    /// The upstream's base URL.
+    pub fn base(&self) -> &Url {
+        &self.base
+    }
+
+    /// Slowest acceptable body rate, bytes per second.
+    pub fn min_rate(&self) -> u64 {
+        self.min_rate
+    }
+
+    /// The upstream's circuit breaker.
+    pub fn circuit(&self) -> &Circuit {
+        &self.circuit
+    }
+
+    /// Sends `req` (see [`Upstream::send_once`]), retrying connection failures
+    /// and 429/502/503/504 answers up to `retries` times with backoff. The
+    /// last answer is returned as it is; classifying it is the caller's job.
+    pub async fn send(&self, req: &Request) -> Result<reqwest::Response, Fault> {
+        let permit = tokio::time::timeout(self.timeout, self.connections.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                Fault::unavailable(format!(
+                    "upstream `{}` had all {} of its connections busy for {:?} (max_connections) when asked for {}",
+                    self.name, self.max_connections, self.timeout, req.what
+                ))
+            })?;
+        let permit = ConnectionPermit(Arc::new(permit));
+        let mut attempt = 0;
+        loop {
+            let mut result = self.send_once(req).await;
+            if let Ok(response) = &mut result {
+                // Held until the response (and its body) is dropped.
+                response.extensions_mut().insert(permit.clone());
+            }
+            let retry = match &result {
+                Ok(response) if is_retryable_status(response.status()) => {
+                    Some(retry_after(response.headers()))
+                }
+                Err(fault) if fault.is_retryable() => Some(None),
+                _ => None,
+            };
+            match retry {
+                Some(asked) if attempt < self.retries => {
+                    let delay = backoff(attempt, asked, self.retry_max_delay);
+                    tracing::debug!(upstream = %self.name, what = %req.what, attempt, ?delay, "retrying");
+                    drop(result);
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                _ => return result,
+            }
+        }
+    }
+
+    pub(super) async fn execute(
+        &self,
+        req: &Request,
+        auth: Option<&Authorization>,
+    ) -> Result<reqwest::Response, Fault> {
+        let mut builder = self
+            .http
+            .request(req.method.clone(), req.url.clone())
+            .header("Docker-Distribution-API-Version", "registry/2.0")
+            .header(ACCEPT_ENCODING, "identity");
+        if let Some(accept) = &req.accept {
+            builder = builder.header(ACCEPT, accept.clone());
+        }
+        if let Some(offset) = req.range {
+            builder = builder.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        }
+        if let Some(auth) = auth {
+            builder = builder.header(AUTHORIZATION, auth.header());
+        }
+        self.timed(&req.what, builder.send()).await
+    }
+
+    /// Awaits response headers within the upstream's timeout.
+    pub(super) async fn timed(
+        &self,
+        what: &str,
+        send: impl Future<Output = reqwest::Result<reqwest::Response>>,
+    ) -> Result<reqwest::Response, Fault> {
+        match tokio::time::timeout(self.timeout, send).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) if e.is_redirect() => Err(Fault::unavailable(format!(
+                "upstream `{}` redirected the request for {what} where it may not go: {}",
+                self.name,
+                describe(&e)
+            ))),
+            Ok(Err(e)) => {
+                let fault = Fault::unavailable(format!(
+                    "upstream `{}` could not be reached for {what}: {}",
+                    self.name,
+                    describe(&e)
+                ));
+                // Refused or reset before an answer: worth another try. A
+                // timeout already spent its time.
+                Err(if e.is_timeout() {
+                    fault
+                } else {
+                    fault.retryable()
+                })
+            }
+            Err(_) => Err(Fault::unavailable(format!(
+                "upstream `{}` did not answer for {what} within {:?}",
+                self.name, self.timeout
+            ))),
+        }
+    }
+
+    pub(super) fn read_fault(&self, what: &str, e: ReadError) -> Fault {
+        match e {
+            ReadError::TooLarge(limit) => Fault::unavailable(format!(
+                "upstream `{}` sent more than {limit} bytes for {what}",
+                self.name
+            )),
+            ReadError::Transport(e) => Fault::unavailable(format!(
+                "upstream `{}` broke off while sending {what}: {}",
+                self.name,
+                describe(&e)
+            )),
+        }
+    }
+
+    /// Reads a whole response body of at most `limit` bytes.
+    pub async fn read_body(
+        &self,
+        response: reqwest::Response,
+        limit: usize,
+        what: &str,
+    ) -> Result<Bytes, Fault> {
+        read_limited(response, limit)
+            .await
+            .map_err(|e| self.read_fault(what, e))
+    }
+}
+
+/// A slot of an upstream's `max_connections`, travelling in the extensions
+/// of the response it was taken for, so it is held as long as the response
+/// (and its body, e.g. a blob download) is.
+#[derive(Debug, Clone)]
+struct ConnectionPermit(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+
+/// 429 and the 5xx answers that mean "try again".
+fn is_retryable_status(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 429 | 502 | 503 | 504)
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(url: &str, realm_hosts: &[&str]) -> Upstream {
+        let mut config = UpstreamConfig::docker_hub();
+        config.url = Url::parse(url).unwrap();
+        config.realm_hosts = realm_hosts.iter().map(|s| s.to_string()).collect();
+        Upstream::new(&config, 0).unwrap()
+    }
+
+    fn build_with_ca_file(contents: Option<&str>) -> Result<Upstream, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        if let Some(contents) = contents {
+            std::fs::write(&path, contents).unwrap();
+        }
+        let mut config = UpstreamConfig::docker_hub();
+        config.ca_file = Some(path);
+        Upstream::new(&config, 0)
+    }
+
+    #[test]
+    fn ca_file_that_is_missing_or_holds_no_certificate_is_refused() {
+        for (contents, why) in [
+            (None, "No such file"),
+            (Some(""), "no PEM certificate"),
+            (Some("not a certificate\n"), "no PEM certificate"),
+        ] {
+            let err = build_with_ca_file(contents).map(drop).expect_err("refused");
+            assert!(err.contains("ca_file") && err.contains(why), "{err}");
+        }
+        let garbled = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        let err = build_with_ca_file(Some(garbled))
+            .map(drop)
+            .expect_err("refused");
+        assert!(err.contains("upstream `hub`"), "{err}");
+    }
+
+    #[test]
+    fn library_prefix_only_for_single_component_names() {
+        let hub = build("https://registry-1.docker.io", &[]);
+        let name = |s| hub.repository_name(&Repository::parse(s).unwrap());
+        assert_eq!(name("nginx"), "library/nginx");
+        assert_eq!(name("bitnami/redis"), "bitnami/redis");
+        let other = build("https://ghcr.io", &[]);
+        assert_eq!(
+            other.repository_name(&Repository::parse("nginx").unwrap()),
+            "nginx"
+        );
+    }
+}
