@@ -37,9 +37,10 @@ use std::sync::Arc;
 
 pub use blob::{BlobInfo, BlobMeta, BlobRange, BlobRequest};
 pub use error::Error;
-use error::Fault;
 #[cfg(test)]
-pub(crate) use error::{FaultKind, Faults};
+pub(crate) use error::{Fault, FaultKind, Faults};
+#[cfg(not(test))]
+use error::Fault;
 pub use manifest::{Manifest, ManifestMeta, ManifestRequest};
 pub use tags::{TagPage, TagsRequest};
 
