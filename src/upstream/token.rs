@@ -135,15 +135,17 @@ impl Upstream {
             .await
     }
 
-    pub(super) async fn fetch_token(
+    /// The token request to `realm`: the OAuth2 refresh-token form when a
+    /// refresh token is configured, else a GET with the Basic credentials
+    /// (when any).
+    fn token_request(
         &self,
         mut realm: Url,
         service: Option<&str>,
         scope: &str,
-    ) -> Result<(Secret, Duration), Fault> {
-        let what = format!("a token for `{scope}`");
+    ) -> Result<reqwest::RequestBuilder, Fault> {
         let credentials = self.resolved()?;
-        let builder = if let Some(refresh) = &credentials.refresh_token {
+        Ok(if let Some(refresh) = &credentials.refresh_token {
             // OAuth2 form, as for a Docker config's `identitytoken`.
             let mut form = url::form_urlencoded::Serializer::new(String::new());
             form.append_pair("grant_type", "refresh_token")
@@ -177,7 +179,17 @@ impl Upstream {
                 Some(basic) => builder.header(AUTHORIZATION, Authorization::Basic(basic).header()),
                 None => builder,
             }
-        };
+        })
+    }
+
+    pub(super) async fn fetch_token(
+        &self,
+        realm: Url,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<(Secret, Duration), Fault> {
+        let what = format!("a token for `{scope}`");
+        let builder = self.token_request(realm, service, scope)?;
         let builder = builder.header(ACCEPT_ENCODING, "identity");
         let response = self.timed(&what, builder.send()).await?;
         let status = response.status();

@@ -1,0 +1,294 @@
+//! The service configuration: one TOML file parsed into typed values (sizes,
+//! durations, URLs) before anything binds. Every field has a default; unknown
+//! keys are errors; a bad value fails with a message naming the field.
+
+mod upstream;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+pub use upstream::{AuthConfig, Rate, UpstreamConfig};
+
+/// Environment variable naming the config file when `--config` is absent.
+pub const CONFIG_ENV: &str = "OCI_UPSTREAM_CONFIG";
+/// Environment variable overriding `listen`.
+pub const LISTEN_ENV: &str = "OCI_UPSTREAM_LISTEN";
+/// Environment variable overriding `cache.dir`.
+pub const CACHE_DIR_ENV: &str = "OCI_UPSTREAM_CACHE_DIR";
+
+/// A configuration problem, naming the field (`upstreams[1].url`) or the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key or a value of the wrong type.
+    #[error("{0}")]
+    Syntax(String),
+    /// A value is well-formed but not acceptable.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// Path of the field, e.g. `upstreams[0].auth.password_file`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` listen address.
+    pub metrics_listen: SocketAddr,
+    /// How long in-flight streams may drain after SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Concurrent RPCs beyond which new ones are refused.
+    pub max_concurrent_rpcs: usize,
+    /// Largest manifest the service reads from an upstream.
+    pub max_manifest_size: ByteSize,
+    /// Most tags the service reads for one repository.
+    pub max_tags: usize,
+    /// Log format: `text` or `json`.
+    pub log_format: LogFormat,
+    /// The cache.
+    pub cache: CacheConfig,
+    /// Upstream registries, tried by priority.
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
+            metrics_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            shutdown_grace: Duration::from_secs(25),
+            max_concurrent_rpcs: 1024,
+            max_manifest_size: ByteSize::mib(4),
+            max_tags: 100_000,
+            log_format: LogFormat::Text,
+            cache: CacheConfig::default(),
+            upstreams: vec![UpstreamConfig::docker_hub()],
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (for Kubernetes log collectors).
+    Json,
+}
+
+/// Cache settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Directory of the disk store.
+    pub dir: PathBuf,
+    /// Size bound of the disk store.
+    pub max_size: ByteSize,
+    /// How long a tag → digest entry is fresh.
+    #[serde(with = "humantime_serde")]
+    pub tag_ttl: Duration,
+    /// How long a stale tag may be served when every upstream fails.
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Duration,
+    /// How long a "not found" is remembered.
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("/var/cache/oci-upstream"),
+            max_size: ByteSize::gib(20),
+            tag_ttl: Duration::from_secs(60),
+            stale_if_error: Duration::from_secs(24 * 3600),
+            negative_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the file at `path` (or the defaults when `None`), applies the
+    /// environment overrides read through `env`, and validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Self::parse(&text)?
+            }
+            None => Self::default(),
+        };
+        if let Some(listen) = env(LISTEN_ENV) {
+            config.listen = listen
+                .parse()
+                .map_err(|e| ConfigError::invalid(LISTEN_ENV, format!("{e} (got {listen:?})")))?;
+        }
+        if let Some(dir) = env(CACHE_DIR_ENV) {
+            config.cache.dir = PathBuf::from(dir);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text (no environment, no validation beyond types). An
+    /// error names the field's path (`upstreams[0].repositories[1]`).
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            let inner = inner.trim_end();
+            ConfigError::Syntax(if path == "." {
+                inner.to_owned()
+            } else {
+                format!("{path}: {inner}")
+            })
+        })
+    }
+
+    /// Checks what types alone cannot: unique names, URL schemes, globs,
+    /// credential sources.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.upstreams.is_empty() {
+            return Err(ConfigError::invalid(
+                "upstreams",
+                "at least one upstream is required",
+            ));
+        }
+        if self.max_concurrent_rpcs == 0 {
+            return Err(ConfigError::invalid(
+                "max_concurrent_rpcs",
+                "must be at least 1",
+            ));
+        }
+        if self.max_manifest_size.as_u64() == 0 {
+            return Err(ConfigError::invalid(
+                "max_manifest_size",
+                "must be more than 0",
+            ));
+        }
+        let mut names = HashSet::new();
+        for (i, up) in self.upstreams.iter().enumerate() {
+            up.validate(|f| format!("upstreams[{i}].{f}"))?;
+            if !names.insert(up.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("upstreams[{i}].name"),
+                    format!("duplicate upstream name {:?}", up.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn no_file_means_docker_hub() {
+        let c = Config::load(None, no_env).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:50051");
+        assert_eq!(c.upstreams.len(), 1);
+        assert_eq!(c.upstreams[0].url.as_str(), "https://registry-1.docker.io/");
+        assert!(c.upstreams[0].library_prefix());
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+                .unwrap();
+        let c = Config::parse(&text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.cache.max_size, ByteSize::gib(20));
+        assert_eq!(c.upstreams[0].min_rate, Rate(64 * 1024));
+        assert_eq!(c.upstreams[0].timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn env_overrides_listen_and_cache_dir() {
+        let env = |k: &str| match k {
+            LISTEN_ENV => Some("127.0.0.1:0".to_owned()),
+            CACHE_DIR_ENV => Some("/tmp/c".to_owned()),
+            _ => None,
+        };
+        let c = Config::load(None, env).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:0");
+        assert_eq!(c.cache.dir, PathBuf::from("/tmp/c"));
+    }
+
+    fn error_of(text: &str) -> String {
+        match Config::parse(text).and_then(|c| c.validate().map(|_| c)) {
+            Ok(_) => panic!("config should be rejected:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert!(error_of("lisen = \"x\"").contains("lisen"));
+        assert!(error_of("[cache]\ntag_ttl = \"soon\"").contains("tag_ttl"));
+        let up = |extra: &str| format!("[[upstreams]]\nname = \"a\"\nurl = \"http://r\"\n{extra}");
+        assert!(error_of(&up("colour = 1")).contains("colour"));
+        assert!(
+            error_of("[[upstreams]]\nname = \"a\"\nurl = \"ftp://r\"").contains("upstreams[0].url")
+        );
+        assert!(error_of(&format!("{}\n{}", up(""), up(""))).contains("upstreams[1].name"));
+        assert!(
+            error_of(&up("repositories = [\"a/**b\"]")).contains("upstreams[0].repositories[0]")
+        );
+        let missing = error_of(&up("[upstreams.auth]\ntype = \"basic\"\nusername = \"u\""));
+        assert!(missing.starts_with("upstreams[0].auth: "), "{missing}");
+        assert!(missing.contains("one of password_file or password_env is required"));
+        assert!(error_of(&up("[upstreams.auth]\ntype = \"magic\"")).contains("magic"));
+        assert!(error_of(&up("min_rate = \"fast\"")).contains("min_rate"));
+        assert!(error_of("upstreams = []").contains("upstreams"));
+    }
+
+    #[test]
+    fn library_prefix_defaults_to_docker_hub_hosts_only() {
+        let c = Config::parse("[[upstreams]]\nname = \"a\"\nurl = \"https://ghcr.io\"").unwrap();
+        assert!(!c.upstreams[0].library_prefix());
+        let c = Config::parse("[[upstreams]]\nname = \"a\"\nurl = \"https://docker.io\"").unwrap();
+        assert!(c.upstreams[0].library_prefix());
+    }
+}
