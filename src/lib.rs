@@ -3,16 +3,22 @@
 //! services, verifying every byte against its digest.
 //!
 //! # Layout
-//! - [`config`]: the TOML configuration, parsed into typed values.
-//! - [`oci`]: validated domain types (repository, reference, digest, media
+//! - [`config`]: the TOML configuration, parsed into typed values (globs
+//!   and secret sources included) before anything binds.
+//! - `oci`: validated domain types (repository, reference, digest, media
 //!   types, platform) and manifest inspection.
-//! - [`upstream`]: the engine. Routing, authentication and the OCI
-//!   operations against upstream registries; knows nothing of gRPC.
-//! - [`cache`]: the content-addressable disk store, tag entries, negative
-//!   entries and the shared state of downloads in flight.
-//! - [`grpc`]: the tonic service adapter; converts requests and maps errors.
-//! - [`pb`]: generated protobuf code.
-//! - [`app`]: wiring and serving; [`telemetry`]: logging.
+//! - `upstream`: the engine. Routing, failover, the HTTP client of each
+//!   upstream (authentication, realm policy, retries, circuit breaker) and
+//!   the OCI operations (manifests, blobs, tags); knows nothing of gRPC.
+//! - `cache`: the cache API the engine uses: the content-addressable disk
+//!   store, downloads in flight, tag entries, "not found" entries and
+//!   per-key locks, with typed keys.
+//! - `grpc`: the tonic service adapter: a span per RPC, request conversion,
+//!   the one error → status mapping.
+//! - [`pb`]: generated protobuf code and the descriptor set.
+//! - [`app`]: wiring and serving; [`shutdown`]: signals; [`telemetry`]:
+//!   logging.
+//! - `glob`, `secret`: repository globs and secrets that cannot be printed.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -26,5 +32,6 @@ pub(crate) mod grpc;
 pub(crate) mod oci;
 pub mod pb;
 pub(crate) mod secret;
+pub mod shutdown;
 pub mod telemetry;
 pub(crate) mod upstream;

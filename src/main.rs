@@ -84,10 +84,10 @@ fn serve(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match oci_upstream::app::run(config, listener, oci_upstream::app::shutdown_signal()).await {
+        match oci_upstream::app::run(config, listener, oci_upstream::shutdown::signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                tracing::error!(error = %e, "server failed");
+                tracing::error!(error = %oci_upstream::telemetry::describe(&e), "server failed");
                 ExitCode::FAILURE
             }
         }

@@ -1,5 +1,5 @@
 //! Logging: `tracing` to stderr, as text or JSON, filtered by `RUST_LOG`
-//! (default `info`).
+//! (default `info`), and errors written with their source chain.
 
 use std::io::IsTerminal;
 
@@ -22,4 +22,19 @@ pub fn init(format: LogFormat) {
     if let Err(e) = result {
         eprintln!("logging already initialised: {e}");
     }
+}
+
+/// An error and its sources, on one line.
+pub fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s = s.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        source = std::error::Error::source(source.expect("loop condition holds"));
+    }
+    text
 }

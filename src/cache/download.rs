@@ -1,4 +1,5 @@
-//! A blob download in flight, shared by every caller that wants the blob.
+//! Blob downloads in flight: [`Downloads`], the map of them by digest, and
+//! [`Download`], one of them, shared by every caller that wants the blob.
 //! The downloader publishes each batch of bytes (keeping the last few in
 //! memory) and then appends it to a temp file, in order; readers follow the
 //! progress, taking bytes from those batches while they keep up and from the
@@ -7,18 +8,19 @@
 //! then the live ones. The final state tells readers
 //! whether the digest passed.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::Holder;
+use crate::oci::Digest;
 
 /// Where a download stands.
 #[derive(Debug, Clone)]
-pub enum State<E> {
+pub(crate) enum State<E> {
     /// Bytes are still arriving.
     Running,
     /// All bytes arrived and matched the digest.
@@ -29,23 +31,23 @@ pub enum State<E> {
 
 /// Bytes available so far and the state.
 #[derive(Debug, Clone)]
-pub struct Progress<E> {
+pub(crate) struct Progress<E> {
     /// Bytes of the blob available to readers: the recent batches in
     /// memory, and every byte before them in the file.
-    pub available: u64,
+    pub(crate) available: u64,
     /// The state.
-    pub state: State<E>,
+    pub(crate) state: State<E>,
 }
 
 /// A download in flight.
 #[derive(Debug)]
-pub struct Download<E> {
+pub(crate) struct Download<E> {
     /// The temp file the bytes go to (renamed into the store once verified).
-    pub path: PathBuf,
+    pub(super) path: PathBuf,
     /// Size of the whole blob.
-    pub size: u64,
+    pub(crate) size: u64,
     /// The upstream and repository it comes from.
-    pub holder: Holder,
+    pub(crate) holder: Holder,
     progress: watch::Sender<Progress<E>>,
     /// The last batches published, with their offsets, so readers keeping up
     /// with the download take them from memory instead of the file.
@@ -57,7 +59,7 @@ const RECENT_BATCHES: usize = 8;
 
 impl<E: Clone> Download<E> {
     /// A download of `size` bytes into `path` from `holder`.
-    pub fn new(path: PathBuf, size: u64, holder: Holder) -> Self {
+    pub(crate) fn new(path: PathBuf, size: u64, holder: Holder) -> Self {
         let (progress, _) = watch::channel(Progress {
             available: 0,
             state: State::Running,
@@ -72,7 +74,7 @@ impl<E: Clone> Download<E> {
     }
 
     /// Follows the progress.
-    pub fn subscribe(&self) -> watch::Receiver<Progress<E>> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Progress<E>> {
         self.progress.subscribe()
     }
 
@@ -80,7 +82,7 @@ impl<E: Clone> Download<E> {
     /// before). The caller must have written every earlier batch to the file
     /// (and write this one next): readers read the file for bytes older than
     /// the recent batches.
-    pub fn append(&self, offset: u64, bytes: Bytes) {
+    pub(crate) fn append(&self, offset: u64, bytes: Bytes) {
         let available = offset + bytes.len() as u64;
         {
             let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
@@ -94,7 +96,7 @@ impl<E: Clone> Download<E> {
 
     /// Up to `max` bytes at `position` from the recent batches, if they are
     /// still there (no copy: a slice of the batch).
-    pub fn recent(&self, position: u64, max: usize) -> Option<Bytes> {
+    pub(crate) fn recent(&self, position: u64, max: usize) -> Option<Bytes> {
         let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         let (offset, bytes) = recent.iter().find(|(offset, bytes)| {
             *offset <= position && position < offset + bytes.len() as u64
@@ -105,14 +107,62 @@ impl<E: Clone> Download<E> {
     }
 
     /// Publishes the final state.
-    pub fn finish(&self, state: State<E>) {
+    pub(crate) fn finish(&self, state: State<E>) {
         self.progress.send_modify(|p| p.state = state);
+    }
+
+    /// True once every byte arrived and the digest passed.
+    pub(crate) fn is_verified(&self) -> bool {
+        matches!(self.progress.borrow().state, State::Verified)
+    }
+}
+
+/// The downloads in flight, by digest: one per blob, however many callers
+/// read it. An entry lives from the download's start until it is committed
+/// or has failed.
+#[derive(Debug)]
+pub(crate) struct Downloads<E> {
+    map: Mutex<HashMap<Digest, Arc<Download<E>>>>,
+}
+
+impl<E> Default for Downloads<E> {
+    fn default() -> Self {
+        Self {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<E> Downloads<E> {
+    /// The download of `digest` under way, if any.
+    pub(crate) fn get(&self, digest: &Digest) -> Option<Arc<Download<E>>> {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(digest)
+            .cloned()
+    }
+
+    /// Registers a download of `digest`.
+    pub(super) fn insert(&self, digest: Digest, download: Arc<Download<E>>) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(digest, download);
+    }
+
+    /// Removes `download`, unless a newer one of the same digest replaced it.
+    pub(super) fn remove(&self, digest: &Digest, download: &Arc<Download<E>>) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(digest).is_some_and(|d| Arc::ptr_eq(d, download)) {
+            map.remove(digest);
+        }
     }
 }
 
 /// A progress that is already complete, for reading a committed object with
 /// the same code that follows a download.
-pub fn complete<E: Clone>(size: u64) -> watch::Receiver<Progress<E>> {
+pub(crate) fn complete<E: Clone>(size: u64) -> watch::Receiver<Progress<E>> {
     let (tx, rx) = watch::channel(Progress {
         available: size,
         state: State::Verified,

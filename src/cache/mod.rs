@@ -1,80 +1,277 @@
-//! The cache: a content-addressable disk store for blobs and manifests
-//! ([`store`]), tag → digest entries with a TTL ([`tags`]), remembered "not
-//! found" answers ([`negative`]), per-key locks that coalesce concurrent
-//! misses ([`locks`]), and the shared state of downloads in flight that
-//! callers join while the bytes arrive ([`download`]).
+//! The cache: everything the engine keeps between requests, behind one API
+//! ([`Cache`]) that a second storage backend can provide as well. Inside:
+//! the content-addressable disk store of blobs and manifests ([`store`]),
+//! downloads in flight that callers join while the bytes arrive
+//! ([`download`], written by [`writer`], read through [`read`]), tag →
+//! digest entries with their freshness ([`tags`]), remembered "not found"
+//! answers ([`negative`]) and per-key locks that coalesce concurrent misses
+//! ([`locks`]), all addressed by typed keys ([`keys`]).
 //!
 //! The cache knows nothing of HTTP or gRPC: the engine decides what to store
-//! and when a cached object may be served.
+//! and when a cached object may be served. Blocking file work runs on the
+//! blocking pool, never on the async threads.
 
-pub mod download;
-pub mod locks;
-pub mod negative;
-pub mod store;
-pub mod tags;
+pub(crate) mod download;
+pub(crate) mod keys;
+mod locks;
+mod negative;
+mod read;
+mod store;
+mod tags;
+mod writer;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
 
 use crate::config::CacheConfig;
+use crate::oci::{Digest, MediaType, Verifier};
 
-pub use download::{Download, Progress, State};
-pub use store::{Holder, Object, Store};
-pub use tags::{TagEntry, Tags};
+pub(crate) use download::{Download, Progress, State, complete};
+pub(crate) use keys::{LockKey, NegativeKey, TagKey};
+pub(crate) use locks::KeyGuard;
+pub(crate) use read::Reader;
+pub(crate) use store::{Holder, Object};
+pub(crate) use tags::{Freshness, TagEntry};
+pub(crate) use writer::{DownloadWriter, Written};
 
-/// Why the cache could not be opened or written.
+use download::Downloads;
+use locks::KeyLocks;
+use negative::Negative;
+use store::Store;
+use tags::Tags;
+
+/// Why the cache could not read or write. Its text names local paths: for
+/// logs, never for callers.
 #[derive(Debug, thiserror::Error)]
-#[error("cache at {path}: {source}")]
-pub struct CacheError {
-    /// The file or directory involved.
-    pub path: String,
-    /// The I/O failure.
-    pub source: std::io::Error,
+pub enum CacheError {
+    /// A file operation failed.
+    #[error("cannot {operation} at {path}")]
+    Io {
+        /// What was being done.
+        operation: &'static str,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading an object's bytes failed.
+    #[error("cannot read a stored object")]
+    Read(#[source] std::io::Error),
+    /// A download's writer thread stopped before its download ended.
+    #[error("the download writer stopped early")]
+    WriterStopped,
+    /// A blocking task of the cache panicked or was cancelled.
+    #[error("a cache task failed")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 impl CacheError {
-    pub(crate) fn at(path: &std::path::Path, source: std::io::Error) -> Self {
-        Self {
-            path: path.display().to_string(),
+    pub(crate) fn io(operation: &'static str, path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            operation,
+            path: path.to_owned(),
             source,
         }
     }
+
+    pub(crate) fn read(source: std::io::Error) -> Self {
+        Self::Read(source)
+    }
+
+    pub(crate) fn task(source: tokio::task::JoinError) -> Self {
+        Self::Task(source)
+    }
 }
 
-/// Everything cached, shared by all requests.
+/// Everything cached, shared by all requests. `E` is the error a failed
+/// download hands its readers.
 #[derive(Debug)]
-pub struct Cache<E> {
-    /// Blobs and manifests by digest.
-    pub store: Arc<Store>,
-    /// Tag → digest entries.
-    pub tags: Tags,
-    /// Remembered "not found" answers.
-    pub negative: negative::Negative,
-    /// Per-key locks for coalescing.
-    pub locks: locks::KeyLocks,
-    /// Blob downloads in flight, by digest.
-    pub downloads: Mutex<HashMap<String, Arc<Download<E>>>>,
-    /// The settings.
-    pub config: CacheConfig,
+pub(crate) struct Cache<E> {
+    store: Arc<Store>,
+    tags: Arc<Tags>,
+    negative: Negative,
+    locks: KeyLocks,
+    downloads: Downloads<E>,
 }
 
-impl<E: Clone> Cache<E> {
+impl<E: Clone + Send + Sync + 'static> Cache<E> {
     /// Opens (creating if needed) the cache under `config.dir`. Leftovers of
     /// interrupted downloads are deleted; committed objects are indexed.
-    pub fn open(config: &CacheConfig) -> Result<Self, CacheError> {
+    pub(crate) fn open(config: &CacheConfig) -> Result<Self, CacheError> {
         let store = Store::open(
             &config.dir.join("objects"),
             &config.dir.join("tmp"),
             config.max_size.as_u64(),
         )?;
-        let tags = Tags::open(&config.dir.join("tags"))?;
+        let tags = Tags::open(
+            &config.dir.join("tags"),
+            config.tag_ttl,
+            config.stale_if_error,
+        )?;
         Ok(Self {
             store: Arc::new(store),
-            tags,
-            negative: negative::Negative::new(config.negative_ttl),
-            locks: locks::KeyLocks::default(),
-            downloads: Mutex::new(HashMap::new()),
-            config: config.clone(),
+            tags: Arc::new(tags),
+            negative: Negative::new(config.negative_ttl),
+            locks: KeyLocks::default(),
+            downloads: Downloads::default(),
         })
+    }
+
+    /// The committed object, marking it used.
+    pub(crate) fn object(&self, digest: &Digest) -> Option<Object> {
+        self.store.lookup(digest)
+    }
+
+    /// The committed object and a reader of its bytes; `None` when it is not
+    /// stored (or was evicted a moment ago).
+    pub(crate) fn open_object(&self, digest: &Digest) -> Option<(Object, Reader<E>)> {
+        let object = self.store.lookup(digest)?;
+        let file = std::fs::File::open(&object.path).ok()?;
+        Some((object, Reader::stored(file)))
+    }
+
+    /// A small committed object's bytes (a manifest) and media type, from
+    /// memory when they are there.
+    pub(crate) async fn read_manifest(&self, digest: &Digest) -> Option<(MediaType, Bytes)> {
+        let media_type = self.store.lookup(digest)?.media_type?;
+        let bytes = self.store.read_small(digest).await?;
+        Some((media_type, bytes))
+    }
+
+    /// Stores a verified manifest held by `holder`.
+    pub(crate) async fn put_manifest(
+        &self,
+        digest: &Digest,
+        bytes: Bytes,
+        media_type: &MediaType,
+        holder: Holder,
+    ) -> Result<(), CacheError> {
+        let (store, digest, media_type) = (self.store.clone(), digest.clone(), media_type.clone());
+        tokio::task::spawn_blocking(move || store.put(&digest, bytes, &media_type, holder))
+            .await
+            .map_err(CacheError::task)?
+            .map(drop)
+    }
+
+    /// Records that `holder` holds the committed object `digest`.
+    pub(crate) async fn add_holder(
+        &self,
+        digest: &Digest,
+        holder: Holder,
+    ) -> Result<(), CacheError> {
+        let (store, digest) = (self.store.clone(), digest.clone());
+        tokio::task::spawn_blocking(move || store.add_holder(&digest, holder))
+            .await
+            .map_err(CacheError::task)?
+    }
+
+    /// The download of `digest` under way, if any.
+    pub(crate) fn download(&self, digest: &Digest) -> Option<Arc<Download<E>>> {
+        self.downloads.get(digest)
+    }
+
+    /// A reader of a download under way.
+    pub(crate) fn join(&self, download: &Arc<Download<E>>) -> Result<Reader<E>, CacheError> {
+        let file = std::fs::File::open(&download.path)
+            .map_err(|e| CacheError::io("open a download", &download.path, e))?;
+        Ok(Reader::following(file, download.clone()))
+    }
+
+    /// Starts a download of `digest` (`size` bytes from `holder`): registers
+    /// it so later callers join it, and starts its writer, which hashes
+    /// every byte with `verifier`.
+    pub(crate) fn start_download(
+        &self,
+        digest: &Digest,
+        size: u64,
+        holder: Holder,
+        verifier: Verifier,
+    ) -> Result<(Arc<Download<E>>, DownloadWriter), CacheError> {
+        let (path, file) = self.store.temp_file()?;
+        let download = Arc::new(Download::new(path, size, holder));
+        let writer = DownloadWriter::start(file, verifier, download.clone());
+        self.downloads.insert(digest.clone(), download.clone());
+        Ok((download, writer))
+    }
+
+    /// Ends a download whose digest passed: readers may send their last
+    /// bytes at once; then the file is synced and moved into the store
+    /// (durability is the store's business and happens after).
+    pub(crate) async fn commit_download(
+        &self,
+        digest: &Digest,
+        download: &Arc<Download<E>>,
+        written: Written,
+    ) -> Result<(), CacheError> {
+        download.finish(State::Verified);
+        let store = self.store.clone();
+        let (path, size, holder, key) = (
+            download.path.clone(),
+            download.size,
+            download.holder.clone(),
+            digest.clone(),
+        );
+        let committed = tokio::task::spawn_blocking(move || {
+            written
+                .file
+                .sync_data()
+                .map_err(|e| CacheError::io("sync a download", &path, e))?;
+            store.commit(&path, &key, size, None, holder)
+        })
+        .await
+        .map_err(CacheError::task)
+        .and_then(|r| r);
+        if committed.is_err() {
+            let _ = tokio::fs::remove_file(&download.path).await;
+        }
+        self.downloads.remove(digest, download);
+        committed.map(drop)
+    }
+
+    /// Ends a failed download: its readers end with `error`, and its file
+    /// is removed.
+    pub(crate) async fn fail_download(
+        &self,
+        digest: &Digest,
+        download: &Arc<Download<E>>,
+        error: E,
+    ) {
+        let _ = tokio::fs::remove_file(&download.path).await;
+        self.downloads.remove(digest, download);
+        download.finish(State::Failed(error));
+    }
+
+    /// The tag entry for `key` and its freshness at `now`.
+    pub(crate) fn tag(&self, key: &TagKey, now: SystemTime) -> Option<(TagEntry, Freshness)> {
+        self.tags.get(key, now)
+    }
+
+    /// Records what `key` resolved to.
+    pub(crate) async fn put_tag(&self, key: &TagKey, entry: TagEntry) -> Result<(), CacheError> {
+        self.tags.put(key, entry).await
+    }
+
+    /// True when `upstream` recently answered "not found" for `key`.
+    pub(crate) fn is_not_found(&self, upstream: &str, key: &NegativeKey) -> bool {
+        self.negative.contains(upstream, key)
+    }
+
+    /// Remembers that `upstream` answered "not found" for `key`.
+    pub(crate) fn remember_not_found(&self, upstream: &str, key: &NegativeKey) {
+        self.negative.insert(upstream, key);
+    }
+
+    /// Waits for the lock on `key`.
+    pub(crate) async fn lock(&self, key: &LockKey) -> KeyGuard {
+        self.locks.lock(key).await
+    }
+
+    /// Takes the lock on `key` if nobody holds it.
+    pub(crate) fn try_lock(&self, key: &LockKey) -> Option<KeyGuard> {
+        self.locks.try_lock(key)
     }
 }

@@ -1,5 +1,7 @@
-//! Remembered "not found" answers, per (upstream, key), for `negative_ttl`,
-//! so a crash-looping caller cannot hammer an upstream with the same miss.
+//! Remembered "not found" answers, per (upstream, [`NegativeKey`]), for
+//! `negative_ttl`, so a crash-looping caller cannot hammer an upstream with
+//! the same miss. Bounded: at [`MAX_ENTRIES`], expired entries are swept and,
+//! if it is still full, nothing new is remembered until they expire.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -7,20 +9,21 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Most entries kept; past this, expired ones are purged and, if still full,
-/// nothing new is remembered.
+use super::keys::NegativeKey;
+
+/// Most entries kept.
 const MAX_ENTRIES: usize = 100_000;
 
 /// Negative entries with expiry.
 #[derive(Debug)]
-pub struct Negative {
+pub(crate) struct Negative {
     ttl: Duration,
-    entries: Mutex<HashMap<(String, String), Instant>>,
+    entries: Mutex<HashMap<(String, NegativeKey), Instant>>,
 }
 
 impl Negative {
     /// Remembers misses for `ttl` (zero disables).
-    pub fn new(ttl: Duration) -> Self {
+    pub(crate) fn new(ttl: Duration) -> Self {
         Self {
             ttl,
             entries: Mutex::new(HashMap::new()),
@@ -28,15 +31,15 @@ impl Negative {
     }
 
     /// True when `upstream` recently answered "not found" for `key`.
-    pub fn contains(&self, upstream: &str, key: &str) -> bool {
+    pub(crate) fn contains(&self, upstream: &str, key: &NegativeKey) -> bool {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries
-            .get(&(upstream.to_owned(), key.to_owned()))
+            .get(&(upstream.to_owned(), key.clone()))
             .is_some_and(|&until| Instant::now() < until)
     }
 
     /// Remembers that `upstream` answered "not found" for `key`.
-    pub fn insert(&self, upstream: &str, key: &str) {
+    pub(crate) fn insert(&self, upstream: &str, key: &NegativeKey) {
         if self.ttl.is_zero() {
             return;
         }
@@ -48,30 +51,48 @@ impl Negative {
                 return;
             }
         }
-        entries.insert((upstream.to_owned(), key.to_owned()), now + self.ttl);
+        entries.insert((upstream.to_owned(), key.clone()), now + self.ttl);
     }
 
-    /// Forgets `key` for `upstream` (it was found after all).
-    pub fn remove(&self, upstream: &str, key: &str) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.remove(&(upstream.to_owned(), key.to_owned()));
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::Repository;
+
+    fn key(name: &str) -> NegativeKey {
+        NegativeKey::Tags(Repository::parse(name).unwrap())
+    }
 
     #[tokio::test(start_paused = true)]
     async fn expires_after_ttl() {
         let n = Negative::new(Duration::from_secs(30));
-        n.insert("a", "k");
-        assert!(n.contains("a", "k"));
-        assert!(!n.contains("b", "k"));
+        n.insert("a", &key("k"));
+        assert!(n.contains("a", &key("k")));
+        assert!(!n.contains("b", &key("k")));
+        assert!(!n.contains("a", &key("other")));
         tokio::time::advance(Duration::from_secs(31)).await;
-        assert!(!n.contains("a", "k"));
+        assert!(!n.contains("a", &key("k")));
         let off = Negative::new(Duration::ZERO);
-        off.insert("a", "k");
-        assert!(!off.contains("a", "k"));
+        off.insert("a", &key("k"));
+        assert!(!off.contains("a", &key("k")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stays_bounded_however_many_repositories_are_named() {
+        let n = Negative::new(Duration::from_secs(30));
+        for i in 0..MAX_ENTRIES + 10 {
+            n.insert("a", &key(&format!("r{i}")));
+        }
+        assert_eq!(n.len(), MAX_ENTRIES, "full: nothing new is remembered");
+        tokio::time::advance(Duration::from_secs(31)).await;
+        n.insert("a", &key("fresh"));
+        assert_eq!(n.len(), 1, "expired entries are swept when full");
+        assert!(n.contains("a", &key("fresh")));
     }
 }

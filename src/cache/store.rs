@@ -30,11 +30,11 @@ use crate::oci::{Digest, MediaType};
 
 /// An upstream and the repository name on it that is known to hold an object.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Holder {
+pub(crate) struct Holder {
     /// The upstream's configured name.
-    pub upstream: String,
+    pub(crate) upstream: String,
     /// The repository's name on that upstream.
-    pub repository: String,
+    pub(crate) repository: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -48,15 +48,15 @@ struct Meta {
 
 /// A committed object.
 #[derive(Debug, Clone)]
-pub struct Object {
+pub(crate) struct Object {
     /// Its size.
-    pub size: u64,
+    pub(crate) size: u64,
     /// Its media type, for manifests.
-    pub media_type: Option<MediaType>,
+    pub(crate) media_type: Option<MediaType>,
     /// Upstream repositories known to hold it.
-    pub holders: Vec<Holder>,
+    pub(crate) holders: Vec<Holder>,
     /// Where the bytes are.
-    pub path: PathBuf,
+    pub(super) path: PathBuf,
 }
 
 #[derive(Debug)]
@@ -123,7 +123,7 @@ impl quick_cache::Weighter<String, Bytes> for ByLength {
 
 /// The disk store.
 #[derive(Debug)]
-pub struct Store {
+pub(crate) struct Store {
     objects: PathBuf,
     tmp: PathBuf,
     max_size: u64,
@@ -137,12 +137,12 @@ impl Store {
     /// Opens the store: creates the directories, deletes leftovers of
     /// interrupted downloads and indexes committed objects (oldest modified
     /// first, as the best guess at use order).
-    pub fn open(objects: &Path, tmp: &Path, max_size: u64) -> Result<Self, CacheError> {
-        fs::create_dir_all(objects).map_err(|e| CacheError::at(objects, e))?;
+    pub(crate) fn open(objects: &Path, tmp: &Path, max_size: u64) -> Result<Self, CacheError> {
+        fs::create_dir_all(objects).map_err(|e| CacheError::io("access the store", objects, e))?;
         if tmp.exists() {
-            fs::remove_dir_all(tmp).map_err(|e| CacheError::at(tmp, e))?;
+            fs::remove_dir_all(tmp).map_err(|e| CacheError::io("access the store", tmp, e))?;
         }
-        fs::create_dir_all(tmp).map_err(|e| CacheError::at(tmp, e))?;
+        fs::create_dir_all(tmp).map_err(|e| CacheError::io("access the store", tmp, e))?;
         let store = Self {
             objects: objects.to_owned(),
             tmp: tmp.to_owned(),
@@ -157,17 +157,21 @@ impl Store {
 
     fn scan(&self) -> Result<(), CacheError> {
         let mut found = Vec::new();
-        for algorithm in
-            fs::read_dir(&self.objects).map_err(|e| CacheError::at(&self.objects, e))?
+        for algorithm in fs::read_dir(&self.objects)
+            .map_err(|e| CacheError::io("access the store", &self.objects, e))?
         {
             let dir = algorithm
-                .map_err(|e| CacheError::at(&self.objects, e))?
+                .map_err(|e| CacheError::io("access the store", &self.objects, e))?
                 .path();
             let Some(alg) = dir.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
                 continue;
             };
-            for file in fs::read_dir(&dir).map_err(|e| CacheError::at(&dir, e))? {
-                let path = file.map_err(|e| CacheError::at(&dir, e))?.path();
+            for file in
+                fs::read_dir(&dir).map_err(|e| CacheError::io("access the store", &dir, e))?
+            {
+                let path = file
+                    .map_err(|e| CacheError::io("access the store", &dir, e))?
+                    .path();
                 let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
                     continue;
                 };
@@ -213,7 +217,7 @@ impl Store {
     }
 
     /// Where an object's bytes live.
-    pub fn path(&self, digest: &Digest) -> PathBuf {
+    pub(crate) fn path(&self, digest: &Digest) -> PathBuf {
         self.objects
             .join(digest.algorithm().name())
             .join(digest.hex())
@@ -226,7 +230,7 @@ impl Store {
     }
 
     /// The committed object, marking it used.
-    pub fn lookup(&self, digest: &Digest) -> Option<Object> {
+    pub(crate) fn lookup(&self, digest: &Digest) -> Option<Object> {
         let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
         index.touch(digest.as_str());
         let entry = index.entries.get(digest.as_str())?;
@@ -242,17 +246,18 @@ impl Store {
     }
 
     /// A new temp file for a download.
-    pub fn temp_file(&self) -> Result<(PathBuf, fs::File), CacheError> {
+    pub(crate) fn temp_file(&self) -> Result<(PathBuf, fs::File), CacheError> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let path = self.tmp.join(format!("{}-{n}", std::process::id()));
-        let file = fs::File::create(&path).map_err(|e| CacheError::at(&path, e))?;
+        let file =
+            fs::File::create(&path).map_err(|e| CacheError::io("access the store", &path, e))?;
         Ok((path, file))
     }
 
     /// Moves a verified temp file into the store (blocking I/O). Returns
     /// false when the object is larger than the whole store and was dropped.
     /// Evicts least-recently-used objects to stay under `max_size`.
-    pub fn commit(
+    pub(crate) fn commit(
         &self,
         temp: &Path,
         digest: &Digest,
@@ -316,14 +321,14 @@ impl Store {
     /// Renames the `.meta`, then the bytes, into place.
     fn place(&self, temp: &Path, digest: &Digest, meta: &Meta) -> Result<(), CacheError> {
         let dir = self.objects.join(digest.algorithm().name());
-        fs::create_dir_all(&dir).map_err(|e| CacheError::at(&dir, e))?;
+        fs::create_dir_all(&dir).map_err(|e| CacheError::io("access the store", &dir, e))?;
         self.write_meta(digest, meta)?;
         let data = self.path(digest);
-        fs::rename(temp, &data).map_err(|e| CacheError::at(&data, e))
+        fs::rename(temp, &data).map_err(|e| CacheError::io("access the store", &data, e))
     }
 
     /// Writes a small object (a manifest) straight into the store.
-    pub fn put(
+    pub(crate) fn put(
         &self,
         digest: &Digest,
         bytes: Bytes,
@@ -333,7 +338,7 @@ impl Store {
         let (temp, mut file) = self.temp_file()?;
         file.write_all(&bytes)
             .and_then(|()| file.sync_data())
-            .map_err(|e| CacheError::at(&temp, e))?;
+            .map_err(|e| CacheError::io("access the store", &temp, e))?;
         drop(file);
         let kept = self.commit(&temp, digest, bytes.len() as u64, Some(media_type), holder)?;
         if kept {
@@ -344,7 +349,7 @@ impl Store {
 
     /// The bytes of a small committed object (a manifest), from memory when
     /// they are there.
-    pub async fn read_small(&self, digest: &Digest) -> Option<Bytes> {
+    pub(crate) async fn read_small(&self, digest: &Digest) -> Option<Bytes> {
         let object = self.lookup(digest)?;
         if let Some(bytes) = self.hot.get(digest.as_str()) {
             return Some(bytes);
@@ -355,7 +360,7 @@ impl Store {
     }
 
     /// Records that `holder` holds the object.
-    pub fn add_holder(&self, digest: &Digest, holder: Holder) -> Result<(), CacheError> {
+    pub(crate) fn add_holder(&self, digest: &Digest, holder: Holder) -> Result<(), CacheError> {
         let meta = {
             let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
             let Some(entry) = index.entries.get_mut(digest.as_str()) else {
@@ -377,14 +382,16 @@ impl Store {
     fn write_meta(&self, digest: &Digest, meta: &Meta) -> Result<(), CacheError> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let temp = self.tmp.join(format!("{}-{n}.meta", std::process::id()));
-        let bytes = serde_json::to_vec(meta).map_err(|e| CacheError::at(&temp, e.into()))?;
-        fs::write(&temp, bytes).map_err(|e| CacheError::at(&temp, e))?;
+        let bytes = serde_json::to_vec(meta)
+            .map_err(|e| CacheError::io("access the store", &temp, e.into()))?;
+        fs::write(&temp, bytes).map_err(|e| CacheError::io("access the store", &temp, e))?;
         let path = self.meta_path(digest);
-        fs::rename(&temp, &path).map_err(|e| CacheError::at(&path, e))
+        fs::rename(&temp, &path).map_err(|e| CacheError::io("access the store", &path, e))
     }
 
     /// Bytes of committed objects.
-    pub fn total_size(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn total_size(&self) -> u64 {
         self.index.lock().unwrap_or_else(|e| e.into_inner()).total
     }
 }

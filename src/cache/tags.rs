@@ -1,43 +1,56 @@
 //! Tag → digest entries. Kept in memory and persisted one small JSON file per
-//! entry (written atomically), so a restarted service still knows its tags
-//! and can serve them stale when every upstream fails.
+//! entry (written atomically, off the async threads), so a restarted service
+//! still knows its tags and can serve them stale when every upstream fails.
+//! The store decides an entry's [`Freshness`] from its age and the TTLs.
 
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use super::CacheError;
+use super::keys::TagKey;
 use crate::oci::Algorithm;
 
 /// What a tag resolved to, and when.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct TagEntry {
+pub(crate) struct TagEntry {
     /// The manifest digest.
-    pub digest: String,
+    pub(crate) digest: String,
     /// The manifest media type.
-    pub media_type: String,
+    pub(crate) media_type: String,
     /// The upstream that answered.
-    pub upstream: String,
+    pub(crate) upstream: String,
     /// When the upstream answered (milliseconds since the Unix epoch).
-    pub fetched_at_ms: u64,
+    pub(crate) fetched_at_ms: u64,
 }
 
 impl TagEntry {
-    /// Milliseconds since the Unix epoch, now.
-    pub fn now_ms() -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
+    /// Milliseconds since the Unix epoch at `time`.
+    pub(crate) fn millis(time: SystemTime) -> u64 {
+        time.duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 
-    /// How old the entry is.
-    pub fn age(&self) -> Duration {
-        Duration::from_millis(Self::now_ms().saturating_sub(self.fetched_at_ms))
+    /// How old the entry is at `now`.
+    fn age(&self, now: SystemTime) -> Duration {
+        Duration::from_millis(Self::millis(now).saturating_sub(self.fetched_at_ms))
     }
+}
+
+/// How usable a tag entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Freshness {
+    /// Younger than `tag_ttl`: served as it is.
+    Fresh,
+    /// Older, but younger than `stale_if_error`: served while a refresh runs,
+    /// and when every upstream fails.
+    Stale,
+    /// Older than `stale_if_error`: never served.
+    Expired,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -48,18 +61,28 @@ struct Stored {
 
 /// The tag entries.
 #[derive(Debug)]
-pub struct Tags {
+pub(crate) struct Tags {
     dir: PathBuf,
+    ttl: Duration,
+    stale_if_error: Duration,
+    /// By the key's text, which is also what the file name is derived from.
     entries: Mutex<HashMap<String, TagEntry>>,
 }
 
 impl Tags {
-    /// Loads the persisted entries under `dir`.
-    pub fn open(dir: &Path) -> Result<Self, CacheError> {
-        fs::create_dir_all(dir).map_err(|e| CacheError::at(dir, e))?;
+    /// Loads the persisted entries under `dir` (blocking; at start).
+    pub(crate) fn open(
+        dir: &Path,
+        ttl: Duration,
+        stale_if_error: Duration,
+    ) -> Result<Self, CacheError> {
+        fs::create_dir_all(dir).map_err(|e| CacheError::io("create the tag directory", dir, e))?;
         let mut entries = HashMap::new();
-        for file in fs::read_dir(dir).map_err(|e| CacheError::at(dir, e))? {
-            let path = file.map_err(|e| CacheError::at(dir, e))?.path();
+        let listing = fs::read_dir(dir).map_err(|e| CacheError::io("list tags", dir, e))?;
+        for file in listing {
+            let path = file
+                .map_err(|e| CacheError::io("list tags", dir, e))?
+                .path();
             match fs::read(&path)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<Stored>(&b).ok())
@@ -74,59 +97,137 @@ impl Tags {
         }
         Ok(Self {
             dir: dir.to_owned(),
+            ttl,
+            stale_if_error,
             entries: Mutex::new(entries),
         })
     }
 
-    /// The entry for `key`.
-    pub fn get(&self, key: &str) -> Option<TagEntry> {
-        self.entries
+    /// The entry for `key` and how fresh it is at `now`.
+    pub(crate) fn get(&self, key: &TagKey, now: SystemTime) -> Option<(TagEntry, Freshness)> {
+        let entry = self
+            .entries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .cloned()
+            .get(&key.to_string())
+            .cloned()?;
+        let freshness = self.freshness(&entry, now);
+        Some((entry, freshness))
     }
 
-    /// Stores the entry for `key` in memory and on disk.
-    pub fn put(&self, key: &str, entry: TagEntry) -> Result<(), CacheError> {
-        let name = Algorithm::Sha256.digest(key.as_bytes()).hex().to_owned();
-        let path = self.dir.join(format!("{name}.json"));
-        let temp = self.dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    fn freshness(&self, entry: &TagEntry, now: SystemTime) -> Freshness {
+        let age = entry.age(now);
+        if age < self.ttl {
+            Freshness::Fresh
+        } else if age < self.stale_if_error {
+            Freshness::Stale
+        } else {
+            Freshness::Expired
+        }
+    }
+
+    /// Stores the entry for `key` on disk (on a blocking thread), then in
+    /// memory.
+    pub(crate) async fn put(
+        self: &Arc<Self>,
+        key: &TagKey,
+        entry: TagEntry,
+    ) -> Result<(), CacheError> {
+        let key = key.to_string();
         let stored = Stored {
-            key: key.to_owned(),
+            key: key.clone(),
             entry: entry.clone(),
         };
-        let bytes = serde_json::to_vec(&stored).map_err(|e| CacheError::at(&path, e.into()))?;
-        fs::write(&temp, bytes).map_err(|e| CacheError::at(&temp, e))?;
-        fs::rename(&temp, &path).map_err(|e| CacheError::at(&path, e))?;
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || write_entry(&dir, &stored))
+            .await
+            .map_err(CacheError::task)??;
         self.entries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key.to_owned(), entry);
+            .insert(key, entry);
         Ok(())
     }
+}
+
+/// Writes one entry atomically: a temp file renamed over the entry's file.
+fn write_entry(dir: &Path, stored: &Stored) -> Result<(), CacheError> {
+    let name = Algorithm::Sha256
+        .digest(stored.key.as_bytes())
+        .hex()
+        .to_owned();
+    let path = dir.join(format!("{name}.json"));
+    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let bytes = serde_json::to_vec(stored)
+        .map_err(|e| CacheError::io("encode a tag entry", &path, e.into()))?;
+    fs::write(&temp, bytes).map_err(|e| CacheError::io("write a tag entry", &temp, e))?;
+    fs::rename(&temp, &path).map_err(|e| CacheError::io("write a tag entry", &path, e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::{Repository, Tag};
 
-    #[test]
-    fn persist_and_reload() {
-        let dir = tempfile::tempdir().unwrap();
-        let tags = Tags::open(dir.path()).unwrap();
-        let entry = TagEntry {
+    fn key(tag: &str) -> TagKey {
+        TagKey::new(
+            &Repository::parse("r").unwrap(),
+            &Tag::parse(tag).unwrap(),
+            None,
+            &[],
+        )
+    }
+
+    fn entry(fetched_at: SystemTime) -> TagEntry {
+        TagEntry {
             digest: "sha256:x".into(),
             media_type: "m".into(),
             upstream: "a".into(),
-            fetched_at_ms: TagEntry::now_ms(),
-        };
-        tags.put("k", entry.clone()).unwrap();
-        assert_eq!(tags.get("k"), Some(entry.clone()));
+            fetched_at_ms: TagEntry::millis(fetched_at),
+        }
+    }
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn persist_and_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let tags = Arc::new(Tags::open(dir.path(), MINUTE, 10 * MINUTE).unwrap());
+        let now = SystemTime::now();
+        tags.put(&key("k"), entry(now)).await.unwrap();
+        assert_eq!(
+            tags.get(&key("k"), now),
+            Some((entry(now), Freshness::Fresh))
+        );
         std::fs::write(dir.path().join("junk.json"), b"not json").unwrap();
-        let reloaded = Tags::open(dir.path()).unwrap();
-        assert_eq!(reloaded.get("k"), Some(entry));
+        let reloaded = Tags::open(dir.path(), MINUTE, 10 * MINUTE).unwrap();
+        assert_eq!(
+            reloaded.get(&key("k"), now),
+            Some((entry(now), Freshness::Fresh))
+        );
         assert!(!dir.path().join("junk.json").exists());
-        assert!(reloaded.get("other").is_none());
+        assert!(reloaded.get(&key("other"), now).is_none());
+    }
+
+    #[tokio::test]
+    async fn freshness_follows_age_and_ttls() {
+        let dir = tempfile::tempdir().unwrap();
+        let tags = Arc::new(Tags::open(dir.path(), MINUTE, 10 * MINUTE).unwrap());
+        let fetched = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        tags.put(&key("k"), entry(fetched)).await.unwrap();
+        let at = |secs| {
+            tags.get(&key("k"), fetched + Duration::from_secs(secs))
+                .map(|(_, f)| f)
+        };
+        assert_eq!(at(0), Some(Freshness::Fresh));
+        assert_eq!(at(59), Some(Freshness::Fresh));
+        assert_eq!(at(60), Some(Freshness::Stale));
+        assert_eq!(at(599), Some(Freshness::Stale));
+        assert_eq!(at(600), Some(Freshness::Expired));
+        // A clock that went back counts as age zero.
+        assert_eq!(
+            tags.get(&key("k"), fetched - MINUTE).map(|(_, f)| f),
+            Some(Freshness::Fresh)
+        );
     }
 }

@@ -1,27 +1,30 @@
-//! The gRPC service adapter. Each RPC passes admission (concurrency limit,
-//! shutdown), converts its request to a checked engine request
-//! (INVALID_ARGUMENT naming the field on failure), makes one engine call
-//! bounded by the caller's deadline, and converts the answer back. No rules
-//! live here.
+//! The gRPC service adapter. Each RPC runs in a span of its own (`method`
+//! and the request's fields, `upstream` once chosen), passes admission
+//! (concurrency limit, shutdown), converts its request to a checked engine
+//! request (INVALID_ARGUMENT naming the field on failure), makes one engine
+//! call bounded by the caller's deadline, and converts the answer back. No
+//! rules live here.
 
 mod admission;
 mod convert;
 mod deadline;
 mod status;
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt, stream};
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
+use tracing::{Instrument, Span, field};
 
 pub use admission::Admission;
 
 use crate::pb;
 use crate::pb::upstream_service_server::{UpstreamService, UpstreamServiceServer};
-use crate::upstream::{BlobRequest, Engine, ManifestRequest, TagsRequest};
-use convert::HeadBlob;
+use crate::upstream::{BlobRequest, Engine, Error, ManifestRequest, TagsRequest};
+use convert::{HeadBlob, InvalidField};
 
 /// The interceptor that stamps calls with their arrival time.
 pub type Stamp = fn(Request<()>) -> Result<Request<()>, Status>;
@@ -57,30 +60,64 @@ impl UpstreamApi {
     }
 }
 
+impl UpstreamApi {
+    /// One unary RPC: admission, the checked request `Q`, the engine call
+    /// `work` within the caller's deadline, and its answer, all in `span`.
+    async fn unary<P, Q, T, F, Fut>(
+        &self,
+        span: Span,
+        request: Request<P>,
+        work: F,
+    ) -> Result<Response<T>, Status>
+    where
+        Q: TryFrom<P, Error = InvalidField>,
+        F: FnOnce(Arc<Engine>, Q) -> Fut,
+        Fut: Future<Output = Result<T, Error>>,
+    {
+        async move {
+            let _permit = self.admission.admit()?;
+            let limit = deadline::of(&request);
+            let req = Q::try_from(request.into_inner())?;
+            let engine = self.engine.clone();
+            let answer = deadline::within(limit, async { Ok(work(engine, req).await?) }).await?;
+            Ok(Response::new(answer))
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// The span of one RPC. `upstream` is recorded once the engine chose one.
+macro_rules! rpc_span {
+    ($method:literal, $($field:tt)*) => {
+        tracing::info_span!("rpc", method = $method, $($field)*, upstream = field::Empty)
+    };
+}
+
 #[tonic::async_trait]
 impl UpstreamService for UpstreamApi {
     async fn fetch_manifest(
         &self,
         request: Request<pb::FetchManifestRequest>,
     ) -> Result<Response<pb::FetchManifestResponse>, Status> {
-        let _permit = self.admission.admit()?;
-        let limit = deadline::of(&request);
-        let req = ManifestRequest::try_from(request.into_inner())?;
-        let manifest =
-            deadline::within(limit, async { Ok(self.engine.fetch_manifest(req).await?) }).await?;
-        Ok(Response::new(manifest.into()))
+        let r = request.get_ref();
+        let span = rpc_span!("FetchManifest", repository = %r.repository, reference = %r.reference);
+        self.unary(span, request, |engine, req: ManifestRequest| async move {
+            engine.fetch_manifest(req).await.map(Into::into)
+        })
+        .await
     }
 
     async fn head_manifest(
         &self,
         request: Request<pb::HeadManifestRequest>,
     ) -> Result<Response<pb::HeadManifestResponse>, Status> {
-        let _permit = self.admission.admit()?;
-        let limit = deadline::of(&request);
-        let req = ManifestRequest::try_from(request.into_inner())?;
-        let meta =
-            deadline::within(limit, async { Ok(self.engine.head_manifest(req).await?) }).await?;
-        Ok(Response::new(meta.into()))
+        let r = request.get_ref();
+        let span = rpc_span!("HeadManifest", repository = %r.repository, reference = %r.reference);
+        self.unary(span, request, |engine, req: ManifestRequest| async move {
+            engine.head_manifest(req).await.map(Into::into)
+        })
+        .await
     }
 
     type FetchBlobStream = FetchBlobStream;
@@ -89,56 +126,61 @@ impl UpstreamService for UpstreamApi {
         &self,
         request: Request<pb::FetchBlobRequest>,
     ) -> Result<Response<Self::FetchBlobStream>, Status> {
-        let permit = self.admission.admit()?;
-        let limit = deadline::of(&request);
-        let req = BlobRequest::try_from(request.into_inner())?;
-        let offset = req.range.offset;
-        let blob =
-            deadline::within(limit, async { Ok(self.engine.fetch_blob(req).await?) }).await?;
-        let first = pb::FetchBlobResponse {
-            info: Some(blob.info.into()),
-            offset: i64::try_from(offset).unwrap_or(i64::MAX),
-            ..Default::default()
-        };
-        let data = blob.chunks.map(move |item| {
-            // The permit is released when the stream ends or is dropped.
-            let _held = &permit;
-            item.map(|chunk| convert::blob_data(chunk.offset, chunk.data))
-                .map_err(Status::from)
-        });
-        Ok(Response::new(Box::pin(
-            stream::once(async { Ok(first) }).chain(data),
-        )))
+        let r = request.get_ref();
+        let span = rpc_span!("FetchBlob", repository = %r.repository, digest = %r.digest);
+        let stream_span = span.clone();
+        async move {
+            let permit = self.admission.admit()?;
+            let limit = deadline::of(&request);
+            let req = BlobRequest::try_from(request.into_inner())?;
+            let offset = req.range.offset;
+            let blob =
+                deadline::within(limit, async { Ok(self.engine.fetch_blob(req).await?) }).await?;
+            let first = pb::FetchBlobResponse {
+                info: Some(blob.info.into()),
+                offset: i64::try_from(offset).unwrap_or(i64::MAX),
+                ..Default::default()
+            };
+            let data = blob.chunks.map(move |item| {
+                // The permit is released when the stream ends or is dropped.
+                let _held = &permit;
+                let _entered = stream_span.enter();
+                item.map(|chunk| convert::blob_data(chunk.offset, chunk.data))
+                    .map_err(Status::from)
+            });
+            let stream: FetchBlobStream = Box::pin(stream::once(async { Ok(first) }).chain(data));
+            Ok(Response::new(stream))
+        }
+        .instrument(span)
+        .await
     }
 
     async fn head_blob(
         &self,
         request: Request<pb::HeadBlobRequest>,
     ) -> Result<Response<pb::HeadBlobResponse>, Status> {
-        let _permit = self.admission.admit()?;
-        let limit = deadline::of(&request);
-        let req = HeadBlob::try_from(request.into_inner())?;
-        let meta = deadline::within(limit, async {
-            Ok(self
-                .engine
+        let r = request.get_ref();
+        let span = rpc_span!("HeadBlob", repository = %r.repository, digest = %r.digest);
+        self.unary(span, request, |engine, req: HeadBlob| async move {
+            engine
                 .head_blob(&req.repository, &req.digest, req.upstream.as_deref())
-                .await?)
+                .await
+                .map(Into::into)
         })
-        .await?;
-        Ok(Response::new(meta.into()))
+        .await
     }
 
     async fn fetch_tags(
         &self,
         request: Request<pb::FetchTagsRequest>,
     ) -> Result<Response<pb::FetchTagsResponse>, Status> {
-        let _permit = self.admission.admit()?;
-        let limit = deadline::of(&request);
-        let request = request.into_inner();
-        let name = request.repository.clone();
-        let req = TagsRequest::try_from(request)?;
-        let page =
-            deadline::within(limit, async { Ok(self.engine.fetch_tags(req).await?) }).await?;
-        Ok(Response::new(convert::tags_response(name, page)))
+        let r = request.get_ref();
+        let span = rpc_span!("FetchTags", repository = %r.repository);
+        let name = r.repository.clone();
+        self.unary(span, request, |engine, req: TagsRequest| async move {
+            let page = engine.fetch_tags(req).await?;
+            Ok(convert::tags_response(name, page))
+        })
+        .await
     }
 }

@@ -1,6 +1,7 @@
 //! The one mapping from errors to `tonic::Status`. Exhaustive on purpose: a
 //! new error variant does not compile until it has a code. The same match
-//! picks the log level: caller mistakes at debug, upstream failures at warn.
+//! picks the log level: caller mistakes at debug, upstream failures at
+//! warn, the service's own at error.
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -15,38 +16,60 @@ impl From<InvalidField> for Status {
     }
 }
 
+/// How loudly a request's final failure is logged.
+#[derive(Clone, Copy)]
+enum Level {
+    /// The caller's mistake or an authoritative "no": expected.
+    Debug,
+    /// The service shutting down.
+    Info,
+    /// The upstreams failed us.
+    Warn,
+    /// The service itself failed.
+    Error,
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
+        use crate::upstream::Internal;
         let message = e.to_string();
-        let code = match &e {
-            Error::UnknownUpstream(_) => Code::InvalidArgument,
+        let (code, level) = match &e {
+            Error::UnknownUpstream(_) => (Code::InvalidArgument, Level::Debug),
             Error::NoRoute(_)
             | Error::NotRouted { .. }
             | Error::NotFound(_)
-            | Error::PlatformNotFound { .. } => Code::NotFound,
-            Error::OutOfRange { .. } => Code::OutOfRange,
-            Error::PermissionDenied(_) => Code::PermissionDenied,
-            Error::RateLimited { retry_after, .. } => {
-                tracing::warn!(error = %message, "upstream rate limit");
-                return match retry_after {
-                    Some(delay) => Status::with_error_details(
-                        Code::ResourceExhausted,
-                        message,
-                        ErrorDetails::with_retry_info(Some(*delay)),
-                    ),
-                    None => Status::resource_exhausted(message),
-                };
+            | Error::PlatformNotFound { .. } => (Code::NotFound, Level::Debug),
+            Error::OutOfRange { .. } => (Code::OutOfRange, Level::Debug),
+            Error::PermissionDenied(_) => (Code::PermissionDenied, Level::Warn),
+            Error::RateLimited { .. } => (Code::ResourceExhausted, Level::Warn),
+            Error::Unavailable(_) => (Code::Unavailable, Level::Warn),
+            Error::DataLoss(_) => (Code::DataLoss, Level::Warn),
+            Error::Internal(Internal::ShuttingDown) => (Code::Unavailable, Level::Info),
+            Error::Internal(Internal::Cache(_) | Internal::LostDownload) => {
+                (Code::Unavailable, Level::Error)
             }
-            Error::Unavailable(_) | Error::Cache(_) => Code::Unavailable,
-            Error::DataLoss(_) => Code::DataLoss,
         };
-        match code {
-            Code::Unavailable | Code::DataLoss | Code::PermissionDenied => {
-                tracing::warn!(error = %message, ?code, "request failed");
-            }
-            _ => tracing::debug!(error = %message, ?code, "request refused"),
+        // The final failure of a request, logged once. The log gets the
+        // whole source chain (local paths included); the caller a short
+        // safe message.
+        let detail = crate::telemetry::describe(&e);
+        match level {
+            Level::Debug => tracing::debug!(error = %detail, ?code, "request refused"),
+            Level::Info => tracing::info!(error = %detail, ?code, "request failed"),
+            Level::Warn => tracing::warn!(error = %detail, ?code, "request failed"),
+            Level::Error => tracing::error!(error = %detail, ?code, "request failed"),
         }
-        Status::new(code, message)
+        match &e {
+            Error::RateLimited {
+                retry_after: Some(delay),
+                ..
+            } => Status::with_error_details(
+                code,
+                message,
+                ErrorDetails::with_retry_info(Some(*delay)),
+            ),
+            _ => Status::new(code, message),
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! authentication flow is in [`super::auth`] and [`super::token`]; the OCI
 //! URLs and headers in [`super::distribution`].
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -72,32 +73,75 @@ pub struct Upstream {
     pub(super) basic_first: AtomicBool,
 }
 
-/// The certificates of a PEM bundle; an unreadable file, or one with no
-/// certificate in it, is an error (a typo must not silently trust nothing).
-fn read_ca_file(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
-    let pem = std::fs::read(path).map_err(|e| e.to_string())?;
-    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| e.to_string())?;
+/// Why an upstream could not be set up. The text names the upstream and
+/// the key at fault; the source says why.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ClientError {
+    /// `ca_file` could not be used.
+    #[error("upstream `{name}`: ca_file {}: {source}", path.display())]
+    CaFile {
+        /// The upstream.
+        name: String,
+        /// The file.
+        path: PathBuf,
+        /// Why it could not be used.
+        source: CaFileError,
+    },
+    /// `proxy` is not a usable proxy URL.
+    #[error("upstream `{name}`: invalid proxy: {source}")]
+    Proxy {
+        /// The upstream.
+        name: String,
+        /// The client's complaint.
+        source: reqwest::Error,
+    },
+    /// The HTTP client could not be built (no TLS backend, for one).
+    #[error("upstream `{name}`: cannot build HTTP client: {source}")]
+    Client {
+        /// The upstream.
+        name: String,
+        /// The client's complaint.
+        source: reqwest::Error,
+    },
+}
+
+/// Why a `ca_file` could not be used.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CaFileError {
+    /// The file could not be read.
+    #[error(transparent)]
+    Read(#[from] std::io::Error),
+    /// The PEM could not be parsed.
+    #[error(transparent)]
+    Pem(#[from] reqwest::Error),
+    /// The file holds no certificate (a typo must not silently trust nothing).
+    #[error("no PEM certificate in the file")]
+    Empty,
+}
+
+/// The certificates of a PEM bundle.
+pub(crate) fn read_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, CaFileError> {
+    let pem = std::fs::read(path)?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)?;
     if certs.is_empty() {
-        return Err("no PEM certificate in the file".to_owned());
+        return Err(CaFileError::Empty);
     }
     Ok(certs)
 }
 
 impl Upstream {
     /// Builds the upstream at `position` in the config file.
-    pub fn new(config: &UpstreamConfig, position: usize) -> Result<Self, String> {
+    pub fn new(config: &UpstreamConfig, position: usize) -> Result<Self, ClientError> {
         let realm_hosts: Vec<String> = config
             .realm_hosts
             .iter()
             .map(|h| h.to_ascii_lowercase())
             .collect();
         let extra_roots = match &config.ca_file {
-            Some(path) => read_ca_file(path).map_err(|e| {
-                format!(
-                    "upstream `{}`: ca_file {}: {e}",
-                    config.name,
-                    path.display()
-                )
+            Some(path) => read_ca_file(path).map_err(|source| ClientError::CaFile {
+                name: config.name.clone(),
+                path: path.clone(),
+                source,
             })?,
             None => Vec::new(),
         };
@@ -113,15 +157,20 @@ impl Upstream {
                 .user_agent(concat!("oci-upstream/", env!("CARGO_PKG_VERSION")))
                 .pool_idle_timeout(Duration::from_secs(90));
             let builder = match &config.proxy {
-                Some(proxy) => builder.proxy(
-                    reqwest::Proxy::all(proxy.as_str())
-                        .map_err(|e| format!("upstream `{}`: invalid proxy: {e}", config.name))?,
-                ),
+                Some(proxy) => {
+                    builder.proxy(reqwest::Proxy::all(proxy.as_str()).map_err(|source| {
+                        ClientError::Proxy {
+                            name: config.name.clone(),
+                            source,
+                        }
+                    })?)
+                }
                 None => builder.no_proxy(),
             };
-            builder
-                .build()
-                .map_err(|e| format!("upstream `{}`: cannot build HTTP client: {e}", config.name))
+            builder.build().map_err(|source| ClientError::Client {
+                name: config.name.clone(),
+                source,
+            })
         };
         let http = client(reqwest::redirect::Policy::limited(MAX_REDIRECTS))?;
         let (base, hosts) = (config.url.clone(), realm_hosts.clone());
@@ -340,10 +389,11 @@ fn is_retryable_status(status: StatusCode) -> bool {
     matches!(status.as_u16(), 429 | 502 | 503 | 504)
 }
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn build(url: &str, realm_hosts: &[&str]) -> Upstream {
+    /// An upstream at `url` (Docker Hub's settings otherwise).
+    pub(crate) fn build(url: &str, realm_hosts: &[&str]) -> Upstream {
         let mut config = UpstreamConfig::docker_hub();
         config.url = Url::parse(url).unwrap();
         config.realm_hosts = realm_hosts.iter().map(|s| s.to_string()).collect();
@@ -358,7 +408,7 @@ mod tests {
         }
         let mut config = UpstreamConfig::docker_hub();
         config.ca_file = Some(path);
-        Upstream::new(&config, 0)
+        Upstream::new(&config, 0).map_err(|e| e.to_string())
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! all of them into the request's final [`Error`] when none succeeds.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cache::CacheError;
 use crate::oci::{Digest, Platform};
 
 /// What kind of failure one upstream's answer was. The order of precedence
@@ -203,9 +205,9 @@ pub enum Error {
     /// Content did not match its digest, and no upstream had the right bytes.
     #[error("{0}")]
     DataLoss(Faults),
-    /// The cache failed (disk full, I/O error) while content was fetched.
-    #[error("cache: {0}")]
-    Cache(String),
+    /// The service itself failed (not an upstream, not the caller).
+    #[error(transparent)]
+    Internal(#[from] Internal),
     /// The requested offset is past the end of the blob.
     #[error("offset {offset} is past the end of blob `{digest}` ({size} bytes)")]
     OutOfRange {
@@ -222,6 +224,27 @@ impl Error {
     /// The final error for a single upstream's fault.
     pub(crate) fn from_fault(fault: Fault) -> Self {
         Faults::from(fault).into_error()
+    }
+}
+
+/// A failure inside the service. Its text is short and safe for callers
+/// (no local paths); its source chain, for the log, says what happened.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Internal {
+    /// The cache could not read or write (disk full, I/O error).
+    #[error("the service's cache failed; try again")]
+    Cache(#[source] Arc<CacheError>),
+    /// A download being read ended without a result (a bug).
+    #[error("a download ended without a result")]
+    LostDownload,
+    /// The service stopped the work on its way out.
+    #[error("the service is shutting down")]
+    ShuttingDown,
+}
+
+impl From<CacheError> for Error {
+    fn from(e: CacheError) -> Self {
+        Error::Internal(Internal::Cache(Arc::new(e)))
     }
 }
 

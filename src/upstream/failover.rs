@@ -5,18 +5,20 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use super::EngineCache;
 use super::client::Upstream;
 use super::error::{Error, Fault, FaultKind, Faults};
-use crate::cache::negative::Negative;
+use crate::cache::NegativeKey;
 
 /// Tries `attempt` on each candidate in order and returns the first success
 /// with the upstream that gave it; when all fail, the error their faults add
 /// up to. A "not found" is remembered per (upstream, `key`) for the negative
-/// TTL, and a remembered one skips the upstream.
+/// TTL, and a remembered one skips the upstream. The upstream that answers
+/// is recorded in the current span.
 pub(crate) async fn try_in_order<T, F, Fut>(
-    negative: &Negative,
+    cache: &EngineCache,
     candidates: &[Arc<Upstream>],
-    key: &str,
+    key: &NegativeKey,
     attempt: F,
 ) -> Result<(Arc<Upstream>, T), Error>
 where
@@ -32,7 +34,7 @@ where
             )));
             continue;
         }
-        if negative.contains(upstream.name(), key) {
+        if cache.is_not_found(upstream.name(), key) {
             faults.push(Fault::new(
                 FaultKind::NotFound,
                 format!(
@@ -45,25 +47,29 @@ where
         match attempt(upstream.clone()).await {
             Ok(value) => {
                 upstream.circuit().record_success();
+                tracing::Span::current().record("upstream", upstream.name());
                 return Ok((upstream.clone(), value));
             }
             Err(fault) => {
                 tracing::debug!(upstream = upstream.name(), %fault, "upstream failed; trying the next");
-                if fault.is_upstream_failure() {
-                    upstream.circuit().record_failure();
-                } else {
-                    upstream.circuit().record_success();
-                }
+                record_fault(upstream, &fault);
                 if fault.is_not_found() {
-                    negative.insert(upstream.name(), key);
+                    cache.remember_not_found(upstream.name(), key);
                 }
                 faults.push(fault);
             }
         }
     }
-    let error = faults.into_error();
-    if !matches!(error, Error::NotFound(_)) {
-        tracing::warn!(%error, "no upstream could answer");
+    // Logged once, where the request ends (the gRPC edge).
+    Err(faults.into_error())
+}
+
+/// Counts a fault for the upstream's circuit breaker: a failure when the
+/// upstream could not answer, a success when it answered "no".
+pub(crate) fn record_fault(upstream: &Upstream, fault: &Fault) {
+    if fault.is_upstream_failure() {
+        upstream.circuit().record_failure();
+    } else {
+        upstream.circuit().record_success();
     }
-    Err(error)
 }

@@ -1,8 +1,10 @@
-//! HTTP helpers shared by the operations: bounded body reads, the
-//! `Content-Length` header, and errors described with their sources.
+//! HTTP helpers shared by the operations: bounded body reads and the
+//! `Content-Length` header.
 
 use bytes::{Bytes, BytesMut};
 use reqwest::header::HeaderMap;
+
+pub(crate) use crate::telemetry::describe;
 
 /// Why a bounded body read failed.
 #[derive(Debug)]
@@ -57,19 +59,4 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
         .trim()
         .parse()
         .ok()
-}
-
-/// An error and its sources, on one line.
-pub fn describe(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s = s.to_string();
-        if !text.contains(&s) {
-            text.push_str(": ");
-            text.push_str(&s);
-        }
-        source = std::error::Error::source(source.expect("loop condition holds"));
-    }
-    text
 }

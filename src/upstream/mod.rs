@@ -33,20 +33,24 @@ mod routing;
 mod tags;
 mod token;
 
+use std::future::Future;
 use std::sync::Arc;
 
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
 pub use blob::{BlobInfo, BlobMeta, BlobRange, BlobRequest};
-pub use error::Error;
-#[cfg(test)]
-pub(crate) use error::{Fault, FaultKind, Faults};
 #[cfg(not(test))]
 use error::Fault;
+pub use error::{Error, Internal};
+#[cfg(test)]
+pub(crate) use error::{Fault, FaultKind, Faults};
 pub use manifest::{Manifest, ManifestMeta, ManifestRequest};
 pub use tags::{TagPage, TagsRequest};
 
 use crate::cache::{Cache, CacheError};
 use crate::config::Config;
-use client::Upstream;
+use client::{ClientError, Upstream};
 use routing::Router;
 
 /// The cache as the engine uses it: downloads fail with engine errors.
@@ -91,16 +95,23 @@ pub struct Engine {
     router: Router,
     cache: Arc<EngineCache>,
     limits: Limits,
+    /// Background work: downloads that go on for other callers, tag
+    /// refreshes. Waited for by [`Engine::settle`].
+    tasks: TaskTracker,
+    /// Stops background work that has not reached a result yet.
+    stop: CancellationToken,
 }
 
 /// Why the engine could not be built from a configuration.
 #[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    /// An upstream's HTTP client could not be built.
-    #[error("{0}")]
-    Upstream(String),
-    /// The cache could not be opened.
+#[error(transparent)]
+pub struct BuildError(#[from] BuildFailure);
+
+#[derive(Debug, thiserror::Error)]
+enum BuildFailure {
     #[error(transparent)]
+    Upstream(#[from] ClientError),
+    #[error("cannot open the cache")]
     Cache(#[from] CacheError),
 }
 
@@ -113,20 +124,39 @@ impl Engine {
             .enumerate()
             .map(|(i, u)| Upstream::new(u, i))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(BuildError::Upstream)?;
+            .map_err(BuildFailure::from)?;
         Ok(Self {
             router: Router::new(upstreams),
-            cache: Arc::new(Cache::open(&config.cache)?),
+            cache: Arc::new(Cache::open(&config.cache).map_err(BuildFailure::from)?),
             limits: Limits {
                 max_manifest: usize::try_from(config.max_manifest_size.as_u64())
                     .unwrap_or(usize::MAX),
                 max_tags: config.max_tags,
             },
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
         })
     }
-}
 
-fn cache_error(e: CacheError) -> Error {
-    tracing::error!(error = %e, "cache failure");
-    Error::Cache(e.to_string())
+    /// Runs `work` in the background, tracked for [`Engine::settle`]; it is
+    /// dropped unfinished if the engine stops first.
+    fn spawn_background(&self, work: impl Future<Output = ()> + Send + 'static) {
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = work => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+
+    /// Stops background work and waits for what must finish: downloads
+    /// still receiving bytes are abandoned (their temp files removed), and
+    /// verified downloads on their way into the store land there, so a
+    /// graceful stop does not lose what callers already received.
+    pub async fn settle(&self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
 }

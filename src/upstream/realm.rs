@@ -120,14 +120,7 @@ fn registrable_domain(host: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::UpstreamConfig;
-
-    fn build(url: &str, realm_hosts: &[&str]) -> Upstream {
-        let mut config = UpstreamConfig::docker_hub();
-        config.url = Url::parse(url).unwrap();
-        config.realm_hosts = realm_hosts.iter().map(|s| s.to_string()).collect();
-        Upstream::new(&config, 0).unwrap()
-    }
+    use crate::upstream::client::tests::build;
 
     fn allowed(upstream: &str, realm: &str) -> bool {
         let upstream = build(upstream, &["auth.example.net"]);

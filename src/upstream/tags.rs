@@ -11,6 +11,7 @@ use super::client::Upstream;
 use super::distribution::{fault_from_response, next_link, tags_request};
 use super::failover::try_in_order;
 use super::{Engine, Error, Fault, Source};
+use crate::cache::NegativeKey;
 use crate::oci::{Repository, Tag};
 
 /// Most bytes read for one page of a tag list.
@@ -48,20 +49,18 @@ struct TagList {
 
 impl Engine {
     /// Lists a page of tags.
-    #[tracing::instrument(skip_all, fields(repository = %req.repository))]
+    #[tracing::instrument(skip_all, fields(upstream = tracing::field::Empty))]
     pub async fn fetch_tags(&self, req: TagsRequest) -> Result<TagPage, Error> {
         let repository = &req.repository;
         let candidates = self
             .router
             .candidates(repository, req.upstream.as_deref())?;
-        let key = format!("tags of `{repository}`");
-        let (upstream, mut tags) = try_in_order(
-            &self.cache.negative,
-            &candidates,
-            &key,
-            |upstream| async move { self.list_tags(&upstream, repository).await },
-        )
-        .await?;
+        let key = NegativeKey::Tags(repository.clone());
+        let (upstream, mut tags) =
+            try_in_order(&self.cache, &candidates, &key, |upstream| async move {
+                self.list_tags(&upstream, repository).await
+            })
+            .await?;
         tags.sort_unstable();
         tags.dedup();
         Ok(page(

@@ -4,38 +4,38 @@
 //! others) when a connection breaks or stalls, and commits the file to the
 //! store once the digest passed.
 
-use std::fs::File;
-use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use reqwest::{Method, StatusCode};
-use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::super::client::Upstream;
 use super::super::distribution::{blob_request, fault_from_response};
-use super::super::error::Faults;
+use super::super::error::{Faults, Internal};
+use super::super::failover::record_fault;
 use super::super::http::{content_length, describe};
 use super::super::{EngineCache, Error, Fault};
-use crate::cache::{Download, State};
-use crate::oci::{Digest, Repository, Verifier};
+use crate::cache::{Download, DownloadWriter, Written};
+use crate::oci::{Digest, Repository};
 
-/// Opens the blob on one upstream: the response (headers read, body not yet)
-/// and the blob's size.
+/// Asks one upstream for the blob (`GET`, or `HEAD` to learn whether it
+/// has it): the response (headers read, body not yet) and the blob's size.
 pub(crate) async fn open_blob(
     upstream: &Arc<Upstream>,
+    method: Method,
     repository: &Repository,
     digest: &Digest,
 ) -> Result<(reqwest::Response, u64), Fault> {
-    let request = blob_request(upstream, Method::GET, repository, digest);
+    let request = blob_request(upstream, method.clone(), repository, digest);
     let response = upstream.send(&request).await?;
     if !response.status().is_success() {
         return Err(fault_from_response(upstream, &request.what, response).await);
     }
     let size = content_length(response.headers()).ok_or_else(|| {
         Fault::unavailable(format!(
-            "upstream `{}` sent {} without Content-Length",
+            "upstream `{}` answered {method} for {} without Content-Length",
             upstream.name(),
             request.what
         ))
@@ -43,64 +43,29 @@ pub(crate) async fn open_blob(
     Ok((response, size))
 }
 
-/// The download task: writes the upstream body to the temp file while
-/// hashing it, publishes progress, and commits the file once verified.
+/// The download task: moves the upstream body to the writer, then commits
+/// the file once the digest passed, or fails the download (its readers end
+/// with the error). `stop` abandons a download still receiving bytes.
 pub(crate) async fn fill(
     cache: Arc<EngineCache>,
     download: Arc<Download<Error>>,
+    writer: DownloadWriter,
     response: reqwest::Response,
-    file: File,
     upstream: Arc<Upstream>,
-    source: Resume,
+    resume: Resume,
+    stop: CancellationToken,
 ) {
-    let digest = source.digest.clone();
-    match write_verified(&download, response, file, upstream, &source).await {
-        Ok(file) => {
-            // Readers may send their last bytes now; durability is the
-            // store's business and happens after.
-            download.finish(State::Verified);
-            let store = cache.store.clone();
-            let (path, size, holder) = (
-                download.path.clone(),
-                download.size,
-                download.holder.clone(),
-            );
-            let committed = {
-                let digest = digest.clone();
-                tokio::task::spawn_blocking(move || {
-                    // Durable before it is renamed into the store.
-                    file.sync_data()
-                        .map_err(|e| crate::cache::CacheError::at(&path, e))?;
-                    store.commit(&path, &digest, size, None, holder)
-                })
-                .await
-            };
-            match committed {
-                Ok(Ok(kept)) => tracing::debug!(%digest, kept, "blob verified"),
-                Ok(Err(e)) => {
-                    tracing::warn!(%digest, error = %e, "verified blob not cached");
-                    let _ = std::fs::remove_file(&download.path);
-                }
-                Err(e) => tracing::error!(%digest, error = %e, "cache commit task failed"),
-            }
-            forget(&cache, &download, &digest);
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&download.path);
-            forget(&cache, &download, &digest);
-            download.finish(State::Failed(e));
-        }
-    }
-}
-
-/// Removes a finished download from the in-flight map.
-fn forget(cache: &EngineCache, download: &Arc<Download<Error>>, digest: &Digest) {
-    let mut downloads = cache.downloads.lock().unwrap_or_else(|e| e.into_inner());
-    if downloads
-        .get(digest.as_str())
-        .is_some_and(|d| Arc::ptr_eq(d, download))
-    {
-        downloads.remove(digest.as_str());
+    let digest = &resume.digest;
+    let received = tokio::select! {
+        received = write_verified(&download, writer, response, upstream, &resume) => received,
+        () = stop.cancelled() => Err(Error::from(Internal::ShuttingDown)),
+    };
+    match received {
+        Ok(written) => match cache.commit_download(digest, &download, written).await {
+            Ok(()) => tracing::debug!(%digest, "blob verified and stored"),
+            Err(e) => tracing::warn!(%digest, error = %describe(&e), "verified blob not cached"),
+        },
+        Err(e) => cache.fail_download(digest, &download, e).await,
     }
 }
 
@@ -119,27 +84,26 @@ const RATE_WINDOW: Duration = Duration::from_secs(10);
 /// Resumes (HTTP Range requests) of one download before giving up.
 const MAX_RESUMES: u32 = 3;
 
-/// Writes the blob to `file`, hashing as it goes, resuming with Range
-/// requests (same upstream first, then the others) when a connection breaks
-/// or stalls, and verifies the digest over the whole blob.
+/// Hands the blob to `writer`, which hashes it as it goes, resuming with
+/// Range requests (same upstream first, then the others) when a connection
+/// breaks or stalls, and verifies the digest over the whole blob.
 async fn write_verified(
-    download: &Arc<Download<Error>>,
+    download: &Download<Error>,
+    writer: DownloadWriter,
     mut response: reqwest::Response,
-    file: File,
     mut upstream: Arc<Upstream>,
     resume: &Resume,
-) -> Result<File, Error> {
+) -> Result<Written, Error> {
     let digest = &resume.digest;
     let what = format!("blob `{digest}`");
     let size = download.size;
     let mut body = Body {
-        writer: Writer::start(file, digest.algorithm().verifier(), download.clone()),
+        writer,
         received: 0,
         skip: 0,
     };
     let mut resumes = 0;
     let integrity = |upstream: &Upstream, detail: String| {
-        tracing::warn!(upstream = upstream.name(), %digest, %detail, "blob failed verification");
         Error::from_fault(Fault::integrity(format!(
             "upstream `{}` sent {what} with {detail}",
             upstream.name()
@@ -177,7 +141,7 @@ async fn write_verified(
             }
         }
     }
-    let (file, verifier) = body.writer.finish().await?;
+    let (written, verifier) = body.writer.finish().await?;
     let computed = verifier.finish();
     if computed != *digest {
         return Err(integrity(
@@ -185,12 +149,12 @@ async fn write_verified(
             format!("bytes that hash to {computed}"),
         ));
     }
-    Ok(file)
+    Ok(written)
 }
 
 /// The running state of a download across connections.
 struct Body {
-    writer: Writer,
+    writer: DownloadWriter,
     /// Bytes of the blob handed to the writer.
     received: u64,
     /// Leading bytes of the current response to drop (a resume answered
@@ -270,70 +234,6 @@ impl Body {
     }
 }
 
-/// Batches the writer may hold before the reading side waits.
-const WRITER_DEPTH: usize = 4;
-
-/// Hashes and writes a download on a blocking thread, so the socket keeps
-/// being read while earlier bytes are hashed and written. Each batch is
-/// published to readers (kept in [`Download`]'s recent batches) before it
-/// is hashed and written: a reader only needs the bytes, and the digest
-/// check guards the last message, not the first ones. Batches are written
-/// in order, so a byte too old to be among the recent batches is in the
-/// file.
-pub(crate) struct Writer {
-    batches: mpsc::Sender<Vec<Bytes>>,
-    done: tokio::task::JoinHandle<std::io::Result<(File, Verifier)>>,
-}
-
-impl Writer {
-    fn start(mut file: File, mut verifier: Verifier, download: Arc<Download<Error>>) -> Self {
-        let (batches, mut rx) = mpsc::channel::<Vec<Bytes>>(WRITER_DEPTH);
-        let done = tokio::task::spawn_blocking(move || {
-            let mut offset = 0;
-            while let Some(batch) = rx.blocking_recv() {
-                let bytes = contiguous(batch);
-                let len = bytes.len() as u64;
-                download.append(offset, bytes.clone());
-                offset += len;
-                verifier.update(&bytes);
-                file.write_all(&bytes)?;
-            }
-            Ok((file, verifier))
-        });
-        Self { batches, done }
-    }
-
-    /// Hands a batch to the writer (waits while it is [`WRITER_DEPTH`]
-    /// batches behind).
-    async fn write(&mut self, batch: Vec<Bytes>) -> Result<(), Error> {
-        if self.batches.send(batch).await.is_err() {
-            // The writer stopped on an error; report it.
-            return Err(match (&mut self.done).await {
-                Ok(Err(e)) => io_error(e),
-                Ok(Ok(_)) => Error::Cache("the download writer stopped early".to_owned()),
-                Err(e) => Error::Cache(format!("the download writer failed: {e}")),
-            });
-        }
-        Ok(())
-    }
-
-    /// Waits for every batch to be hashed and written; the file and the
-    /// hash of every byte.
-    async fn finish(self) -> Result<(File, Verifier), Error> {
-        let Writer { batches, done } = self;
-        drop(batches);
-        match done.await {
-            Ok(Ok(finished)) => Ok(finished),
-            Ok(Err(e)) => Err(io_error(e)),
-            Err(e) => Err(Error::Cache(format!("the download writer failed: {e}"))),
-        }
-    }
-}
-
-fn io_error(e: std::io::Error) -> Error {
-    Error::Cache(format!("download file: {e}"))
-}
-
 /// Opens the rest of the blob from byte `from`: the same upstream first,
 /// then the route's others. Returns the response and how many leading bytes
 /// to skip (an upstream that ignores Range sends the whole blob).
@@ -378,11 +278,7 @@ async fn reopen(
             },
             Err(fault) => fault,
         };
-        if fault.is_upstream_failure() {
-            upstream.circuit().record_failure();
-        } else {
-            upstream.circuit().record_success();
-        }
+        record_fault(upstream, &fault);
         faults.push(fault);
     }
     Err(faults)
@@ -419,77 +315,5 @@ impl Batch {
     fn take(&mut self) -> Vec<Bytes> {
         self.len = 0;
         std::mem::take(&mut self.chunks)
-    }
-}
-
-/// One buffer for a batch: the chunk itself when there is one, else the
-/// chunks copied together (readers then get whole messages from memory).
-fn contiguous(mut batch: Vec<Bytes>) -> Bytes {
-    if batch.len() == 1 {
-        return batch.pop().unwrap_or_default();
-    }
-    let mut joined = BytesMut::with_capacity(batch.iter().map(Bytes::len).sum());
-    for chunk in &batch {
-        joined.extend_from_slice(chunk);
-    }
-    joined.freeze()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::super::CHANNEL_DEPTH;
-    use super::super::reader::read_range;
-    use super::*;
-
-    /// The writer publishes each batch before writing it; a reader that falls
-    /// far behind (here: its caller reads nothing until the download is
-    /// over, so the recent batches in memory have long moved on) must find
-    /// every older byte in the file, and the hash must cover every byte.
-    #[tokio::test]
-    async fn a_reader_far_behind_the_writer_gets_every_byte_from_memory_or_file() {
-        const BATCH: usize = 64 * 1024;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("download");
-        let data: Vec<u8> = (0..40 * BATCH as u32 + 123)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-            .collect();
-        let mut expected = crate::oci::Algorithm::Sha256.verifier();
-        expected.update(&data);
-        let holder = crate::cache::Holder {
-            upstream: "a".into(),
-            repository: "r".into(),
-        };
-        let download = Arc::new(Download::new(path.clone(), data.len() as u64, holder));
-        let mut writer = Writer::start(
-            File::create(&path).unwrap(),
-            crate::oci::Algorithm::Sha256.verifier(),
-            download.clone(),
-        );
-        let (tx, mut rx) = mpsc::channel(CHANNEL_DEPTH);
-        let reader = tokio::spawn(read_range(
-            File::open(&path).unwrap(),
-            download.subscribe(),
-            Some(download.clone()),
-            0,
-            data.len() as u64,
-            tx,
-        ));
-        for batch in data.chunks(BATCH) {
-            writer
-                .write(vec![Bytes::copy_from_slice(batch)])
-                .await
-                .unwrap();
-        }
-        let (_file, verifier) = writer.finish().await.unwrap();
-        assert_eq!(verifier.finish(), expected.finish());
-        download.finish(State::Verified);
-        let mut received = Vec::with_capacity(data.len());
-        while let Some(chunk) = rx.recv().await {
-            let chunk = chunk.unwrap();
-            assert_eq!(chunk.offset, received.len() as u64);
-            received.extend_from_slice(&chunk.data);
-        }
-        reader.await.unwrap();
-        assert!(received == data, "the reader got other bytes than written");
     }
 }

@@ -16,9 +16,7 @@
 mod download;
 mod reader;
 
-use std::fs::File;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use reqwest::Method;
@@ -26,13 +24,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::client::Upstream;
-use super::distribution::{blob_request, fault_from_response};
 use super::failover::try_in_order;
-use super::http::content_length;
 use super::routing::{holder_for, known_holder};
-use super::{Engine, Error, Fault, Source, cache_error};
-use crate::cache::download::complete;
-use crate::cache::{Download, Progress, State};
+use super::{Engine, Error, Source};
+use crate::cache::{Download, LockKey, NegativeKey, Progress, Reader, complete};
 use crate::oci::{Digest, Repository};
 use download::{Resume, fill, open_blob};
 use reader::read_range;
@@ -106,28 +101,45 @@ pub struct BlobMeta {
     pub source: Source,
 }
 
-/// Where a caller's bytes come from.
-enum Origin {
-    /// A committed object in the store.
-    Stored {
-        file: File,
-        size: u64,
-        upstream: String,
-    },
-    /// A download in flight (started by this caller or joined).
-    Download {
-        file: File,
-        download: Arc<Download<Error>>,
-        progress: watch::Receiver<Progress<Error>>,
-        upstream: String,
-    },
+/// Where a caller's bytes come from: a committed object, or a download in
+/// flight (started by this caller or joined), with its progress.
+struct Origin {
+    reader: Reader<Error>,
+    size: u64,
+    progress: watch::Receiver<Progress<Error>>,
+    upstream: String,
+    /// True when the bytes are local already (a committed object, or a
+    /// verified download on its way into the store).
+    cache_hit: bool,
+}
+
+impl Origin {
+    fn stored(reader: Reader<Error>, size: u64, upstream: &str) -> Self {
+        Self {
+            reader,
+            size,
+            progress: complete(size),
+            upstream: upstream.to_owned(),
+            cache_hit: true,
+        }
+    }
+
+    fn following(reader: Reader<Error>, download: &Download<Error>, upstream: &str) -> Self {
+        Self {
+            reader,
+            size: download.size,
+            progress: download.subscribe(),
+            upstream: upstream.to_owned(),
+            cache_hit: download.is_verified(),
+        }
+    }
 }
 
 impl Engine {
     /// Starts streaming a blob (or a range of it): from the cache when this
     /// route is known to hold it, else from the first upstream that has it
     /// (joining a download of the same blob already under way).
-    #[tracing::instrument(skip_all, fields(repository = %req.repository, digest = %req.digest))]
+    #[tracing::instrument(skip_all, fields(upstream = tracing::field::Empty))]
     pub async fn fetch_blob(&self, req: BlobRequest) -> Result<BlobStream, Error> {
         let candidates = self
             .router
@@ -135,28 +147,7 @@ impl Engine {
         let origin = self
             .blob_origin(&candidates, &req.repository, &req.digest)
             .await?;
-        let (file, size, progress, download, source) = match origin {
-            Origin::Stored {
-                file,
-                size,
-                upstream,
-            } => (file, size, complete(size), None, Source::cached(&upstream)),
-            Origin::Download {
-                file,
-                download,
-                progress,
-                upstream,
-            } => {
-                // A download that already passed its digest is being synced
-                // into the store: its bytes are local, so this is a hit.
-                let cache_hit = matches!(progress.borrow().state, State::Verified);
-                let source = Source {
-                    upstream,
-                    cache_hit,
-                };
-                (file, download.size, progress, Some(download), source)
-            }
-        };
+        let size = origin.size;
         let BlobRange { offset, length } = req.range;
         if offset > size {
             return Err(Error::OutOfRange {
@@ -166,9 +157,13 @@ impl Engine {
             });
         }
         let end = length.map_or(size, |len| offset.saturating_add(len).min(size));
+        let source = Source {
+            upstream: origin.upstream,
+            cache_hit: origin.cache_hit,
+        };
         tracing::debug!(cache_hit = source.cache_hit, upstream = %source.upstream, size, "streaming blob");
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-        tokio::spawn(read_range(file, progress, download, offset, end, tx));
+        tokio::spawn(read_range(origin.reader, origin.progress, offset, end, tx));
         Ok(BlobStream {
             info: BlobInfo {
                 digest: req.digest,
@@ -182,7 +177,7 @@ impl Engine {
     /// Tells whether a blob exists, from the cache when this route is known
     /// to hold it. `Ok(None)` only when every eligible upstream answered "not
     /// found".
-    #[tracing::instrument(skip_all, fields(repository = %repository, digest = %digest))]
+    #[tracing::instrument(skip_all, fields(upstream = tracing::field::Empty))]
     pub async fn head_blob(
         &self,
         repository: &Repository,
@@ -190,35 +185,28 @@ impl Engine {
         upstream: Option<&str>,
     ) -> Result<Option<BlobMeta>, Error> {
         let candidates = self.router.candidates(repository, upstream)?;
-        if let Some(object) = self.cache.store.lookup(digest) {
-            if let Some(upstream) = known_holder(&candidates, repository, &object.holders) {
-                return Ok(Some(BlobMeta {
-                    digest: digest.clone(),
-                    size: object.size,
-                    source: Source::cached(upstream.name()),
-                }));
+        let cached = |size, holder: &Upstream| BlobMeta {
+            digest: digest.clone(),
+            size,
+            source: Source::cached(holder.name()),
+        };
+        if let Some(object) = self.cache.object(digest) {
+            if let Some(holder) = known_holder(&candidates, repository, &object.holders) {
+                return Ok(Some(cached(object.size, holder)));
             }
         }
         // Verified and on its way into the store.
-        if let Some(download) = self.in_flight(digest) {
-            let verified = matches!(download.subscribe().borrow().state, State::Verified);
-            let holder = std::slice::from_ref(&download.holder);
-            if let Some(upstream) =
-                known_holder(&candidates, repository, holder).filter(|_| verified)
-            {
-                return Ok(Some(BlobMeta {
-                    digest: digest.clone(),
-                    size: download.size,
-                    source: Source::cached(upstream.name()),
-                }));
+        if let Some(download) = self.cache.download(digest).filter(|d| d.is_verified()) {
+            let holders = std::slice::from_ref(&download.holder);
+            if let Some(holder) = known_holder(&candidates, repository, holders) {
+                return Ok(Some(cached(download.size, holder)));
             }
         }
         match self.head_blob_in(&candidates, repository, digest).await {
             Ok((upstream, meta)) => {
                 self.cache
-                    .store
                     .add_holder(digest, holder_for(&upstream, repository))
-                    .map_err(cache_error)?;
+                    .await?;
                 Ok(Some(meta))
             }
             Err(Error::NotFound(_)) => Ok(None),
@@ -232,31 +220,15 @@ impl Engine {
         repository: &Repository,
         digest: &Digest,
     ) -> Result<(Arc<Upstream>, BlobMeta), Error> {
-        let key = format!("blob `{repository}@{digest}`");
-        try_in_order(
-            &self.cache.negative,
-            candidates,
-            &key,
-            |upstream| async move {
-                let request = blob_request(&upstream, Method::HEAD, repository, digest);
-                let response = upstream.send(&request).await?;
-                if !response.status().is_success() {
-                    return Err(fault_from_response(&upstream, &request.what, response).await);
-                }
-                let size = content_length(response.headers()).ok_or_else(|| {
-                    Fault::unavailable(format!(
-                        "upstream `{}` answered HEAD for {} without Content-Length",
-                        upstream.name(),
-                        request.what
-                    ))
-                })?;
-                Ok(BlobMeta {
-                    digest: digest.clone(),
-                    size,
-                    source: Source::fetched(&upstream),
-                })
-            },
-        )
+        let key = NegativeKey::Blob(repository.clone(), digest.clone());
+        try_in_order(&self.cache, candidates, &key, |upstream| async move {
+            let (_, size) = open_blob(&upstream, Method::HEAD, repository, digest).await?;
+            Ok(BlobMeta {
+                digest: digest.clone(),
+                size,
+                source: Source::fetched(&upstream),
+            })
+        })
         .await
     }
 
@@ -267,66 +239,24 @@ impl Engine {
         repository: &Repository,
         digest: &Digest,
     ) -> Option<Origin> {
-        if let Some(object) = self.cache.store.lookup(digest) {
-            if let Some(upstream) = known_holder(candidates, repository, &object.holders) {
-                if let Ok(file) = File::open(&object.path) {
-                    return Some(Origin::Stored {
-                        file,
-                        size: object.size,
-                        upstream: upstream.name().to_owned(),
-                    });
-                }
+        if let Some((object, reader)) = self.cache.open_object(digest) {
+            if let Some(holder) = known_holder(candidates, repository, &object.holders) {
+                return Some(Origin::stored(reader, object.size, holder.name()));
             }
         }
-        let download = self.in_flight(digest)?;
-        let upstream = known_holder(
+        let download = self.cache.download(digest)?;
+        let holder = known_holder(
             candidates,
             repository,
             std::slice::from_ref(&download.holder),
         )?;
-        let upstream = upstream.name().to_owned();
-        self.join(download, upstream)
+        self.join(&download, holder.name())
     }
 
-    /// Waits until no verified download is still on its way into the store,
-    /// so a graceful stop does not lose what callers already received.
-    /// Downloads still receiving bytes are not waited for.
-    pub async fn settle(&self) {
-        loop {
-            let committing = self
-                .cache
-                .downloads
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .values()
-                .any(|d| matches!(d.subscribe().borrow().state, State::Verified));
-            if !committing {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn in_flight(&self, digest: &Digest) -> Option<Arc<Download<Error>>> {
-        let downloads = self
-            .cache
-            .downloads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        downloads.get(digest.as_str()).cloned()
-    }
-
-    /// Opens a download's file for reading. If the download already finished
-    /// and was committed, the store's copy is read instead.
-    fn join(&self, download: Arc<Download<Error>>, upstream: String) -> Option<Origin> {
-        let progress = download.subscribe();
-        let file = File::open(&download.path).ok()?;
-        Some(Origin::Download {
-            file,
-            download,
-            progress,
-            upstream,
-        })
+    /// Reads a download's bytes as they arrive.
+    fn join(&self, download: &Arc<Download<Error>>, upstream: &str) -> Option<Origin> {
+        let reader = self.cache.join(download).ok()?;
+        Some(Origin::following(reader, download, upstream))
     }
 
     async fn blob_origin(
@@ -340,66 +270,56 @@ impl Engine {
         }
         // Concurrent misses for one digest wait here for the first caller's
         // download to start, then join it.
-        let _guard = self.cache.locks.lock(&format!("blob {digest}")).await;
+        let _guard = self.cache.lock(&LockKey::Blob(digest.clone())).await;
         if let Some(origin) = self.known_origin(candidates, repository, digest) {
             return Ok(origin);
         }
-        let present = self.cache.store.lookup(digest).is_some() || self.in_flight(digest).is_some();
+        let present = self.cache.object(digest).is_some() || self.cache.download(digest).is_some();
         if present {
             // Cached, but not known to be on this route: an upstream of this
             // route must confirm it has the blob before we serve our copy.
             let (upstream, _) = self.head_blob_in(candidates, repository, digest).await?;
-            let holder = holder_for(&upstream, repository);
             self.cache
-                .store
-                .add_holder(digest, holder)
-                .map_err(cache_error)?;
-            if let Some(object) = self.cache.store.lookup(digest) {
-                if let Ok(file) = File::open(&object.path) {
-                    return Ok(Origin::Stored {
-                        file,
-                        size: object.size,
-                        upstream: upstream.name().to_owned(),
-                    });
-                }
+                .add_holder(digest, holder_for(&upstream, repository))
+                .await?;
+            if let Some((object, reader)) = self.cache.open_object(digest) {
+                return Ok(Origin::stored(reader, object.size, upstream.name()));
             }
             if let Some(origin) = self
-                .in_flight(digest)
-                .and_then(|d| self.join(d, upstream.name().to_owned()))
+                .cache
+                .download(digest)
+                .and_then(|d| self.join(&d, upstream.name()))
             {
                 return Ok(origin);
             }
         }
-        let key = format!("blob `{repository}@{digest}`");
-        let (upstream, (response, size)) = try_in_order(
-            &self.cache.negative,
-            candidates,
-            &key,
-            |upstream| async move { open_blob(&upstream, repository, digest).await },
-        )
-        .await?;
-        let (path, file) = self.cache.store.temp_file().map_err(cache_error)?;
-        let download = Arc::new(Download::new(path, size, holder_for(&upstream, repository)));
-        let origin = self
-            .join(download.clone(), upstream.name().to_owned())
-            .ok_or_else(|| Error::Cache("cannot open the download's temp file".to_owned()))?;
-        self.cache
-            .downloads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(digest.to_string(), download.clone());
-        let source = Resume {
+        let key = NegativeKey::Blob(repository.clone(), digest.clone());
+        let (upstream, (response, size)) =
+            try_in_order(&self.cache, candidates, &key, |upstream| async move {
+                open_blob(&upstream, Method::GET, repository, digest).await
+            })
+            .await?;
+        let (download, writer) = self.cache.start_download(
+            digest,
+            size,
+            holder_for(&upstream, repository),
+            digest.algorithm().verifier(),
+        )?;
+        let reader = self.cache.join(&download)?;
+        let origin = Origin::following(reader, &download, upstream.name());
+        let resume = Resume {
             candidates: candidates.to_vec(),
             repository: repository.clone(),
             digest: digest.clone(),
         };
-        tokio::spawn(fill(
+        self.tasks.spawn(fill(
             self.cache.clone(),
             download,
+            writer,
             response,
-            file,
             upstream,
-            source,
+            resume,
+            self.stop.clone(),
         ));
         Ok(origin)
     }

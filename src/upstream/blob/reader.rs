@@ -1,70 +1,21 @@
 //! A caller's reader task: follows a committed object or a download in
 //! flight and forwards the requested range in messages of at most
 //! [`CHUNK_SIZE`] bytes, holding the last one back until the blob is
-//! verified.
+//! verified, so a caller never holds a complete-looking range of a wrong
+//! blob.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::sync::Arc;
-
-use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
+use super::super::error::Internal;
 use super::{BlobChunk, CHUNK_SIZE};
-use crate::cache::{Download, Progress, State};
+use crate::cache::{Progress, Reader, State};
 use crate::upstream::Error;
 
-/// Reads up to `len` bytes at `offset`, handing the file back: straight from
-/// the page cache when the bytes are there (no thread hop, the common case
-/// for a warm blob), else on the blocking pool.
-pub(crate) async fn read_at(file: File, offset: u64, len: usize) -> Result<(File, Bytes), Error> {
-    if let Some(cached) = read_cached(&file, offset, len) {
-        return Ok((file, cached));
-    }
-    tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0; len];
-        file.read_exact_at(&mut buf, offset)
-            .map(|()| (file, Bytes::from(buf)))
-    })
-    .await
-    .map_err(|e| Error::Cache(e.to_string()))?
-    .map_err(|e| Error::Cache(format!("cannot read a cached blob: {e}")))
-}
-
-/// The bytes at `offset` that are in the page cache, up to `len`, read
-/// without blocking (`preadv2` with `RWF_NOWAIT`); `None` when the first of
-/// them is not (or the kernel cannot tell), so the caller reads on a thread
-/// that may block.
-#[cfg(target_os = "linux")]
-fn read_cached(file: &File, offset: u64, len: usize) -> Option<Bytes> {
-    use rustix::io::{ReadWriteFlags, preadv2};
-    let mut buf = vec![0; len];
-    let read = preadv2(
-        file,
-        &mut [std::io::IoSliceMut::new(&mut buf)],
-        offset,
-        ReadWriteFlags::NOWAIT,
-    );
-    match read {
-        Ok(n) if n > 0 => {
-            buf.truncate(n);
-            Some(Bytes::from(buf))
-        }
-        _ => None,
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn read_cached(_file: &File, _offset: u64, _len: usize) -> Option<Bytes> {
-    None
-}
-
-/// A reader task: follows `progress` and forwards bytes `[start, end)` of
-/// `file`, holding the last message back until the blob is verified.
+/// A reader task: follows `progress` and forwards bytes `[start, end)` from
+/// `reader`, holding the last message back until the blob is verified.
 pub(crate) async fn read_range(
-    mut file: File,
+    mut reader: Reader<Error>,
     mut progress: watch::Receiver<Progress<Error>>,
-    download: Option<Arc<Download<Error>>>,
     start: u64,
     end: u64,
     tx: mpsc::Sender<Result<BlobChunk, Error>>,
@@ -86,18 +37,11 @@ pub(crate) async fn read_range(
             let len = usize::try_from(available - position)
                 .unwrap_or(CHUNK_SIZE)
                 .min(CHUNK_SIZE);
-            let data = match download.as_ref().and_then(|d| d.recent(position, len)) {
-                Some(data) => data,
-                None => {
-                    let data;
-                    (file, data) = match read_at(file, position, len).await {
-                        Ok(read) => read,
-                        Err(e) => {
-                            let _ = tx.send(Err(e)).await;
-                            return;
-                        }
-                    };
-                    data
+            let data = match reader.read(position, len).await {
+                Ok(data) => data,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
                 }
             };
             let len = data.len();
@@ -116,8 +60,7 @@ pub(crate) async fn read_range(
             break;
         }
         if closed {
-            let error = Error::Cache("a download ended without a result".to_owned());
-            let _ = tx.send(Err(error)).await;
+            let _ = tx.send(Err(Internal::LostDownload.into())).await;
             return;
         }
         if progress.changed().await.is_err() {
@@ -133,32 +76,69 @@ pub(crate) async fn read_range(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use crate::cache::{Cache, Holder};
+    use crate::config::CacheConfig;
+    use crate::oci::Algorithm;
+    use bytes::Bytes;
 
+    /// The writer publishes each batch before writing it; a reader that falls
+    /// far behind (here: its caller reads nothing until the download is
+    /// over, so the recent batches in memory have long moved on) must find
+    /// every older byte in the file, and the hash must cover every byte.
     #[tokio::test]
-    async fn read_at_returns_the_bytes_at_the_offset_from_cache_or_disk() {
-        let mut file = tempfile::tempfile().unwrap();
-        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        file.write_all(&data).unwrap();
-        // Just written, so in the page cache: read without a thread hop.
-        #[cfg(target_os = "linux")]
-        assert_eq!(
-            read_cached(&file, 1000, 5000).as_deref(),
-            Some(&data[1000..6000])
-        );
-        let mut position = 7;
-        while position < data.len() {
-            let read;
-            (file, read) = read_at(file, position as u64, CHUNK_SIZE.min(data.len() - position))
+    async fn a_reader_far_behind_the_writer_gets_every_byte_from_memory_or_file() {
+        const BATCH: usize = 64 * 1024;
+        let dir = tempfile::tempdir().unwrap();
+        let cache: Cache<Error> = Cache::open(&CacheConfig {
+            dir: dir.path().to_owned(),
+            ..CacheConfig::default()
+        })
+        .unwrap();
+        let data: Vec<u8> = (0..40 * BATCH as u32 + 123)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let digest = Algorithm::Sha256.digest(&data);
+        let holder = Holder {
+            upstream: "a".into(),
+            repository: "r".into(),
+        };
+        let (download, mut writer) = cache
+            .start_download(
+                &digest,
+                data.len() as u64,
+                holder,
+                digest.algorithm().verifier(),
+            )
+            .unwrap();
+        let (tx, mut rx) = mpsc::channel(2);
+        let reader = tokio::spawn(read_range(
+            cache.join(&download).unwrap(),
+            download.subscribe(),
+            0,
+            data.len() as u64,
+            tx,
+        ));
+        for batch in data.chunks(BATCH) {
+            writer
+                .write(vec![Bytes::copy_from_slice(batch)])
                 .await
                 .unwrap();
-            assert!(!read.is_empty());
-            assert_eq!(read[..], data[position..position + read.len()]);
-            position += read.len();
         }
-        assert!(
-            read_cached(&file, data.len() as u64, 10).is_none(),
-            "at the end"
-        );
+        let (written, verifier) = writer.finish().await.unwrap();
+        assert_eq!(verifier.finish(), digest);
+        cache
+            .commit_download(&digest, &download, written)
+            .await
+            .unwrap();
+        let mut received = Vec::with_capacity(data.len());
+        while let Some(chunk) = rx.recv().await {
+            let chunk = chunk.unwrap();
+            assert_eq!(chunk.offset, received.len() as u64);
+            received.extend_from_slice(&chunk.data);
+        }
+        reader.await.unwrap();
+        assert!(received == data, "the reader got other bytes than written");
+        assert!(cache.object(&digest).is_some(), "committed to the store");
+        assert!(cache.download(&digest).is_none(), "no longer in flight");
     }
 }

@@ -6,6 +6,7 @@
 //! `stale_if_error` old; older ones are fetched before answering.
 
 mod fetch;
+mod tag;
 
 use std::sync::Arc;
 
@@ -15,11 +16,12 @@ use super::client::Upstream;
 use super::distribution::{display_ref, media_types_or_default};
 use super::failover::try_in_order;
 use super::routing::{holder_for, known_holder};
-use super::{Engine, EngineCache, Error, Fault, Limits, Source, cache_error};
-use crate::cache::TagEntry;
+use super::{Engine, EngineCache, Error, Fault, Source};
+use crate::cache::{Freshness, LockKey, NegativeKey, TagKey};
 use crate::oci::manifest::select_platform;
-use crate::oci::{Digest, MediaType, Platform, Reference, Repository, Tag};
+use crate::oci::{Digest, MediaType, Platform, Reference, Repository};
 use fetch::{get_manifest, head_manifest_at};
+use tag::TagRefresh;
 
 /// A request for a manifest.
 #[derive(Debug, Clone)]
@@ -73,19 +75,10 @@ impl From<Manifest> for ManifestMeta {
     }
 }
 
-/// How fresh a tag entry is.
-enum Freshness {
-    Fresh,
-    /// Servable while a refresh runs.
-    Stale,
-    /// Older than `stale_if_error`: never served.
-    Expired,
-}
-
 impl Engine {
     /// Fetches a manifest; with a platform, resolves an index to that
     /// platform's manifest (fetched from the upstream that served the index).
-    #[tracing::instrument(skip_all, fields(repository = %req.repository, reference = %req.reference))]
+    #[tracing::instrument(skip_all, fields(upstream = tracing::field::Empty))]
     pub async fn fetch_manifest(&self, req: ManifestRequest) -> Result<Manifest, Error> {
         let candidates = self
             .router
@@ -97,8 +90,17 @@ impl Engine {
                     .await?
             }
             Reference::Tag(tag) => {
-                self.manifest_by_tag(&candidates, &req, tag, &accept)
-                    .await?
+                let key = TagKey::new(&req.repository, tag, req.upstream.as_deref(), &accept);
+                let refresh = TagRefresh {
+                    cache: self.cache.clone(),
+                    limits: self.limits,
+                    candidates: candidates.clone(),
+                    repository: req.repository.clone(),
+                    tag: tag.clone(),
+                    accept: accept.clone(),
+                    key,
+                };
+                self.manifest_by_tag(refresh).await?
             }
         };
         let Some(platform) = &req.platform else {
@@ -133,7 +135,7 @@ impl Engine {
 
     /// Tells whether a manifest exists, from the cache when it can. `Ok(None)`
     /// only when every eligible upstream answered "not found".
-    #[tracing::instrument(skip_all, fields(repository = %req.repository, reference = %req.reference))]
+    #[tracing::instrument(skip_all, fields(upstream = tracing::field::Empty))]
     pub async fn head_manifest(&self, req: ManifestRequest) -> Result<Option<ManifestMeta>, Error> {
         let candidates = self
             .router
@@ -150,15 +152,13 @@ impl Engine {
                 }
             }
             Reference::Tag(tag) => {
-                let key = tag_key(&req.repository, tag, req.upstream.as_deref(), &accept);
-                if let Some((entry, digest, freshness)) = self.tag_entry(&key, &candidates) {
-                    let meta = self.cache.store.lookup(&digest).and_then(|object| {
-                        Some(ManifestMeta {
-                            media_type: MediaType::parse(&entry.media_type).ok()?,
-                            digest,
-                            size: object.size,
-                            source: Source::cached(&entry.upstream),
-                        })
+                let key = TagKey::new(&req.repository, tag, req.upstream.as_deref(), &accept);
+                if let Some((entry, freshness)) = tag::entry(&self.cache, &key, &candidates) {
+                    let meta = self.cache.object(&entry.digest).map(|object| ManifestMeta {
+                        media_type: entry.media_type.clone(),
+                        digest: entry.digest.clone(),
+                        size: object.size,
+                        source: Source::cached(&entry.upstream),
                     });
                     match freshness {
                         Freshness::Fresh if meta.is_some() => return Ok(meta),
@@ -168,19 +168,11 @@ impl Engine {
                 }
             }
         }
-        let key = format!(
-            "manifest `{}`",
-            display_ref(&req.repository, &req.reference)
-        );
+        let key = NegativeKey::Manifest(req.repository.clone(), req.reference.clone());
         let (repository, reference, accept) = (&req.repository, &req.reference, &accept[..]);
-        let found = try_in_order(
-            &self.cache.negative,
-            &candidates,
-            &key,
-            |upstream| async move {
-                head_manifest_at(&upstream, self.limits, repository, reference, accept).await
-            },
-        )
+        let found = try_in_order(&self.cache, &candidates, &key, |upstream| async move {
+            head_manifest_at(&upstream, self.limits, repository, reference, accept).await
+        })
         .await;
         match found {
             Ok((_, meta)) => Ok(Some(meta)),
@@ -202,9 +194,9 @@ impl Engine {
         repository: &Repository,
         digest: &Digest,
     ) -> Option<Manifest> {
-        let object = self.cache.store.lookup(digest)?;
-        let upstream = known_holder(candidates, repository, &object.holders)?;
-        read_stored(&self.cache, digest, upstream.name()).await
+        let object = self.cache.object(digest)?;
+        let holder = known_holder(candidates, repository, &object.holders)?;
+        read_stored(&self.cache, digest, holder.name()).await
     }
 
     async fn manifest_by_digest(
@@ -217,184 +209,64 @@ impl Engine {
         if let Some(m) = self.cached_manifest(candidates, repository, digest).await {
             return Ok(m);
         }
-        let _guard = self.cache.locks.lock(&format!("manifest {digest}")).await;
+        let _guard = self.cache.lock(&LockKey::Manifest(digest.clone())).await;
         if let Some(m) = self.cached_manifest(candidates, repository, digest).await {
             return Ok(m);
         }
         let reference = Reference::Digest(digest.clone());
-        let key = format!("manifest `{}`", display_ref(repository, &reference));
-        if self.cache.store.lookup(digest).is_some() {
+        let key = NegativeKey::Manifest(repository.clone(), reference.clone());
+        let reference = &reference;
+        if self.cache.object(digest).is_some() {
             // Cached, but not known to be on this route: confirm first.
-            let reference = &reference;
-            let (upstream, _) = try_in_order(
-                &self.cache.negative,
-                candidates,
-                &key,
-                |upstream| async move {
+            let (upstream, _) =
+                try_in_order(&self.cache, candidates, &key, |upstream| async move {
                     head_manifest_at(&upstream, self.limits, repository, reference, accept).await
-                },
-            )
-            .await?;
+                })
+                .await?;
             self.cache
-                .store
                 .add_holder(digest, holder_for(&upstream, repository))
-                .map_err(cache_error)?;
+                .await?;
             if let Some(m) = read_stored(&self.cache, digest, upstream.name()).await {
                 return Ok(m);
             }
         }
-        let reference = &reference;
-        let (upstream, manifest) = try_in_order(
-            &self.cache.negative,
-            candidates,
-            &key,
-            |upstream| async move {
+        let (upstream, manifest) =
+            try_in_order(&self.cache, candidates, &key, |upstream| async move {
                 get_manifest(&upstream, self.limits, repository, reference, accept).await
-            },
-        )
-        .await?;
+            })
+            .await?;
         store_manifest(&self.cache, &manifest, &upstream, repository).await;
         Ok(manifest)
     }
 
-    async fn manifest_by_tag(
-        &self,
-        candidates: &[Arc<Upstream>],
-        req: &ManifestRequest,
-        tag: &Tag,
-        accept: &[MediaType],
-    ) -> Result<Manifest, Error> {
-        let key = tag_key(&req.repository, tag, req.upstream.as_deref(), accept);
-        let refresh = TagRefresh {
-            cache: self.cache.clone(),
-            limits: self.limits,
-            candidates: candidates.to_vec(),
-            repository: req.repository.clone(),
-            tag: tag.clone(),
-            accept: accept.to_vec(),
-            key: key.clone(),
-        };
-        if let Some((entry, digest, freshness)) = self.tag_entry(&key, candidates) {
-            let fresh = matches!(freshness, Freshness::Fresh);
-            if !matches!(freshness, Freshness::Expired) {
-                if let Some(m) = read_stored(&self.cache, &digest, &entry.upstream).await {
-                    if !fresh {
-                        refresh.spawn();
+    /// A manifest by tag: a fresh entry as it is; a stale one at once while
+    /// a background refresh asks again; else (or when the stored manifest
+    /// is gone) from the upstreams, one caller per tag at a time.
+    async fn manifest_by_tag(&self, refresh: TagRefresh) -> Result<Manifest, Error> {
+        let candidates = &refresh.candidates;
+        if let Some((entry, freshness)) = tag::entry(&self.cache, &refresh.key, candidates) {
+            if freshness != Freshness::Expired {
+                if let Some(m) = read_stored(&self.cache, &entry.digest, &entry.upstream).await {
+                    if freshness == Freshness::Stale {
+                        self.spawn_background(refresh.in_background());
                     }
                     return Ok(m);
                 }
             }
         }
-        let _guard = self.cache.locks.lock(&key).await;
-        if let Some((entry, digest, Freshness::Fresh)) = self.tag_entry(&key, candidates) {
-            if let Some(m) = read_stored(&self.cache, &digest, &entry.upstream).await {
+        let _guard = self.cache.lock(&LockKey::Tag(refresh.key.clone())).await;
+        if let Some((entry, Freshness::Fresh)) = tag::entry(&self.cache, &refresh.key, candidates) {
+            if let Some(m) = read_stored(&self.cache, &entry.digest, &entry.upstream).await {
                 return Ok(m);
             }
         }
         refresh.run().await
     }
-
-    /// The tag entry for `key`, if it names a digest from one of the
-    /// candidates, with its freshness.
-    fn tag_entry(
-        &self,
-        key: &str,
-        candidates: &[Arc<Upstream>],
-    ) -> Option<(TagEntry, Digest, Freshness)> {
-        let entry = self.cache.tags.get(key)?;
-        let digest = Digest::parse(&entry.digest).ok()?;
-        if !candidates.iter().any(|c| c.name() == entry.upstream) {
-            return None;
-        }
-        let age = entry.age();
-        let freshness = if age < self.cache.config.tag_ttl {
-            Freshness::Fresh
-        } else if age < self.cache.config.stale_if_error {
-            Freshness::Stale
-        } else {
-            Freshness::Expired
-        };
-        Some((entry, digest, freshness))
-    }
-}
-
-/// The cache key of a tag entry: what was asked, of which upstreams, with
-/// which acceptable types (the answer may depend on them).
-fn tag_key(
-    repository: &Repository,
-    tag: &Tag,
-    upstream: Option<&str>,
-    accept: &[MediaType],
-) -> String {
-    let accept: Vec<&str> = accept.iter().map(MediaType::as_str).collect();
-    format!(
-        "{repository}:{tag} upstream={} accept={}",
-        upstream.unwrap_or("*"),
-        accept.join(",")
-    )
-}
-
-/// Everything a tag refresh needs, owned, so it can run in the background.
-struct TagRefresh {
-    cache: Arc<EngineCache>,
-    limits: Limits,
-    candidates: Vec<Arc<Upstream>>,
-    repository: Repository,
-    tag: Tag,
-    accept: Vec<MediaType>,
-    key: String,
-}
-
-impl TagRefresh {
-    /// Asks the upstreams for the tag and records the answer.
-    async fn run(&self) -> Result<Manifest, Error> {
-        let reference = Reference::Tag(self.tag.clone());
-        let key = format!("manifest `{}`", display_ref(&self.repository, &reference));
-        let (reference, repository, accept, limits) =
-            (&reference, &self.repository, &self.accept[..], self.limits);
-        let (upstream, manifest) = try_in_order(
-            &self.cache.negative,
-            &self.candidates,
-            &key,
-            |upstream| async move {
-                get_manifest(&upstream, limits, repository, reference, accept).await
-            },
-        )
-        .await?;
-        if store_manifest(&self.cache, &manifest, &upstream, repository).await {
-            let entry = TagEntry {
-                digest: manifest.digest.to_string(),
-                media_type: manifest.media_type.to_string(),
-                upstream: upstream.name().to_owned(),
-                fetched_at_ms: TagEntry::now_ms(),
-            };
-            if let Err(e) = self.cache.tags.put(&self.key, entry) {
-                tracing::warn!(error = %e, "tag entry not saved");
-            }
-        }
-        Ok(manifest)
-    }
-
-    /// Refreshes in the background, unless a refresh of the tag is running.
-    fn spawn(self) {
-        tokio::spawn(async move {
-            let Some(_guard) = self.cache.locks.try_lock(&self.key) else {
-                return;
-            };
-            match self.run().await {
-                Ok(m) => tracing::debug!(tag = %self.tag, digest = %m.digest, "tag refreshed"),
-                Err(e) => {
-                    tracing::info!(tag = %self.tag, error = %e, "tag refresh failed; serving the stale entry")
-                }
-            }
-        });
-    }
 }
 
 /// Reads a stored manifest; `None` if it is gone (evicted) or unreadable.
 async fn read_stored(cache: &EngineCache, digest: &Digest, upstream: &str) -> Option<Manifest> {
-    let media_type = cache.store.lookup(digest)?.media_type?;
-    let bytes = cache.store.read_small(digest).await?;
+    let (media_type, bytes) = cache.read_manifest(digest).await?;
     Some(Manifest {
         bytes,
         media_type,
@@ -405,28 +277,23 @@ async fn read_stored(cache: &EngineCache, digest: &Digest, upstream: &str) -> Op
 
 /// Stores a verified manifest; false (logged) when the store failed.
 async fn store_manifest(
-    cache: &Arc<EngineCache>,
+    cache: &EngineCache,
     manifest: &Manifest,
     upstream: &Upstream,
     repository: &Repository,
 ) -> bool {
-    let store = cache.store.clone();
-    let (digest, bytes, media_type, holder) = (
-        manifest.digest.clone(),
-        manifest.bytes.clone(),
-        manifest.media_type.clone(),
-        holder_for(upstream, repository),
-    );
-    let result =
-        tokio::task::spawn_blocking(move || store.put(&digest, bytes, &media_type, holder)).await;
-    match result {
-        Ok(Ok(_)) => true,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "manifest not cached");
-            false
-        }
+    let stored = cache
+        .put_manifest(
+            &manifest.digest,
+            manifest.bytes.clone(),
+            &manifest.media_type,
+            holder_for(upstream, repository),
+        )
+        .await;
+    match stored {
+        Ok(()) => true,
         Err(e) => {
-            tracing::error!(error = %e, "cache task failed");
+            tracing::warn!(error = %crate::telemetry::describe(&e), "manifest not cached");
             false
         }
     }

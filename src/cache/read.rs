@@ -1,0 +1,125 @@
+//! Reading an object's bytes: a [`Reader`] of a committed object or of a
+//! download in flight (from its recent batches in memory while the caller
+//! keeps up, else from its file). File reads come straight from the page
+//! cache when the bytes are there (no thread hop: the common case for a warm
+//! blob), else from the blocking pool.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{CacheError, Download};
+
+/// Reads one object's bytes by position.
+pub(crate) struct Reader<E> {
+    file: Arc<File>,
+    download: Option<Arc<Download<E>>>,
+}
+
+impl<E: Clone> Reader<E> {
+    /// A reader of a committed object's file.
+    pub(super) fn stored(file: File) -> Self {
+        Self {
+            file: Arc::new(file),
+            download: None,
+        }
+    }
+
+    /// A reader of a download's temp file and recent batches.
+    pub(super) fn following(file: File, download: Arc<Download<E>>) -> Self {
+        Self {
+            file: Arc::new(file),
+            download: Some(download),
+        }
+    }
+
+    /// Up to `len` bytes at `position`, which the caller knows are
+    /// available (at least one byte comes back).
+    pub(crate) async fn read(&mut self, position: u64, len: usize) -> Result<Bytes, CacheError> {
+        if let Some(recent) = self.download.as_ref().and_then(|d| d.recent(position, len)) {
+            return Ok(recent);
+        }
+        read_at(&self.file, position, len).await
+    }
+}
+
+/// Reads up to `len` bytes at `offset`: from the page cache without a
+/// thread hop when they are there, else on the blocking pool.
+async fn read_at(file: &Arc<File>, offset: u64, len: usize) -> Result<Bytes, CacheError> {
+    if let Some(cached) = read_cached(file, offset, len) {
+        return Ok(cached);
+    }
+    let file = file.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0; len];
+        file.read_exact_at(&mut buf, offset)
+            .map(|()| Bytes::from(buf))
+    })
+    .await
+    .map_err(CacheError::task)?
+    .map_err(CacheError::read)
+}
+
+/// The bytes at `offset` that are in the page cache, up to `len`, read
+/// without blocking (`preadv2` with `RWF_NOWAIT`); `None` when the first of
+/// them is not (or the kernel cannot tell), so the caller reads on a thread
+/// that may block.
+#[cfg(target_os = "linux")]
+fn read_cached(file: &File, offset: u64, len: usize) -> Option<Bytes> {
+    use rustix::io::{ReadWriteFlags, preadv2};
+    let mut buf = vec![0; len];
+    let read = preadv2(
+        file,
+        &mut [std::io::IoSliceMut::new(&mut buf)],
+        offset,
+        ReadWriteFlags::NOWAIT,
+    );
+    match read {
+        Ok(n) if n > 0 => {
+            buf.truncate(n);
+            Some(Bytes::from(buf))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn read_cached(_file: &File, _offset: u64, _len: usize) -> Option<Bytes> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[tokio::test]
+    async fn reads_the_bytes_at_the_offset_from_the_page_cache_or_disk() {
+        let mut file = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        file.write_all(&data).unwrap();
+        // Just written, so in the page cache: read without a thread hop.
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            read_cached(&file, 1000, 5000).as_deref(),
+            Some(&data[1000..6000])
+        );
+        assert!(
+            read_cached(&file, data.len() as u64, 10).is_none(),
+            "at the end"
+        );
+        let mut reader: Reader<()> = Reader::stored(file);
+        let mut position = 7;
+        while position < data.len() {
+            let read = reader
+                .read(position as u64, (128 * 1024).min(data.len() - position))
+                .await
+                .unwrap();
+            assert!(!read.is_empty());
+            assert_eq!(read[..], data[position..position + read.len()]);
+            position += read.len();
+        }
+    }
+}

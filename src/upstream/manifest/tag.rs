@@ -1,0 +1,91 @@
+//! Tags: the usable entry of a tag for a route, and [`TagRefresh`], which
+//! asks the upstreams for a tag and records the answer (in the foreground on
+//! a miss, in the background for a stale entry).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::super::client::Upstream;
+use super::super::failover::try_in_order;
+use super::super::{EngineCache, Error, Limits};
+use super::{Manifest, get_manifest, store_manifest};
+use crate::cache::{Freshness, LockKey, NegativeKey, TagEntry, TagKey};
+use crate::oci::{Digest, MediaType, Reference, Repository, Tag};
+
+/// A tag entry, parsed.
+pub(super) struct TagHit {
+    pub(super) digest: Digest,
+    pub(super) media_type: MediaType,
+    pub(super) upstream: String,
+}
+
+/// The entry for `key` and its freshness now, if it names a manifest from
+/// one of the candidates.
+pub(super) fn entry(
+    cache: &EngineCache,
+    key: &TagKey,
+    candidates: &[Arc<Upstream>],
+) -> Option<(TagHit, Freshness)> {
+    let (entry, freshness) = cache.tag(key, SystemTime::now())?;
+    if !candidates.iter().any(|c| c.name() == entry.upstream) {
+        return None;
+    }
+    let hit = TagHit {
+        digest: Digest::parse(&entry.digest).ok()?,
+        media_type: MediaType::parse(&entry.media_type).ok()?,
+        upstream: entry.upstream,
+    };
+    Some((hit, freshness))
+}
+
+/// Everything a tag refresh needs, owned, so it can run in the background.
+pub(super) struct TagRefresh {
+    pub(super) cache: Arc<EngineCache>,
+    pub(super) limits: Limits,
+    pub(super) candidates: Vec<Arc<Upstream>>,
+    pub(super) repository: Repository,
+    pub(super) tag: Tag,
+    pub(super) accept: Vec<MediaType>,
+    pub(super) key: TagKey,
+}
+
+impl TagRefresh {
+    /// Asks the upstreams for the tag and records the answer.
+    pub(super) async fn run(&self) -> Result<Manifest, Error> {
+        let reference = Reference::Tag(self.tag.clone());
+        let key = NegativeKey::Manifest(self.repository.clone(), reference.clone());
+        let (reference, repository, accept, limits) =
+            (&reference, &self.repository, &self.accept[..], self.limits);
+        let (upstream, manifest) =
+            try_in_order(&self.cache, &self.candidates, &key, |upstream| async move {
+                get_manifest(&upstream, limits, repository, reference, accept).await
+            })
+            .await?;
+        if store_manifest(&self.cache, &manifest, &upstream, repository).await {
+            let entry = TagEntry {
+                digest: manifest.digest.to_string(),
+                media_type: manifest.media_type.to_string(),
+                upstream: upstream.name().to_owned(),
+                fetched_at_ms: TagEntry::millis(SystemTime::now()),
+            };
+            if let Err(e) = self.cache.put_tag(&self.key, entry).await {
+                tracing::warn!(error = %crate::telemetry::describe(&e), "tag entry not saved");
+            }
+        }
+        Ok(manifest)
+    }
+
+    /// The refresh as background work, skipped when a refresh (or a fetch)
+    /// of the tag is already running.
+    pub(super) async fn in_background(self) {
+        let Some(_guard) = self.cache.try_lock(&LockKey::Tag(self.key.clone())) else {
+            return;
+        };
+        match self.run().await {
+            Ok(m) => tracing::debug!(tag = %self.tag, digest = %m.digest, "tag refreshed"),
+            Err(e) => {
+                tracing::info!(tag = %self.tag, error = %e, "tag refresh failed; serving the stale entry")
+            }
+        }
+    }
+}
