@@ -28,6 +28,13 @@ const TOKEN_BODY_LIMIT: usize = 64 * 1024;
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 /// Longest safety margin taken off a token's lifetime.
 const MAX_MARGIN: Duration = Duration::from_secs(30);
+/// Longest a token is kept, whatever its answer says (an `expires_in` of
+/// 2^63 must not overflow a clock, nor keep a token for ever).
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Scopes past which the cache is swept of slots that hold no live token
+/// and nobody waits on: one slot per repository pulled, so it must not grow
+/// with every name callers try.
+const SWEEP_AT: usize = 4096;
 
 #[derive(Debug)]
 struct Cached {
@@ -46,7 +53,26 @@ pub struct TokenCache {
 impl TokenCache {
     async fn slot(&self, scope: &str) -> Slot {
         let mut slots = self.slots.lock().await;
+        if let Some(slot) = slots.get(scope) {
+            return slot.clone();
+        }
+        if slots.len() >= SWEEP_AT {
+            let now = Instant::now();
+            // A slot in use (locked, or held by a caller) stays; an idle one
+            // stays only while its token is live.
+            slots.retain(|_, slot| {
+                Arc::strong_count(slot) > 1
+                    || slot
+                        .try_lock()
+                        .map_or(true, |c| c.as_ref().is_some_and(|c| now < c.expires_at))
+            });
+        }
         slots.entry(scope.to_owned()).or_default().clone()
+    }
+
+    #[cfg(test)]
+    async fn len(&self) -> usize {
+        self.slots.lock().await.len()
     }
 
     /// The cached, unexpired token for `scope`, if any.
@@ -99,13 +125,24 @@ impl TokenCache {
 /// lifetime then counts from now; a token the registry refuses is dropped
 /// and fetched again anyway).
 fn token_lifetime(
-    expires_in: Option<u64>,
+    expires_in: Option<&serde_json::Number>,
     issued_at: Option<&str>,
     now: std::time::SystemTime,
 ) -> Duration {
-    let lifetime = expires_in
-        .filter(|&s| s > 0)
-        .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+    // Seconds as the answer wrote them: a whole number, or a fraction;
+    // zero, negative or unusable means "not said".
+    let seconds = expires_in.and_then(|n| {
+        n.as_u64()
+            .map(Duration::from_secs)
+            .or_else(|| {
+                let f = n.as_f64().filter(|f| *f > 0.0)?;
+                // Too large for a Duration: as long as can be (clamped below).
+                Some(Duration::try_from_secs_f64(f).unwrap_or(Duration::MAX))
+            })
+    });
+    let lifetime = seconds
+        .filter(|d| !d.is_zero())
+        .map_or(DEFAULT_TOKEN_LIFETIME, |d| d.min(MAX_TOKEN_LIFETIME));
     let age = issued_at
         .and_then(|t| humantime::parse_rfc3339(t).ok())
         .and_then(|issued| now.duration_since(issued).ok())
@@ -217,7 +254,7 @@ impl Upstream {
         struct TokenResponse {
             token: Option<String>,
             access_token: Option<String>,
-            expires_in: Option<u64>,
+            expires_in: Option<serde_json::Number>,
             issued_at: Option<String>,
         }
         let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|_| {
@@ -237,7 +274,7 @@ impl Upstream {
                 ))
             })?;
         let lifetime = token_lifetime(
-            parsed.expires_in,
+            parsed.expires_in.as_ref(),
             parsed.issued_at.as_deref(),
             std::time::SystemTime::now(),
         );
@@ -318,25 +355,51 @@ mod tests {
         let secs = Duration::from_secs;
         for (expires_in, issued_at, want) in [
             (None, None, secs(60)),
-            (Some(0), None, secs(60)),
-            (Some(300), None, secs(300)),
-            (Some(300), Some("2026-11-29T09:58:00Z"), secs(180)),
+            (Some("-5"), None, secs(60)),
+            (Some("1.5"), None, Duration::from_millis(1500)),
+            // Clamped: no overflow, no token kept for ever.
+            (Some("9223372036854775808"), None, secs(24 * 3600)),
+            (Some("1e300"), None, secs(24 * 3600)),
+            (Some("0"), None, secs(60)),
+            (Some("300"), None, secs(300)),
+            (Some("300"), Some("2026-11-29T09:58:00Z"), secs(180)),
             (
-                Some(300),
+                Some("300"),
                 Some("2026-11-29T09:59:59.500Z"),
                 Duration::from_millis(299_500),
             ),
             // In the future, or older than the lifetime: clock skew, ignored.
-            (Some(300), Some("2026-11-29T10:01:00Z"), secs(300)),
-            (Some(300), Some("2026-11-29T09:50:00Z"), secs(300)),
+            (Some("300"), Some("2026-11-29T10:01:00Z"), secs(300)),
+            (Some("300"), Some("2026-11-29T09:50:00Z"), secs(300)),
             // Not RFC 3339 in UTC: ignored.
-            (Some(300), Some("yesterday"), secs(300)),
+            (Some("300"), Some("yesterday"), secs(300)),
         ] {
             assert_eq!(
-                token_lifetime(expires_in, issued_at, now),
+                token_lifetime(
+                    expires_in.map(|n| n.parse::<serde_json::Number>().unwrap()).as_ref(),
+                    issued_at,
+                    now
+                ),
                 want,
                 "{expires_in:?} {issued_at:?}"
             );
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_scopes_without_a_live_token_are_swept() {
+        let cache = TokenCache::default();
+        let fetch = || async { Ok::<_, ()>((Secret::new("t"), Duration::from_secs(60))) };
+        for i in 0..SWEEP_AT {
+            cache.get_or_fetch(&format!("s{i}"), fetch).await.unwrap();
+        }
+        // Every token is live: nothing may go.
+        cache.get_or_fetch("one-more", fetch).await.unwrap();
+        assert_eq!(cache.len().await, SWEEP_AT + 1);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        for i in 0..10 * SWEEP_AT {
+            assert!(cache.get(&format!("miss{i}")).await.is_none());
+        }
+        assert!(cache.len().await <= SWEEP_AT, "{} slots", cache.len().await);
     }
 }
