@@ -28,10 +28,7 @@ where
     let mut faults = Faults::default();
     for upstream in candidates {
         if !upstream.circuit().allow() {
-            faults.push(Fault::unavailable(format!(
-                "upstream `{}` is skipped: its circuit is open after repeated failures",
-                upstream.name()
-            )));
+            faults.push(circuit_open(upstream));
             continue;
         }
         if cache.is_not_found(upstream.name(), key) {
@@ -68,8 +65,22 @@ where
 /// upstream could not answer, a success when it answered "no".
 pub(crate) fn record_fault(upstream: &Upstream, fault: &Fault) {
     if fault.is_upstream_failure() {
-        upstream.circuit().record_failure();
+        upstream.circuit().record_failure(&fault.to_string());
     } else {
         upstream.circuit().record_success();
     }
+}
+
+/// The fault of an upstream skipped because its circuit is open, carrying
+/// the failure that opened it.
+pub(crate) fn circuit_open(upstream: &Upstream) -> Fault {
+    let last = upstream
+        .circuit()
+        .last_failure()
+        .map(|why| format!(" (last: {why})"))
+        .unwrap_or_default();
+    Fault::unavailable(format!(
+        "upstream `{}` is skipped: its circuit is open after repeated failures{last}",
+        upstream.name()
+    ))
 }

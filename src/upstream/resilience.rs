@@ -63,6 +63,8 @@ pub struct Circuit {
     threshold: u32,
     cooldown: Duration,
     state: Mutex<CircuitState>,
+    /// The last failure recorded, so a skipped upstream can say why.
+    last_failure: Mutex<Option<String>>,
 }
 
 impl Circuit {
@@ -72,6 +74,7 @@ impl Circuit {
             threshold: threshold.max(1),
             cooldown,
             state: Mutex::new(CircuitState::Closed { failures: 0 }),
+            last_failure: Mutex::new(None),
         }
     }
 
@@ -93,14 +96,23 @@ impl Circuit {
         }
     }
 
+    /// The last failure recorded (what opened an open circuit).
+    pub fn last_failure(&self) -> Option<String> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The upstream answered (any answer that is not its own failure).
     pub fn record_success(&self) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         *state = CircuitState::Closed { failures: 0 };
     }
 
-    /// The upstream failed a request (after its retries).
-    pub fn record_failure(&self) {
+    /// The upstream failed a request (after its retries), as `why` says.
+    pub fn record_failure(&self, why: &str) {
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_owned());
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let open = CircuitState::Open {
             until: Instant::now() + self.cooldown,
@@ -157,15 +169,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn circuit_opens_probes_and_closes() {
         let c = Circuit::new(3, Duration::from_secs(30));
-        c.record_failure();
-        c.record_failure();
+        c.record_failure("failed");
+        c.record_failure("failed");
         assert!(c.allow());
-        c.record_failure();
+        c.record_failure("failed");
         assert!(!c.allow(), "open after 3 failures");
         tokio::time::advance(Duration::from_secs(31)).await;
         assert!(c.allow(), "one probe after the cooldown");
         assert!(!c.allow(), "only one probe at a time");
-        c.record_failure();
+        c.record_failure("failed");
         assert!(!c.allow(), "a failed probe opens it again");
         tokio::time::advance(Duration::from_secs(31)).await;
         assert!(c.allow());
@@ -176,12 +188,22 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_probe_that_never_reports_is_replaced() {
         let c = Circuit::new(1, Duration::from_secs(5));
-        c.record_failure();
+        c.record_failure("failed");
         tokio::time::advance(Duration::from_secs(6)).await;
         assert!(c.allow(), "the probe");
         assert!(!c.allow());
         // The probe's caller went away: no verdict.
         tokio::time::advance(Duration::from_secs(6)).await;
         assert!(c.allow(), "another probe after a further cooldown");
+    }
+
+    #[test]
+    fn an_open_circuit_remembers_what_opened_it() {
+        let c = Circuit::new(2, Duration::from_secs(30));
+        assert_eq!(c.last_failure(), None);
+        c.record_failure("connection refused");
+        c.record_failure("dns error: no such host");
+        assert!(!c.allow());
+        assert_eq!(c.last_failure().as_deref(), Some("dns error: no such host"));
     }
 }

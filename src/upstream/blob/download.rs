@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::super::client::Upstream;
 use super::super::distribution::{blob_request, fault_from_response};
 use super::super::error::{Faults, Internal};
-use super::super::failover::record_fault;
+use super::super::failover::{circuit_open, record_fault};
 use super::super::http::{content_length, describe};
 use super::super::{EngineCache, Error, Fault};
 use crate::cache::{Download, DownloadWriter, Written};
@@ -252,6 +252,7 @@ async fn reopen(
     );
     for upstream in order {
         if !upstream.circuit().allow() {
+            faults.push(circuit_open(upstream));
             continue;
         }
         let mut request = blob_request(upstream, Method::GET, &resume.repository, &resume.digest);
