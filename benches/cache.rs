@@ -12,6 +12,11 @@
 //! Every transfer is checked for its length (and the first warm one for its
 //! sha256) so a broken service cannot post a good figure.
 
+#![allow(
+    clippy::disallowed_types,
+    reason = "benchmarks measure wall-clock time with std::time::Instant"
+)]
+
 #[path = "../tests/common/mod.rs"]
 mod common;
 

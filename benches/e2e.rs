@@ -46,6 +46,11 @@
 //! the tonic client windows `BENCH_H2_STREAM_WINDOW`, `BENCH_H2_CONN_WINDOW`,
 //! `BENCH_H2_ADAPTIVE=1` (applied to the baseline and the service alike).
 
+#![allow(
+    clippy::disallowed_types,
+    reason = "benchmarks measure wall-clock time with std::time::Instant"
+)]
+
 #[path = "../tests/common/mod.rs"]
 mod common;
 

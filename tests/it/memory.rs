@@ -2,7 +2,7 @@
 //! spawned service intact (sha256 checked on arrival) while the service's
 //! peak resident set stays under 64 MiB, so streams do not buffer whole blobs.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

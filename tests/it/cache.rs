@@ -6,7 +6,7 @@
 //! still being streamed, a cached object is only served through a route whose
 //! upstream holds it, and "not found" answers are remembered.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

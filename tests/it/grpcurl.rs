@@ -2,7 +2,7 @@
 //! reflection v1alpha): service listing and description through server
 //! reflection, a FetchManifest call with a JSON request, and health checks.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

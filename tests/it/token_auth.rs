@@ -6,7 +6,7 @@
 //! refresh-token form for a Docker config `identitytoken`, and that no
 //! password or token ever reaches the service's logs.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -8,7 +8,7 @@
 //! come from the trickling upstream in `common/faulty.rs`, paced above the
 //! service's `min_rate` so that only the shutdown can end them early.
 
-mod common;
+use crate::common;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

@@ -15,7 +15,7 @@
 //! stay within a small margin of their level after the warm-up (the first
 //! quarter of the run).
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

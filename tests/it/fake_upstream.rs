@@ -3,7 +3,7 @@
 //! redirects, auth challenges, hostile tag-list links, oversized bodies) and
 //! checks the gRPC answers and what the fakes received.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! file or an environment variable) fetches manifests, blobs and tags; a
 //! wrong or missing password is PERMISSION_DENIED, never NOT_FOUND.
 
-mod common;
+use crate::common;
 
 use common::Service;
 use common::registry::{Image, Registry, upstream_toml};

@@ -6,7 +6,7 @@
 //! background when stale and are served stale when the upstream fails, up to
 //! `stale_if_error`.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

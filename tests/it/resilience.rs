@@ -10,7 +10,7 @@
 //! the configured timeouts. The bounds add [`SLACK`] for a loaded CI
 //! machine; they are limits, never speed claims.
 
-mod common;
+use crate::common;
 
 use std::future::Future;
 use std::net::SocketAddr;

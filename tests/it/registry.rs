@@ -3,7 +3,7 @@
 //! priorities, scope rules (include/exclude globs), NOT_FOUND versus
 //! UNAVAILABLE, and INVALID_ARGUMENT for bad input in every request field.
 
-mod common;
+use crate::common;
 
 use std::fmt::Debug;
 

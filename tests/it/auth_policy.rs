@@ -8,7 +8,7 @@
 //! `169.254.169.254`, `10.0.0.1`) are reached through the upstream's `proxy`,
 //! a recording fake that answers for every host, so "no request" is observable.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
