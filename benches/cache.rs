@@ -22,8 +22,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Service;
-use common::registry::{Registry, upstream_toml};
+use common::Spawned;
+use common::config::{ServiceConfig, Upstream};
+use common::distribution::Distribution;
 use oci_upstream::pb::FetchBlobRequest;
 use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
 use sha2::{Digest as _, Sha256};
@@ -62,10 +63,10 @@ async fn main() {
 }
 
 async fn run(plan: Plan) {
-    let registry = Registry::start();
+    let registry = Distribution::start();
     let blob = registry.push_big_blob(REPO, 0xBE9C, plan.size).await;
     let url = format!("{}/v2/{REPO}/blobs/{}", registry.url(), blob.digest);
-    let config = upstream_toml("registry", &registry.url(), "");
+    let config = ServiceConfig::with(Upstream::new("registry", &registry.url())).toml();
     // Less logging than the test default, which logs every call at debug.
     let env = [("RUST_LOG", "oci_upstream::app=info,warn")];
     let http = reqwest::Client::builder()
@@ -77,7 +78,7 @@ async fn run(plan: Plan) {
     // every measured transfer starts from the same state.
     direct_get(&http, &url, plan.size).await;
 
-    let warm_service = Service::start_with_env(&config, &env);
+    let warm_service = Spawned::start_with_env(&config, &env);
     let mut warm_client = warm_service.client().await;
     let (bytes, digest) = fetch_blob(&mut warm_client, &blob.digest, true).await;
     assert_eq!(bytes, plan.size, "priming FetchBlob length");
@@ -87,7 +88,7 @@ async fn run(plan: Plan) {
     for _ in 0..plan.runs {
         direct.push(direct_get(&http, &url, plan.size).await);
 
-        let cold_service = Service::start_with_env(&config, &env);
+        let cold_service = Spawned::start_with_env(&config, &env);
         let mut client = cold_service.client().await;
         let started = Instant::now();
         let (bytes, _) = fetch_blob(&mut client, &blob.digest, false).await;

@@ -1,4 +1,4 @@
-//! End-to-end benchmark (issue 6): oci-upstream against the alternatives,
+//! End-to-end benchmark: oci-upstream against the alternatives,
 //! measured side by side in one run on one machine.
 //!
 //! It starts a real CNCF Distribution registry as the upstream and fills it
@@ -31,7 +31,7 @@
 //! so its load average is printed at the start and end.
 //! Each figure is the median with min–max over `BENCH_RUNS` runs (default 5),
 //! printed as one table with its ratio to the direct baseline of its group,
-//! followed by the issue's targets, and written as JSON to
+//! followed by the performance targets, and written as JSON to
 //! `target/bench-e2e.json` (or `BENCH_OUT`).
 //!
 //! `cargo bench --bench e2e` runs it in full (several minutes);
@@ -78,8 +78,10 @@ use tonic::transport::Channel;
 
 use bare::BareServer;
 use clients::{H2Settings, Pulled, bounded, grpc_fetch_blob, http_get_blob};
-use common::Service;
-use common::registry::{OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Registry, upstream_toml};
+use common::Spawned;
+use common::config::{ServiceConfig, Upstream};
+use common::content::{Descriptor, OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, manifest_json};
+use common::distribution::Distribution as Seeder;
 use distribution::{Distribution, Mode};
 use report::{Better, Report, Target};
 
@@ -216,7 +218,7 @@ struct BlobSpec {
 struct World {
     upstream: Distribution,
     /// The seeding registry (stopped); keeps the upstream's storage dir.
-    _seeded: Registry,
+    _seeded: Seeder,
     work: tempfile::TempDir,
     blobs: Vec<BlobSpec>,
     manifest_digest: String,
@@ -249,9 +251,9 @@ impl World {
     }
 
     /// oci-upstream on a fresh cache dir.
-    fn start_service(&self) -> (Service, PathBuf) {
+    fn start_service(&self) -> (Spawned, PathBuf) {
         let cache = self.fresh_dir("cache");
-        let service = Service::start_with_env(
+        let service = Spawned::start_with_env(
             &self.config,
             &[
                 ("RUST_LOG", SERVICE_LOG),
@@ -283,7 +285,7 @@ fn discard_proxy(proxy: Distribution) {
 }
 
 /// Stops a service and deletes its cache.
-fn discard_service(service: Service, cache: PathBuf) {
+fn discard_service(service: Spawned, cache: PathBuf) {
     drop(service);
     let _ = std::fs::remove_dir_all(cache);
 }
@@ -388,7 +390,7 @@ async fn run(plan: Plan) {
 /// Pushes the content through the harness's registry, then serves the same
 /// storage from a registry process of our own (for its pid and access log).
 async fn setup(plan: &Plan) -> World {
-    let seeded = Registry::start();
+    let seeded = Seeder::start();
     let mut blobs = Vec::new();
     for (i, &size) in plan.sizes.iter().enumerate() {
         let seed = 0xE2E0 + i as u64;
@@ -411,16 +413,21 @@ async fn setup(plan: &Plan) -> World {
         "rootfs": { "type": "layers", "diff_ids": blobs.iter().map(|b| &b.digest).collect::<Vec<_>>() },
     }))
     .expect("config JSON");
-    let config_digest = seeded.push_blob(REPO, &config_blob).await;
-    let manifest = serde_json::to_vec_pretty(&json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": { "mediaType": OCI_CONFIG, "digest": config_digest, "size": config_blob.len() },
-        "layers": blobs.iter().map(|b| json!({
-            "mediaType": OCI_LAYER, "digest": b.digest, "size": b.size,
-        })).collect::<Vec<_>>(),
-    }))
-    .expect("manifest JSON");
+    seeded.push_blob(REPO, &config_blob).await;
+    let layers: Vec<Descriptor> = blobs
+        .iter()
+        .map(|b| Descriptor {
+            media_type: OCI_LAYER.into(),
+            digest: b.digest.clone(),
+            size: usize::try_from(b.size).expect("blob sizes fit in usize"),
+            platform: None,
+        })
+        .collect();
+    let manifest = manifest_json(
+        OCI_MANIFEST,
+        &Descriptor::of(OCI_CONFIG, &config_blob),
+        &layers,
+    );
     let tags: Vec<String> = (0..plan.tags).map(|i| format!("t{i:04}")).collect();
     let manifest = seeded
         .push_manifest(REPO, &tags[0], OCI_MANIFEST, manifest)
@@ -434,10 +441,11 @@ async fn setup(plan: &Plan) -> World {
     let mut seeded = seeded;
     seeded.stop();
     let upstream = Distribution::start(&seeded.dir().join("data"), Mode::Plain);
-    let mut config = upstream_toml("upstream", &upstream.url(), "");
+    let mut config = ServiceConfig::with(Upstream::new("upstream", &upstream.url()));
     if let Some(ttl) = &plan.tag_ttl {
-        config.push_str(&format!("[cache]\ntag_ttl = \"{ttl}\"\n"));
+        config = config.cache(&format!("tag_ttl = \"{ttl}\""));
     }
+    let config = config.toml();
     World {
         upstream,
         _seeded: seeded,
@@ -470,7 +478,7 @@ fn mib(kib: u64) -> f64 {
 async fn blob_throughput(
     plan: &Plan,
     world: &World,
-    warm: &Service,
+    warm: &Spawned,
     warm_client: &mut UpstreamServiceClient<Channel>,
     size: u64,
     report: &mut Report,
@@ -486,7 +494,7 @@ async fn blob_throughput(
     // upstream's page cache and connections.
     let pulled = bounded("direct GET", STEP_LIMIT, http_get_blob(http, &url, true)).await;
     check_pull("direct GET", &pulled, &blob);
-    let data = Bytes::from(common::registry::pseudo_random_bytes(
+    let data = Bytes::from(common::content::pseudo_random_bytes(
         blob.seed,
         usize::try_from(blob.size).expect("blob fits in memory"),
     ));
@@ -1009,7 +1017,7 @@ async fn prime(request: &Request, tags: usize) {
 }
 
 /// Group 3.
-async fn manifests(plan: &Plan, world: &World, warm: &Service, report: &mut Report) {
+async fn manifests(plan: &Plan, world: &World, warm: &Spawned, report: &mut Report) {
     eprintln!("3. manifests by tag");
     let tags = Arc::new(world.tags.clone());
     let expect = world.manifest_digest.clone();
@@ -1131,7 +1139,7 @@ async fn manifests(plan: &Plan, world: &World, warm: &Service, report: &mut Repo
 async fn memory_per_stream(
     plan: &Plan,
     world: &World,
-    warm: &Service,
+    warm: &Spawned,
     warm_client: &mut UpstreamServiceClient<Channel>,
     report: &mut Report,
 ) {
@@ -1225,7 +1233,7 @@ async fn memory_per_stream(
     );
 }
 
-/// The issue's targets, checked against this run's figures.
+/// The performance targets, checked against this run's figures.
 fn targets(plan: &Plan, report: &Report) -> Vec<Target> {
     let largest = size_label(*plan.sizes.iter().max().expect("a blob size"));
     let most = plan.callers.iter().copied().max().unwrap_or(0);

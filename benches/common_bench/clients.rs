@@ -250,12 +250,12 @@ where
 
 /// Current resident set (VmRSS) of `pid`, KiB.
 pub fn rss_kib(pid: u32) -> u64 {
-    crate::common::proc_status_kib(pid, "VmRSS:")
+    crate::common::service::proc_status_kib(pid, "VmRSS:")
 }
 
 /// Peak resident set (VmHWM) of `pid`, KiB.
 pub fn peak_rss_kib(pid: u32) -> u64 {
-    crate::common::proc_status_kib(pid, "VmHWM:")
+    crate::common::service::proc_status_kib(pid, "VmHWM:")
 }
 
 /// CPU time (user + system) `pid` has used so far, in seconds, from

@@ -184,7 +184,7 @@ impl Distribution {
                     }
                 });
             }
-            match crate::common::registry::wait_ready(&mut child, addr) {
+            match crate::common::distribution::wait_ready(&mut child, addr) {
                 Ok(()) => {
                     return Distribution {
                         child,

@@ -84,7 +84,7 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// A target from the issue, checked against the figures.
+/// A performance target, checked against the figures.
 #[derive(Clone, Debug)]
 pub struct Target {
     /// What is asked.
@@ -244,7 +244,7 @@ impl Report {
 /// Prints the targets and returns them as JSON.
 pub fn print_targets(targets: &[Target]) -> Value {
     println!();
-    println!("targets (issue 6), from this run:");
+    println!("targets, from this run:");
     for t in targets {
         let value = t.value.map(num).unwrap_or_else(|| "not measured".into());
         let met = match t.met {

@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::content::sha256_digest;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -25,12 +26,6 @@ use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
 use futures::StreamExt as _;
-use sha2::{Digest as _, Sha256};
-
-/// `sha256:<hex>` of `bytes`.
-pub fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
 
 /// One scripted answer.
 #[derive(Clone, Debug)]

@@ -31,8 +31,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::content::sha256_digest;
 use bytes::Bytes;
-use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -48,11 +48,6 @@ const WRITE_PIECE: usize = 64 * 1024;
 /// Pause between the last bytes sent and an abortive close, so that the bytes
 /// reach the client before the reset does (a reset discards unsent data).
 const RESET_PAUSE: Duration = Duration::from_millis(200);
-
-/// `sha256:<hex>` of `bytes`.
-pub fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
 
 /// `/v2/<repo>/blobs/<digest>`.
 pub fn blob_path(repo: &str, digest: &str) -> String {

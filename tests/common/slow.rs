@@ -28,7 +28,8 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
-use sha2::{Digest as _, Sha256};
+
+use super::content::sha256_digest;
 
 struct Shared {
     /// `/v2/<repo>/blobs/<digest>`.
@@ -62,7 +63,7 @@ impl SlowBlobServer {
     /// else is a 404 with the OCI error envelope.
     pub fn start(repo: &str, data: Bytes, chunk: usize, delay: Duration) -> SlowBlobServer {
         assert!(chunk > 0, "a chunk holds at least one byte");
-        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+        let digest = sha256_digest(&data);
         let shared = Arc::new(Shared {
             blob_path: format!("/v2/{repo}/blobs/{digest}"),
             digest,

@@ -1,17 +1,15 @@
-//! A Docker token issuer for integration tests, and a real Distribution
-//! registry that trusts it: [`TokenIssuer`] is an in-process axum server on
+//! A Docker token issuer for integration tests: an in-process axum server on
 //! `127.0.0.1:0` answering `GET /token` (Docker token spec, anonymous or with
 //! Basic credentials) and `POST /token` (OAuth2 form: `refresh_token` and
 //! `password` grants) with RS256 JWTs that Distribution 2.8 accepts (signed by
 //! the `openssl` CLI with a throw-away self-signed key, `x5c` header). It
-//! records every request it answers so tests can count them.
-//! [`AuthRegistry`] runs `docker-registry serve` with `auth: token` for such
-//! an issuer, or with `auth: htpasswd`, on storage that survives a restart on
-//! the same port, and pushes small test images with its own credentials.
+//! records every request it answers so tests can count them. A
+//! [`Distribution`](super::distribution::Distribution) started with
+//! `start_token` trusts it.
 //!
 //! ```ignore
 //! let issuer = TokenIssuer::start(IssuerSettings::default().user("alice", "pw")).await;
-//! let registry = AuthRegistry::start_token(&issuer).await;
+//! let registry = Distribution::start_token(&issuer);
 //! let image = registry.push_image("team/app", "v1").await;
 //! // ... point the service at registry.url() and fetch ...
 //! assert_eq!(issuer.get_requests().len(), 1);
@@ -19,10 +17,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -32,20 +30,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD as BASE64URL};
-use sha2::{Digest as _, Sha256};
 
 /// The `service` (JWT audience) the registry is configured with.
 pub const SERVICE: &str = "test-registry";
 /// The issuer name (`iss`) the registry trusts.
 pub const ISSUER: &str = "test-issuer";
-
-/// OCI image manifest media type.
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-
-/// How long a spawned registry may take to answer `GET /v2/`.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What the issuer accepts and how it answers. Changeable while it runs with
 /// [`TokenIssuer::update`].
@@ -272,6 +261,32 @@ impl TokenIssuer {
     /// Signs a token for `subject` with `access` (repository, actions)
     /// without an HTTP request (not recorded), e.g. to push test content.
     pub async fn mint(&self, subject: &str, access: &[(&str, &[&str])]) -> String {
+        self.minter().mint(subject, access).await
+    }
+
+    /// A handle that signs tokens as this issuer, for a registry's push
+    /// helpers.
+    pub fn minter(&self) -> Minter {
+        Minter {
+            inner: self.inner.clone(),
+            realm: self.realm(),
+            cert: self.cert_path(),
+        }
+    }
+}
+
+/// Signs tokens as a [`TokenIssuer`] without HTTP requests (not recorded).
+#[derive(Clone)]
+pub struct Minter {
+    inner: Arc<Inner>,
+    realm: String,
+    cert: PathBuf,
+}
+
+impl Minter {
+    /// A token for `subject` with `access` (repository, actions), valid for
+    /// ten minutes.
+    pub async fn mint(&self, subject: &str, access: &[(&str, &[&str])]) -> String {
         let access = access
             .iter()
             .map(|(name, actions)| Access {
@@ -280,6 +295,16 @@ impl TokenIssuer {
             })
             .collect();
         sign_token(&self.inner, subject, SERVICE, access, 600).await
+    }
+
+    /// The issuer's realm URL.
+    pub fn realm(&self) -> &str {
+        &self.realm
+    }
+
+    /// The issuer's signing certificate (PEM).
+    pub fn cert_path(&self) -> &Path {
+        &self.cert
     }
 }
 
@@ -524,310 +549,5 @@ fn rfc3339(secs: u64) -> String {
         rem / 3600,
         rem % 3600 / 60,
         rem % 60
-    )
-}
-
-/// How an [`AuthRegistry`] authenticates, and how its push helpers do.
-enum Guard {
-    Token(Arc<Inner>),
-    Htpasswd { user: String, password: String },
-}
-
-/// A `docker-registry serve` process with `auth: token` or `auth: htpasswd`,
-/// killed on drop. Storage and config live in a temp dir that outlives
-/// restarts, so content pushed once survives [`AuthRegistry::restart_htpasswd`].
-pub struct AuthRegistry {
-    child: Option<Child>,
-    /// Where it listens.
-    pub addr: SocketAddr,
-    guard: Guard,
-    log: Arc<Mutex<String>>,
-    http: reqwest::Client,
-    dir: tempfile::TempDir,
-}
-
-impl AuthRegistry {
-    /// A registry that accepts only tokens from `issuer` (realm
-    /// [`TokenIssuer::realm`], service [`SERVICE`], issuer [`ISSUER`]).
-    pub async fn start_token(issuer: &TokenIssuer) -> AuthRegistry {
-        let auth = format!(
-            "auth:\n  token:\n    realm: {}\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
-            issuer.realm(),
-            issuer.cert_path().display()
-        );
-        Self::start(Guard::Token(issuer.inner.clone()), auth).await
-    }
-
-    /// A registry behind htpasswd basic auth (bcrypt, `htpasswd -Bbn`).
-    pub async fn start_htpasswd(user: &str, password: &str) -> AuthRegistry {
-        let dir = tempfile::tempdir().expect("temp dir for the registry");
-        let auth = htpasswd_auth(dir.path(), user, password);
-        let guard = Guard::Htpasswd {
-            user: user.into(),
-            password: password.into(),
-        };
-        Self::start_in(dir, guard, auth).await
-    }
-
-    async fn start(guard: Guard, auth: String) -> AuthRegistry {
-        let dir = tempfile::tempdir().expect("temp dir for the registry");
-        Self::start_in(dir, guard, auth).await
-    }
-
-    async fn start_in(dir: tempfile::TempDir, guard: Guard, auth: String) -> AuthRegistry {
-        let log = Arc::new(Mutex::new(String::new()));
-        let http = reqwest::Client::new();
-        let mut last = String::new();
-        // The port from free_port() can be taken before the registry binds it.
-        for _ in 0..3 {
-            let addr: SocketAddr = ([127, 0, 0, 1], super::free_port()).into();
-            match spawn_registry(dir.path(), addr, &auth, &log, &http).await {
-                Ok(child) => {
-                    return AuthRegistry {
-                        child: Some(child),
-                        addr,
-                        guard,
-                        log,
-                        http,
-                        dir,
-                    };
-                }
-                Err(why) => last = why,
-            }
-        }
-        panic!("docker-registry did not start: {last}");
-    }
-
-    /// Stops the registry and starts it again on the same port and storage
-    /// with htpasswd auth for `user`/`password` only.
-    pub async fn restart_htpasswd(&mut self, user: &str, password: &str) {
-        self.stop();
-        let auth = htpasswd_auth(self.dir.path(), user, password);
-        self.guard = Guard::Htpasswd {
-            user: user.into(),
-            password: password.into(),
-        };
-        match spawn_registry(self.dir.path(), self.addr, &auth, &self.log, &self.http).await {
-            Ok(child) => self.child = Some(child),
-            Err(why) => panic!("docker-registry did not restart on {}: {why}", self.addr),
-        }
-    }
-
-    /// Kills the registry (its port then refuses connections).
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// `http://127.0.0.1:PORT`.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// `127.0.0.1:PORT`, the key of a Docker config `auths` entry.
-    pub fn host(&self) -> String {
-        self.addr.to_string()
-    }
-
-    /// What the registry printed so far.
-    pub fn logs(&self) -> String {
-        self.log.lock().expect("log lock").clone()
-    }
-
-    async fn authorization(&self, repo: &str) -> String {
-        match &self.guard {
-            Guard::Token(inner) => {
-                let token = sign_token(
-                    inner,
-                    "seeder",
-                    SERVICE,
-                    vec![Access {
-                        name: repo.into(),
-                        actions: vec!["pull".into(), "push".into()],
-                    }],
-                    600,
-                )
-                .await;
-                format!("Bearer {token}")
-            }
-            Guard::Htpasswd { user, password } => {
-                format!("Basic {}", BASE64.encode(format!("{user}:{password}")))
-            }
-        }
-    }
-
-    /// Pushes `data` as a blob of `repo` (monolithic upload).
-    pub async fn push_blob(&self, repo: &str, data: &[u8]) -> String {
-        let auth = self.authorization(repo).await;
-        let digest = sha256_digest(data);
-        let resp = self
-            .http
-            .post(format!("{}/v2/{repo}/blobs/uploads/", self.url()))
-            .header(header::AUTHORIZATION, &auth)
-            .header(header::CONTENT_LENGTH, "0")
-            .send()
-            .await
-            .expect("POST blob upload");
-        assert_eq!(
-            resp.status(),
-            reqwest::StatusCode::ACCEPTED,
-            "start blob upload"
-        );
-        let location = resp
-            .headers()
-            .get(header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .expect("upload Location");
-        let mut upload = url::Url::parse(&self.url())
-            .and_then(|base| base.join(location))
-            .expect("upload Location is a URL");
-        upload.query_pairs_mut().append_pair("digest", &digest);
-        let resp = self
-            .http
-            .put(upload)
-            .header(header::AUTHORIZATION, &auth)
-            .header(header::CONTENT_TYPE, "application/octet-stream")
-            .body(data.to_vec())
-            .send()
-            .await
-            .expect("PUT blob");
-        assert_eq!(resp.status(), reqwest::StatusCode::CREATED, "push blob");
-        digest
-    }
-
-    /// Pushes a small OCI image (config + one layer, content derived from
-    /// `repo:tag`) and tags it `tag`.
-    pub async fn push_image(&self, repo: &str, tag: &str) -> PushedImage {
-        let seed = Sha256::digest(format!("{repo}:{tag}").as_bytes());
-        let layer: Vec<u8> = (0..2048)
-            .map(|i| seed[i % 32] ^ (i as u8).wrapping_mul(31))
-            .collect();
-        let config = serde_json::to_vec(&serde_json::json!({
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {"Labels": {"test.image": format!("{repo}:{tag}")}},
-            "rootfs": {"type": "layers", "diff_ids": [sha256_digest(&layer)]},
-        }))
-        .expect("config JSON");
-        let layer_digest = self.push_blob(repo, &layer).await;
-        let config_digest = self.push_blob(repo, &config).await;
-        let manifest = serde_json::to_vec_pretty(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config.len()},
-            "layers": [{"mediaType": OCI_LAYER, "digest": layer_digest, "size": layer.len()}],
-        }))
-        .expect("manifest JSON");
-        let resp = self
-            .http
-            .put(format!("{}/v2/{repo}/manifests/{tag}", self.url()))
-            .header(header::AUTHORIZATION, self.authorization(repo).await)
-            .header(header::CONTENT_TYPE, OCI_MANIFEST)
-            .body(manifest.clone())
-            .send()
-            .await
-            .expect("PUT manifest");
-        assert_eq!(resp.status(), reqwest::StatusCode::CREATED, "push manifest");
-        PushedImage {
-            digest: sha256_digest(&manifest),
-            manifest: Bytes::from(manifest),
-            config: (config_digest, Bytes::from(config)),
-            layer: (layer_digest, Bytes::from(layer)),
-        }
-    }
-}
-
-impl Drop for AuthRegistry {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// An image pushed by [`AuthRegistry::push_image`].
-#[derive(Clone, Debug)]
-pub struct PushedImage {
-    /// The manifest bytes as pushed.
-    pub manifest: Bytes,
-    /// The manifest's digest.
-    pub digest: String,
-    /// The config blob: digest and bytes.
-    pub config: (String, Bytes),
-    /// The one layer blob: digest and bytes.
-    pub layer: (String, Bytes),
-}
-
-/// `sha256:<hex>` of `data`.
-pub fn sha256_digest(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
-}
-
-/// Writes `DIR/config.yml` for `auth` and runs `docker-registry serve` on
-/// `addr` with storage in `DIR/data` until `GET /v2/` answers (200 or 401).
-async fn spawn_registry(
-    dir: &Path,
-    addr: SocketAddr,
-    auth: &str,
-    log: &Arc<Mutex<String>>,
-    http: &reqwest::Client,
-) -> Result<Child, String> {
-    let bin = super::require_binary(
-        "docker-registry",
-        &["/usr/bin/docker-registry"],
-        "apt-get install -y docker-registry",
-    );
-    let config = dir.join("config.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\n\
-             log:\n  level: warn\n  accesslog:\n    disabled: true\n\
-             storage:\n  filesystem:\n    rootdirectory: {root}\n  \
-             maintenance:\n    uploadpurging:\n      enabled: false\n\
-             http:\n  addr: {addr}\n  secret: integration-test-secret\n{auth}",
-            root = dir.join("data").display(),
-        ),
-    )
-    .expect("write registry config");
-    let mut child = Command::new(bin)
-        .arg("serve")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn docker-registry");
-    super::registry::capture_output(&mut child, log);
-    let deadline = Instant::now() + READY_TIMEOUT;
-    let why = loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            break format!("docker-registry exited with {status}");
-        }
-        if Instant::now() > deadline {
-            break format!("no answer on http://{addr}/v2/ within {READY_TIMEOUT:?}");
-        }
-        let probe = http
-            .get(format!("http://{addr}/v2/"))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await;
-        if probe.is_ok_and(|resp| matches!(resp.status().as_u16(), 200 | 401)) {
-            return Ok(child);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let _ = child.kill();
-    let _ = child.wait();
-    Err(format!("{why}; log:\n{}", log.lock().expect("log lock")))
-}
-
-/// Writes `DIR/htpasswd` (bcrypt, via `htpasswd -Bbn`) and returns the
-/// registry's `auth:` section for it.
-fn htpasswd_auth(dir: &Path, user: &str, password: &str) -> String {
-    let path = super::registry::write_htpasswd(dir, user, password);
-    format!(
-        "auth:\n  htpasswd:\n    realm: test-registry\n    path: {}\n",
-        path.display()
     )
 }

@@ -10,22 +10,22 @@
 
 use crate::common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::header;
 use axum::response::Response;
-use axum::serve::{Listener, ListenerExt as _};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use common::Service;
+use common::config::{ServiceConfig, Upstream};
+use common::content::{
+    Descriptor, OCI_CONFIG, OCI_MANIFEST, manifest_json, random_blob, sha256_digest,
+};
+use common::distribution::Distribution;
+use common::recording::{RecordingServer, Seen, redirect, reply, unauthorized, with_header};
 use common::rpc::{fetch_blob_bytes, fetch_manifest};
 use common::tls::TestCa;
-use common::token_issuer::{AuthRegistry, OCI_MANIFEST, sha256_digest};
+use common::{InProcess, Spawned};
 use oci_upstream::pb::FetchManifestResponse;
 use tonic::{Code, Status};
 
@@ -34,176 +34,6 @@ const REPO: &str = "team/app";
 const GOOD_TOKEN: &str = "tok-good-5b0e";
 /// A public-looking upstream host, reached through the recording proxy.
 const PUBLIC_REGISTRY: &str = "registry.example.com";
-
-// ---------------------------------------------------------------------------
-// A recording fake HTTP server.
-
-/// One request a fake received.
-#[derive(Clone, Debug)]
-struct Seen {
-    method: String,
-    /// The authority asked for: the absolute-form target's (proxy requests)
-    /// or the `Host` header's, e.g. `auth.example.com` or `127.0.0.1:4000`.
-    host: String,
-    path: String,
-    query: String,
-    authorization: Option<String>,
-}
-
-impl Seen {
-    fn param(&self, name: &str) -> Option<String> {
-        url::form_urlencoded::parse(self.query.as_bytes())
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.into_owned())
-    }
-}
-
-type Handler = Arc<dyn Fn(&Seen) -> Response + Send + Sync>;
-
-#[derive(Clone)]
-struct FakeState {
-    handler: Arc<Mutex<Handler>>,
-    seen: Arc<Mutex<Vec<Seen>>>,
-}
-
-/// An axum server on `127.0.0.1:0` that answers every request with a
-/// scriptable handler and records requests and accepted connections.
-struct Fake {
-    addr: std::net::SocketAddr,
-    scheme: &'static str,
-    state: FakeState,
-    connections: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Fake {
-    async fn start(handler: impl Fn(&Seen) -> Response + Send + Sync + 'static) -> Fake {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a fake");
-        Self::serve(listener, "http", handler)
-    }
-
-    /// As [`Fake::start`], over TLS with a certificate `ca` signed.
-    async fn start_tls(
-        ca: &TestCa,
-        handler: impl Fn(&Seen) -> Response + Send + Sync + 'static,
-    ) -> Fake {
-        Self::serve(ca.listener().await, "https", handler)
-    }
-
-    fn serve<L: Listener<Addr = std::net::SocketAddr>>(
-        listener: L,
-        scheme: &'static str,
-        handler: impl Fn(&Seen) -> Response + Send + Sync + 'static,
-    ) -> Fake {
-        let state = FakeState {
-            handler: Arc::new(Mutex::new(Arc::new(handler))),
-            seen: Arc::default(),
-        };
-        let connections = Arc::new(AtomicUsize::new(0));
-        let addr = listener.local_addr().expect("fake address");
-        let counter = connections.clone();
-        let listener = listener.tap_io(move |_| {
-            counter.fetch_add(1, Ordering::SeqCst);
-        });
-        let app = Router::new().fallback(record).with_state(state.clone());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Fake {
-            addr,
-            scheme,
-            state,
-            connections,
-            task,
-        }
-    }
-
-    /// Replaces the handler.
-    fn set(&self, handler: impl Fn(&Seen) -> Response + Send + Sync + 'static) {
-        *self.state.handler.lock().expect("handler lock") = Arc::new(handler);
-    }
-
-    /// `http://127.0.0.1:PORT` (`https` over TLS).
-    fn url(&self) -> String {
-        format!("{}://{}", self.scheme, self.addr)
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.state.seen.lock().expect("seen lock").clone()
-    }
-
-    /// The requests that asked for `host` (a host name, or `host:port`).
-    fn seen_for(&self, host: &str) -> Vec<Seen> {
-        self.seen()
-            .into_iter()
-            .filter(|s| s.host == host || s.host.split(':').next() == Some(host))
-            .collect()
-    }
-
-    fn connections(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Fake {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn record(State(state): State<FakeState>, req: Request) -> Response {
-    let uri = req.uri();
-    let host = uri
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
-    let seen = Seen {
-        method: req.method().to_string(),
-        host,
-        path: uri.path().to_string(),
-        query: uri.query().unwrap_or_default().to_string(),
-        authorization: req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
-    };
-    state.seen.lock().expect("seen lock").push(seen.clone());
-    let handler = state.handler.lock().expect("handler lock").clone();
-    handler(&seen)
-}
-
-fn reply(status: u16) -> Response {
-    let mut resp = Response::new(Body::empty());
-    *resp.status_mut() = StatusCode::from_u16(status).expect("valid status");
-    resp
-}
-
-fn with_header(mut resp: Response, name: header::HeaderName, value: &str) -> Response {
-    resp.headers_mut().append(
-        name,
-        HeaderValue::from_str(value).expect("valid header value"),
-    );
-    resp
-}
-
-fn unauthorized(challenges: &[&str]) -> Response {
-    challenges.iter().fold(reply(401), |resp, c| {
-        with_header(resp, header::WWW_AUTHENTICATE, c)
-    })
-}
-
-fn redirect(location: &str) -> Response {
-    with_header(reply(307), header::LOCATION, location)
-}
 
 fn token_reply() -> Response {
     let body = serde_json::json!({"token": GOOD_TOKEN, "expires_in": 300}).to_string();
@@ -222,25 +52,9 @@ struct Content {
 }
 
 fn content() -> Content {
-    let blob = Bytes::from(
-        (0..5000u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-            .collect::<Vec<u8>>(),
-    );
+    let blob = random_blob(0xA0, 5000);
     let blob_digest = sha256_digest(&blob);
-    let manifest = Bytes::from(
-        serde_json::to_vec_pretty(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": blob_digest,
-                "size": blob.len(),
-            },
-            "layers": [],
-        }))
-        .expect("manifest JSON"),
-    );
+    let manifest = manifest_json(OCI_MANIFEST, &Descriptor::of(OCI_CONFIG, &blob), &[]);
     Content {
         manifest_digest: sha256_digest(&manifest),
         manifest,
@@ -287,8 +101,14 @@ impl Content {
     }
 }
 
-fn upstream(url: &str, extra: &str) -> String {
-    format!("[[upstreams]]\nname = \"reg\"\nurl = \"{url}\"\nretries = 0\n{extra}\n")
+/// The one upstream `reg` at `url`, without retries.
+fn upstream(url: &str) -> Upstream {
+    Upstream::new("reg", url).retries(0)
+}
+
+/// The config with `upstream` as the only upstream.
+fn config(upstream: Upstream) -> String {
+    ServiceConfig::with(upstream).toml()
 }
 
 // ---------------------------------------------------------------------------
@@ -316,7 +136,7 @@ fn write_secret_volume(dir: &std::path::Path, version: u32, registry: &str, auth
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_config_credentials_are_picked_up_after_rotation_without_restart() {
     let (user, old, new) = ("ci-bot", "old-Pa55-1d9", "new-Pa55-7c2");
-    let mut registry = AuthRegistry::start_htpasswd(user, old).await;
+    let mut registry = Distribution::start_htpasswd(user, old);
     let v1 = registry.push_image(REPO, "v1").await;
     let v2 = registry.push_image(REPO, "v2").await;
     registry.push_image(REPO, "v3").await;
@@ -324,27 +144,24 @@ async fn docker_config_credentials_are_picked_up_after_rotation_without_restart(
     let secret = tempfile::tempdir().expect("temp dir for the secret volume");
     let encode = |password: &str| BASE64.encode(format!("{user}:{password}"));
     write_secret_volume(secret.path(), 1, &registry.host(), &encode(old));
-    let service = Service::start(&upstream(
-        &registry.url(),
-        &format!(
-            "[upstreams.auth]\ntype = \"docker-config\"\nfile = \"{}\"",
-            secret.path().join(".dockerconfigjson").display()
-        ),
+    // A process: its log is checked for the passwords below.
+    let service = Spawned::start(&config(
+        upstream(&registry.url()).auth_docker_config(&secret.path().join(".dockerconfigjson")),
     ));
     let mut client = service.client().await;
     let resp = fetch_manifest(&mut client, REPO, "v1")
         .await
         .expect("FetchManifest with the original credentials");
-    assert_eq!(resp.digest, v1.digest);
+    assert_eq!(resp.digest, v1.manifest.digest);
     assert_eq!(
-        fetch_blob_bytes(&mut client, REPO, &v1.layer.0)
+        fetch_blob_bytes(&mut client, REPO, &v1.layers[0].digest)
             .await
             .expect("FetchBlob"),
-        v1.layer.1.as_ref()
+        v1.layers[0].data.as_ref()
     );
 
     // The registry now only accepts the new password (same port, same storage).
-    registry.restart_htpasswd(user, new).await;
+    registry.restart_htpasswd(user, new);
     let status = fetch_manifest(&mut client, REPO, "v3")
         .await
         .expect_err("the old password must no longer work");
@@ -371,12 +188,12 @@ async fn docker_config_credentials_are_picked_up_after_rotation_without_restart(
             ),
         }
     };
-    assert_eq!(resp.digest, v2.digest);
+    assert_eq!(resp.digest, v2.manifest.digest);
     assert_eq!(
-        fetch_blob_bytes(&mut client, REPO, &v2.layer.0)
+        fetch_blob_bytes(&mut client, REPO, &v2.layers[0].digest)
             .await
             .expect("FetchBlob after rotation"),
-        v2.layer.1.as_ref()
+        v2.layers[0].data.as_ref()
     );
     let logs = service.logs();
     assert!(
@@ -408,7 +225,7 @@ async fn bearer_challenge_among_several_lowercase_and_without_scope_is_followed(
         let c = content.clone();
         let what = format!("challenge {challenges:?}");
         let challenges: Vec<String> = challenges.iter().map(|s| s.to_string()).collect();
-        let fake = Fake::start(move |seen| {
+        let fake = RecordingServer::start(move |seen| {
             if seen.path == "/token" {
                 return token_reply();
             }
@@ -423,7 +240,7 @@ async fn bearer_challenge_among_several_lowercase_and_without_scope_is_followed(
             unauthorized(&lines.iter().map(String::as_str).collect::<Vec<_>>())
         })
         .await;
-        let service = Service::start(&upstream(&fake.url(), ""));
+        let service = InProcess::start(&config(upstream(&fake.url()))).await;
         let mut client = service.client().await;
 
         let resp = fetch_manifest(&mut client, REPO, "v1")
@@ -492,14 +309,15 @@ async fn through_proxy(
     upstream_host: Option<&str>,
     realm: &str,
     extra: &str,
-) -> (Fake, Result<FetchManifestResponse, Status>) {
-    let proxy = Fake::start(|_| reply(500)).await;
+) -> (RecordingServer, Result<FetchManifestResponse, Status>) {
+    let proxy = RecordingServer::start(|_| reply(500)).await;
     let host = upstream_host.map_or_else(|| proxy.addr.to_string(), str::to_string);
     proxy.set(registry_or_token(host.clone(), realm.to_string()));
-    let service = Service::start(&upstream(
-        &format!("http://{host}"),
-        &format!("proxy = \"{}\"\n{extra}", proxy.url()),
-    ));
+    let mut up = upstream(&format!("http://{host}")).line(&format!("proxy = \"{}\"", proxy.url()));
+    if !extra.is_empty() {
+        up = up.line(extra);
+    }
+    let service = InProcess::start(&config(up)).await;
     let mut client = service.client().await;
     let result = fetch_manifest(&mut client, REPO, "v1").await;
     (proxy, result)
@@ -507,7 +325,7 @@ async fn through_proxy(
 
 /// Asserts the call failed and the proxy saw no request for `refused`.
 fn assert_refused(
-    proxy: &Fake,
+    proxy: &RecordingServer,
     result: Result<FetchManifestResponse, Status>,
     refused: &str,
     what: &str,
@@ -534,10 +352,10 @@ fn assert_refused(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn realm_on_the_same_host_at_another_port_is_used() {
     let content = content();
-    let token = Fake::start(|_| token_reply()).await;
+    let token = RecordingServer::start(|_| token_reply()).await;
     let realm = format!("{}/token", token.url());
-    let registry = Fake::start(bearer_registry(realm)).await;
-    let service = Service::start(&upstream(&registry.url(), ""));
+    let registry = RecordingServer::start(bearer_registry(realm)).await;
+    let service = InProcess::start(&config(upstream(&registry.url()))).await;
     let mut client = service.client().await;
     let resp = fetch_manifest(&mut client, REPO, "v1")
         .await
@@ -601,7 +419,7 @@ async fn link_local_metadata_realm_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loopback_realm_for_a_public_upstream_is_refused() {
     // A real listener on the realm's address: it must not even be connected to.
-    let target = Fake::start(|_| token_reply()).await;
+    let target = RecordingServer::start(|_| token_reply()).await;
     let realm = format!("{}/token", target.url());
     let (proxy, result) = through_proxy(Some(PUBLIC_REGISTRY), &realm, "").await;
     assert_refused(&proxy, result, &target.addr.to_string(), "loopback realm");
@@ -625,7 +443,7 @@ async fn private_realm_on_another_host_for_a_loopback_upstream_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_endpoint_redirect_to_another_domain_is_refused() {
-    let proxy = Fake::start(|_| reply(500)).await;
+    let proxy = RecordingServer::start(|_| reply(500)).await;
     let registry = registry_or_token(
         PUBLIC_REGISTRY.to_string(),
         "http://auth.example.com/token".to_string(),
@@ -643,14 +461,12 @@ async fn token_endpoint_redirect_to_another_domain_is_refused() {
     let secrets = tempfile::tempdir().expect("temp dir for the password");
     let password = secrets.path().join("password");
     std::fs::write(&password, "redirect-Pa55").expect("write the password file");
-    let service = Service::start(&upstream(
-        &format!("http://{PUBLIC_REGISTRY}"),
-        &format!(
-            "proxy = \"{}\"\n[upstreams.auth]\ntype = \"basic\"\nusername = \"u\"\npassword_file = \"{}\"",
-            proxy.url(),
-            password.display()
-        ),
-    ));
+    let service = InProcess::start(&config(
+        upstream(&format!("http://{PUBLIC_REGISTRY}"))
+            .line(&format!("proxy = \"{}\"", proxy.url()))
+            .auth_basic_file("u", &password),
+    ))
+    .await;
     let mut client = service.client().await;
     let result = fetch_manifest(&mut client, REPO, "v1").await;
     assert!(
@@ -665,12 +481,12 @@ async fn token_endpoint_redirect_to_another_domain_is_refused() {
 async fn token_endpoint_redirect_from_127_0_0_1_to_localhost_is_refused() {
     // The policy compares hosts as written: for an upstream on 127.0.0.1, a
     // realm on `localhost` is another host, even though both are loopback.
-    let target = Fake::start(|_| token_reply()).await;
+    let target = RecordingServer::start(|_| token_reply()).await;
     let location = format!("http://localhost:{}/token", target.addr.port());
-    let token = Fake::start(move |_| redirect(&location)).await;
+    let token = RecordingServer::start(move |_| redirect(&location)).await;
     let realm = format!("{}/token", token.url());
-    let registry = Fake::start(bearer_registry(realm)).await;
-    let service = Service::start(&upstream(&registry.url(), ""));
+    let registry = RecordingServer::start(bearer_registry(realm)).await;
+    let service = InProcess::start(&config(upstream(&registry.url()))).await;
     let mut client = service.client().await;
     let result = fetch_manifest(&mut client, REPO, "v1").await;
     assert!(!token.seen().is_empty(), "the realm itself was never asked");
@@ -686,10 +502,10 @@ async fn token_endpoint_redirect_from_127_0_0_1_to_localhost_is_refused() {
 async fn realm_on_localhost_for_a_127_0_0_1_upstream_is_refused() {
     // What the service does with `localhost` vs `127.0.0.1` as a realm
     // directly (the same check the redirect test relies on).
-    let target = Fake::start(|_| token_reply()).await;
+    let target = RecordingServer::start(|_| token_reply()).await;
     let realm = format!("http://localhost:{}/token", target.addr.port());
-    let registry = Fake::start(bearer_registry(realm)).await;
-    let service = Service::start(&upstream(&registry.url(), ""));
+    let registry = RecordingServer::start(bearer_registry(realm)).await;
+    let service = InProcess::start(&config(upstream(&registry.url()))).await;
     let mut client = service.client().await;
     let result = fetch_manifest(&mut client, REPO, "v1").await;
     assert_eq!(
@@ -723,10 +539,10 @@ fn ca_file_line(ca: &TestCa) -> String {
 async fn https_upstream_is_trusted_through_ca_file_and_its_https_realm_is_used() {
     // The positive control for the plain-http realm case below.
     let ca = TestCa::new();
-    let registry = Fake::start_tls(&ca, |_| reply(500)).await;
+    let registry = RecordingServer::start_tls(&ca, |_| reply(500)).await;
     registry.set(tokens_and_content(format!("{}/token", registry.url())));
 
-    let untrusting = Service::start(&upstream(&registry.url(), ""));
+    let untrusting = InProcess::start(&config(upstream(&registry.url()))).await;
     let status = fetch_manifest(&mut untrusting.client().await, REPO, "v1")
         .await
         .expect_err("a certificate from an unknown authority must not be trusted");
@@ -737,7 +553,8 @@ async fn https_upstream_is_trusted_through_ca_file_and_its_https_realm_is_used()
         registry.seen()
     );
 
-    let service = Service::start(&upstream(&registry.url(), &ca_file_line(&ca)));
+    let service =
+        InProcess::start(&config(upstream(&registry.url()).line(&ca_file_line(&ca)))).await;
     let resp = fetch_manifest(&mut service.client().await, REPO, "v1")
         .await
         .expect("the upstream's certificate is trusted through ca_file");
@@ -754,10 +571,11 @@ async fn https_upstream_is_trusted_through_ca_file_and_its_https_realm_is_used()
 async fn plain_http_realm_for_an_https_upstream_is_refused() {
     // Same host (127.0.0.1) and both loopback: only the scheme is wrong.
     let ca = TestCa::new();
-    let target = Fake::start(|_| token_reply()).await;
+    let target = RecordingServer::start(|_| token_reply()).await;
     let realm = format!("{}/token", target.url());
-    let registry = Fake::start_tls(&ca, tokens_and_content(realm.clone())).await;
-    let service = Service::start(&upstream(&registry.url(), &ca_file_line(&ca)));
+    let registry = RecordingServer::start_tls(&ca, tokens_and_content(realm.clone())).await;
+    let service =
+        InProcess::start(&config(upstream(&registry.url()).line(&ca_file_line(&ca)))).await;
     let result = fetch_manifest(&mut service.client().await, REPO, "v1").await;
     let status = assert_refused(&registry, result, &target.addr.to_string(), "http realm");
     assert_eq!(
@@ -782,7 +600,7 @@ async fn blob_redirect_to_another_host_carries_no_authorization() {
     let (user, password) = ("reader", "blob-Pa55-e4");
     let expected = format!("Basic {}", BASE64.encode(format!("{user}:{password}")));
     let c = content.clone();
-    let cdn = Fake::start(move |seen| {
+    let cdn = RecordingServer::start(move |seen| {
         if seen.path == format!("/cdn/{}", c.blob_digest) {
             c.blob_body()
         } else {
@@ -797,7 +615,7 @@ async fn blob_redirect_to_another_host_carries_no_authorization() {
     );
     let c = content.clone();
     let auth = expected.clone();
-    let registry = Fake::start(move |seen| {
+    let registry = RecordingServer::start(move |seen| {
         if seen.authorization.as_deref() != Some(auth.as_str()) {
             return unauthorized(&[r#"Basic realm="registry""#]);
         }
@@ -811,13 +629,10 @@ async fn blob_redirect_to_another_host_carries_no_authorization() {
     let secrets = tempfile::tempdir().expect("temp dir for the password");
     let file = secrets.path().join("password");
     std::fs::write(&file, password).expect("write the password file");
-    let service = Service::start(&upstream(
-        &registry.url(),
-        &format!(
-            "[upstreams.auth]\ntype = \"basic\"\nusername = \"{user}\"\npassword_file = \"{}\"",
-            file.display()
-        ),
-    ));
+    let service = InProcess::start(&config(
+        upstream(&registry.url()).auth_basic_file(user, &file),
+    ))
+    .await;
     let mut client = service.client().await;
 
     let data = fetch_blob_bytes(&mut client, REPO, &content.blob_digest)

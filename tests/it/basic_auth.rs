@@ -1,39 +1,38 @@
 //! Integration tests for `type = "basic"` upstream credentials against a real
 //! Distribution registry behind htpasswd auth: the right password (from a
 //! file or an environment variable) fetches manifests, blobs and tags; a
-//! wrong or missing password is PERMISSION_DENIED, never NOT_FOUND.
+//! wrong or missing password is PERMISSION_DENIED, never NOT_FOUND. Tests
+//! that check the log for the password, or read it from the environment,
+//! run the binary; the others run the service in process.
 
 use crate::common;
 
-use common::Service;
-use common::registry::{Image, Registry, upstream_toml};
+use common::config::{ServiceConfig, Upstream};
+use common::distribution::{Distribution, Image};
 use common::rpc::{Client, fetch_blob_bytes, fetch_manifest, fetch_tags, head_blob, head_manifest};
+use common::{InProcess, Spawned};
 use tonic::{Code, Status};
 
 const USER: &str = "alice";
 const PASSWORD: &str = "s3cr3t-Pa55";
 
 /// An auth-protected registry holding `team/app:v1`.
-async fn protected_registry() -> (Registry, Image) {
-    let registry = Registry::start_with_basic_auth(USER, PASSWORD);
+async fn protected_registry() -> (Distribution, Image) {
+    let registry = Distribution::start_htpasswd(USER, PASSWORD);
     let image = registry.push_image("team/app", "v1").await;
     (registry, image)
 }
 
-/// The upstream block for `registry` with `auth` lines (may be empty).
-fn config(registry: &Registry, auth: &str) -> String {
-    upstream_toml(
-        "private",
-        &registry.url(),
-        &format!("priority = 10\n{auth}"),
-    )
+/// The upstream `private` for `registry` (credentials added by the caller).
+fn upstream(registry: &Distribution) -> Upstream {
+    Upstream::new("private", &registry.url()).priority(10)
 }
 
 /// Writes `content` to a password file in `dir` and returns its path.
-fn password_file(dir: &tempfile::TempDir, content: &str) -> String {
+fn password_file(dir: &tempfile::TempDir, content: &str) -> std::path::PathBuf {
     let path = dir.path().join("password");
     std::fs::write(&path, content).expect("write password file");
-    path.display().to_string()
+    path
 }
 
 /// Fetches manifest, blob and tags of `image` and checks the content.
@@ -98,18 +97,15 @@ async fn expect_denied(client: &mut Client, image: &Image, secret: &str) {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_credentials_from_password_file() {
     let (registry, image) = protected_registry().await;
     let secrets = tempfile::tempdir().expect("temp dir for the password file");
     // One trailing newline is trimmed, as Kubernetes secrets often have one.
     let file = password_file(&secrets, &format!("{PASSWORD}\n"));
-    let service = Service::start(&config(
-        &registry,
-        &format!(
-            "[upstreams.auth]\ntype = \"basic\"\nusername = \"{USER}\"\npassword_file = \"{file}\""
-        ),
-    ));
+    let service = Spawned::start(
+        &ServiceConfig::with(upstream(&registry).auth_basic_file(USER, &file)).toml(),
+    );
     let mut client = service.client().await;
     fetch_everything(&mut client, &image).await;
     assert!(
@@ -118,34 +114,27 @@ async fn basic_credentials_from_password_file() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_credentials_from_password_env() {
     let (registry, image) = protected_registry().await;
-    let service = Service::start_with_env(
-        &config(
-            &registry,
-            &format!(
-                "[upstreams.auth]\ntype = \"basic\"\nusername = \"{USER}\"\npassword_env = \"TEST_REGISTRY_PASSWORD\""
-            ),
-        ),
+    let service = Spawned::start_with_env(
+        &ServiceConfig::with(upstream(&registry).auth_basic_env(USER, "TEST_REGISTRY_PASSWORD"))
+            .toml(),
         &[("TEST_REGISTRY_PASSWORD", PASSWORD)],
     );
     let mut client = service.client().await;
     fetch_everything(&mut client, &image).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_password_is_permission_denied() {
     let (registry, image) = protected_registry().await;
     let secrets = tempfile::tempdir().expect("temp dir for the password file");
     let wrong = "wrong-Pa55word";
     let file = password_file(&secrets, wrong);
-    let service = Service::start(&config(
-        &registry,
-        &format!(
-            "[upstreams.auth]\ntype = \"basic\"\nusername = \"{USER}\"\npassword_file = \"{file}\""
-        ),
-    ));
+    let service = Spawned::start(
+        &ServiceConfig::with(upstream(&registry).auth_basic_file(USER, &file)).toml(),
+    );
     let mut client = service.client().await;
     expect_denied(&mut client, &image, wrong).await;
     assert!(
@@ -154,10 +143,10 @@ async fn wrong_password_is_permission_denied() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_credentials_is_permission_denied() {
     let (registry, image) = protected_registry().await;
-    let service = Service::start(&config(&registry, ""));
+    let service = InProcess::start(&ServiceConfig::with(upstream(&registry)).toml()).await;
     let mut client = service.client().await;
     expect_denied(&mut client, &image, "").await;
 }

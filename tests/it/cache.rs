@@ -1,5 +1,5 @@
 //! Integration tests of the cache against a real CNCF Distribution registry
-//! and the spawned binary: repeated fetches are hits that make no upstream
+//! (the restart test runs the binary, the others the service in process): repeated fetches are hits that make no upstream
 //! request (counted by a reverse proxy between the service and the
 //! registry), hits survive a restart and an upstream outage (stale tags
 //! included), the disk store stays under `max_size` while an evicted blob is
@@ -8,240 +8,35 @@
 
 use crate::common;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{HeaderName, StatusCode};
-use axum::response::Response;
-use common::Service;
-use common::registry::{OCI_MANIFEST, Registry, pseudo_random_bytes, upstream_toml};
-use common::rpc::{Client, blob_request, bounded, fetch_manifest, head_blob, head_manifest};
-use oci_upstream::pb::{BlobInfo, FetchBlobResponse};
-use sha2::{Digest as _, Sha256};
-use tonic::{Code, Status, Streaming};
+use common::config::{ServiceConfig, Upstream};
+use common::content::{OCI_MANIFEST, pseudo_random_bytes};
+use common::counting_proxy::CountingProxy;
+use common::distribution::Distribution;
+use common::faulty::{blob_path, manifest_path};
+use common::rpc::{
+    BlobRead, BlobStream, Client, blob_request, fetch_manifest, head_blob, head_manifest,
+    read_blob, read_blob_discarded,
+};
+use common::{InProcess, Spawned, eventually};
+use tonic::{Code, Status};
 
 const MIB: u64 = 1024 * 1024;
 
 // ---------------------------------------------------------------------------
-// A counting reverse proxy between the service and the registry.
+// Helpers.
 // ---------------------------------------------------------------------------
-
-struct ProxyShared {
-    target: String,
-    http: reqwest::Client,
-    seen: Mutex<Vec<(String, String)>>,
-}
-
-/// Forwards every request (method, path, query, headers; these upstream
-/// requests have no body) to a registry and streams the answer back,
-/// recording `(method, path)` of each. Stops when dropped.
-struct CountingProxy {
-    addr: SocketAddr,
-    shared: Arc<ProxyShared>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl CountingProxy {
-    async fn start(target: &str) -> CountingProxy {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()
-            .expect("a plain reqwest client builds");
-        let shared = Arc::new(ProxyShared {
-            target: target.trim_end_matches('/').to_string(),
-            http,
-            seen: Mutex::new(Vec::new()),
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind an ephemeral port on loopback");
-        let addr = listener
-            .local_addr()
-            .expect("a bound listener has an address");
-        let app = Router::new().fallback(forward).with_state(shared.clone());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        CountingProxy { addr, shared, task }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Every `(method, path)` forwarded so far.
-    fn requests(&self) -> Vec<(String, String)> {
-        self.shared.seen.lock().expect("proxy log lock").clone()
-    }
-
-    /// Requests forwarded so far.
-    fn total(&self) -> usize {
-        self.requests().len()
-    }
-
-    /// Requests after the first `n`.
-    fn since(&self, n: usize) -> Vec<(String, String)> {
-        self.requests().into_iter().skip(n).collect()
-    }
-
-    /// Requests with this method and path.
-    fn count(&self, method: &str, path: &str) -> usize {
-        self.requests()
-            .iter()
-            .filter(|(m, p)| m == method && p == path)
-            .count()
-    }
-
-    /// Requests with this path, any method.
-    fn count_path(&self, path: &str) -> usize {
-        self.requests().iter().filter(|(_, p)| p == path).count()
-    }
-}
-
-impl Drop for CountingProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Hop-by-hop headers a proxy must not forward.
-fn hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "transfer-encoding"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "host"
-    )
-}
-
-async fn forward(State(shared): State<Arc<ProxyShared>>, req: Request) -> Response {
-    let path = req.uri().path().to_string();
-    shared
-        .seen
-        .lock()
-        .expect("proxy log lock")
-        .push((req.method().to_string(), path));
-    let target = format!(
-        "{}{}",
-        shared.target,
-        req.uri().path_and_query().map_or("/", |p| p.as_str())
-    );
-    let mut upstream = shared.http.request(req.method().clone(), target);
-    for (name, value) in req.headers() {
-        if !hop_by_hop(name) {
-            upstream = upstream.header(name, value);
-        }
-    }
-    let answer = match upstream.send().await {
-        Ok(answer) => answer,
-        Err(e) => {
-            let mut response = Response::new(Body::from(format!("proxy: {e}")));
-            *response.status_mut() = StatusCode::BAD_GATEWAY;
-            return response;
-        }
-    };
-    let mut response = Response::builder().status(answer.status());
-    for (name, value) in answer.headers() {
-        if !hop_by_hop(name) {
-            response = response.header(name, value);
-        }
-    }
-    response
-        .body(Body::from_stream(answer.bytes_stream()))
-        .expect("headers copied from a valid response are valid")
-}
-
-// ---------------------------------------------------------------------------
-// RPC helpers.
-// ---------------------------------------------------------------------------
-
-/// What one FetchBlob call delivered: the info (if any), the data bytes
-/// (kept only when asked), their count and sha256, and how the call ended.
-#[derive(Debug)]
-struct BlobRead {
-    info: Option<BlobInfo>,
-    data: Vec<u8>,
-    len: u64,
-    sha256: String,
-    end: Result<(), Status>,
-}
-
-impl BlobRead {
-    /// The info of a call that succeeded.
-    fn succeeded(self) -> (BlobInfo, BlobRead) {
-        if let Err(status) = &self.end {
-            panic!("FetchBlob failed: {status:?}");
-        }
-        let info = self
-            .info
-            .clone()
-            .expect("the first FetchBlob message carries info");
-        (info, self)
-    }
-}
-
-/// Reads `stream` to its end, adding to `read` (what was received from it
-/// so far, hashed into `hasher`): every data byte is hashed, and kept if
-/// `keep`.
-async fn drain(
-    mut stream: Streaming<FetchBlobResponse>,
-    mut read: BlobRead,
-    mut hasher: Sha256,
-    keep: bool,
-) -> BlobRead {
-    let end = bounded(async {
-        while let Some(msg) = stream.message().await? {
-            if read.info.is_none() {
-                read.info = msg.info;
-            }
-            if !msg.data.is_empty() {
-                assert_eq!(msg.offset as u64, read.len, "offset of a data message");
-            }
-            hasher.update(&msg.data);
-            read.len += msg.data.len() as u64;
-            if keep {
-                read.data.extend_from_slice(&msg.data);
-            }
-        }
-        Ok(())
-    })
-    .await;
-    read.sha256 = format!("sha256:{}", hex::encode(hasher.finalize()));
-    read.end = end;
-    read
-}
-
-fn empty_read() -> BlobRead {
-    BlobRead {
-        info: None,
-        data: Vec::new(),
-        len: 0,
-        sha256: String::new(),
-        end: Ok(()),
-    }
-}
 
 /// FetchBlob of a whole blob, to the end of the stream, whether it fails at
-/// the call or in the stream.
+/// the call or in the stream; the data is kept when `keep`.
 async fn fetch_blob(client: &mut Client, repository: &str, digest: &str, keep: bool) -> BlobRead {
-    let call = bounded(client.fetch_blob(blob_request(repository, digest))).await;
-    match call {
-        Ok(response) => drain(response.into_inner(), empty_read(), Sha256::new(), keep).await,
-        Err(status) => BlobRead {
-            end: Err(status),
-            ..empty_read()
-        },
+    let request = blob_request(repository, digest);
+    if keep {
+        read_blob(client, request).await
+    } else {
+        read_blob_discarded(client, request).await
     }
 }
 
@@ -251,36 +46,16 @@ fn source_of(source: Option<&oci_upstream::pb::Source>) -> (String, bool) {
     (source.upstream.clone(), source.cache_hit)
 }
 
-fn blob_path(repository: &str, digest: &str) -> String {
-    format!("/v2/{repository}/blobs/{digest}")
-}
-
-fn manifest_path(repository: &str, reference: &str) -> String {
-    format!("/v2/{repository}/manifests/{reference}")
-}
-
-/// A service config: `[cache]` with `cache` lines, then the upstream blocks.
-fn config(cache: &str, upstreams: &str) -> String {
-    format!("[cache]\n{cache}\n\n{upstreams}")
+/// The upstream `origin` at `url`, with the service's defaults.
+fn origin(url: &str) -> Upstream {
+    Upstream::new("origin", url)
 }
 
 // ---------------------------------------------------------------------------
-// Disk store inspection (layout: objects/<alg>/<hex> + .meta, tmp/).
-
-/// Polls `check` for up to 20 s. A verified blob reaches its callers before
-/// it is synced and renamed into the store, so the store catches up a moment
-/// after a fetch returns.
-async fn eventually(check: impl Fn() -> bool) -> bool {
-    let until = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !check() {
-        if tokio::time::Instant::now() >= until {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
-}
-// ---------------------------------------------------------------------------
+// Disk store inspection (layout: objects/<alg>/<hex> + .meta, tmp/). A
+// verified blob reaches its callers before it is synced and renamed into the
+// store, so the store catches up a moment after a fetch returns: poll with
+// `eventually`.
 
 fn object_file(cache_dir: &Path, digest: &str) -> PathBuf {
     let (alg, hex) = digest.split_once(':').expect("digest is alg:hex");
@@ -309,13 +84,13 @@ fn store_bytes(cache_dir: &Path) -> u64 {
 // Tests.
 // ---------------------------------------------------------------------------
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_fetch_is_a_hit_without_upstream_requests() {
-    let registry = Registry::start();
+    let registry = Distribution::start();
     let repo = "cache/hit";
     let image = registry.push_image(repo, "v1").await;
     let proxy = CountingProxy::start(&registry.url()).await;
-    let service = Service::start(&config("", &upstream_toml("origin", &proxy.url(), "")));
+    let service = InProcess::start(&ServiceConfig::with(origin(&proxy.url())).toml()).await;
     let mut client = service.client().await;
     let layer = &image.layers[0];
 
@@ -404,9 +179,9 @@ async fn second_fetch_is_a_hit_without_upstream_requests() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hit_survives_a_restart_on_the_same_cache_dir() {
-    let registry = Registry::start();
+    let registry = Distribution::start();
     let repo = "cache/restart";
     let image = registry.push_image(repo, "v1").await;
     let proxy = CountingProxy::start(&registry.url()).await;
@@ -416,10 +191,11 @@ async fn hit_survives_a_restart_on_the_same_cache_dir() {
         "OCI_UPSTREAM_CACHE_DIR",
         cache_dir.to_str().expect("temp paths are UTF-8"),
     )];
-    let toml = config("", &upstream_toml("origin", &proxy.url(), ""));
+    let toml = ServiceConfig::with(origin(&proxy.url())).toml();
     let layer = &image.layers[1];
 
-    let mut service = Service::start_with_env(&toml, &env);
+    // A process: the restart is a SIGTERM and a new process.
+    let mut service = Spawned::start_with_env(&toml, &env);
     let mut client = service.client().await;
     let (info, read) = fetch_blob(&mut client, repo, &layer.digest, true)
         .await
@@ -445,7 +221,7 @@ async fn hit_survives_a_restart_on_the_same_cache_dir() {
     assert!(status.success(), "exit status after SIGTERM: {status}");
 
     let before = proxy.total();
-    let service = Service::start_with_env(&toml, &env);
+    let service = Spawned::start_with_env(&toml, &env);
     let mut client = service.client().await;
     let (info, read) = fetch_blob(&mut client, repo, &layer.digest, true)
         .await
@@ -476,18 +252,21 @@ async fn hit_survives_a_restart_on_the_same_cache_dir() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_content_and_stale_tags_are_served_while_the_upstream_is_down() {
     const TAG_TTL: Duration = Duration::from_secs(1);
-    let mut registry = Registry::start();
+    let mut registry = Distribution::start();
     let repo = "cache/down";
     let image = registry.push_image(repo, "v1").await;
     let uncached = registry.push_image(repo, "v2").await;
     // Straight at the registry: once it is stopped, connections are refused.
-    let service = Service::start(&config(
-        "tag_ttl = \"1s\"\nstale_if_error = \"24h\"",
-        &upstream_toml("origin", &registry.url(), "retries = 0"),
-    ));
+    let service = InProcess::start(
+        &ServiceConfig::with(origin(&registry.url()).retries(0))
+            .cache("tag_ttl = \"1s\"")
+            .cache("stale_if_error = \"24h\"")
+            .toml(),
+    )
+    .await;
     let mut client = service.client().await;
     let layer = &image.layers[0];
 
@@ -561,10 +340,10 @@ async fn cached_content_and_stale_tags_are_served_while_the_upstream_is_down() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eviction_keeps_the_store_under_max_size_while_an_evicted_blob_streams() {
     const MAX_SIZE: u64 = 100 * MIB;
-    let registry = Registry::start();
+    let registry = Distribution::start();
     let repo = "cache/evict";
     let big = registry.push_big_blob(repo, 0xB16, 64 * MIB + 321).await;
     let mut others = Vec::new();
@@ -574,16 +353,13 @@ async fn eviction_keeps_the_store_under_max_size_while_an_evicted_blob_streams()
     let proxy = CountingProxy::start(&registry.url()).await;
     let cache = tempfile::tempdir().expect("temp dir for the cache");
     let cache_dir = cache.path().join("cache");
-    let service = Service::start_with_env(
-        &config(
-            "max_size = \"100MiB\"",
-            &upstream_toml("origin", &proxy.url(), ""),
-        ),
-        &[(
-            "OCI_UPSTREAM_CACHE_DIR",
-            cache_dir.to_str().expect("temp paths are UTF-8"),
-        )],
-    );
+    let service = InProcess::start_with_cache(
+        &ServiceConfig::with(origin(&proxy.url()))
+            .cache("max_size = \"100MiB\"")
+            .toml(),
+        &cache_dir,
+    )
+    .await;
     let mut client = service.client().await;
 
     let (_, cold) = fetch_blob(&mut client, repo, &big.digest, false)
@@ -603,24 +379,16 @@ async fn eviction_keeps_the_store_under_max_size_while_an_evicted_blob_streams()
     // the first data message: the service's reader now waits with the file
     // open.
     let mut reader = service.client().await;
-    let mut stream = bounded(reader.fetch_blob(blob_request(repo, &big.digest)))
+    let mut stream = BlobStream::open(&mut reader, blob_request(repo, &big.digest))
         .await
         .expect("FetchBlob of the cached big blob")
-        .into_inner();
-    let mut partial = empty_read();
-    let mut hasher = Sha256::new();
-    while partial.len == 0 {
-        let msg = bounded(stream.message())
-            .await
-            .expect("FetchBlob stream of the cached big blob")
-            .expect("the stream has data before its end");
-        if partial.info.is_none() {
-            partial.info = msg.info;
-        }
-        hasher.update(&msg.data);
-        partial.len += msg.data.len() as u64;
-    }
-    let info = partial.info.clone().expect("first message carries info");
+        .discard();
+    stream.first_data().await;
+    let info = stream
+        .read()
+        .info
+        .clone()
+        .expect("first message carries info");
     assert!(
         source_of(info.source.as_ref()).1,
         "second read of the big blob is a hit"
@@ -655,7 +423,7 @@ async fn eviction_keeps_the_store_under_max_size_while_an_evicted_blob_streams()
     );
 
     // The reader that started before the eviction still gets every byte.
-    let read = drain(stream, partial, hasher, false).await;
+    let read = stream.finish().await;
     read.end
         .as_ref()
         .expect("the stream of an evicted blob must end cleanly");
@@ -668,10 +436,10 @@ async fn eviction_keeps_the_store_under_max_size_while_an_evicted_blob_streams()
     assert!(stored <= MAX_SIZE, "store holds {stored} bytes at the end");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_blob_is_not_served_through_a_route_whose_upstream_lacks_it() {
-    let private = Registry::start();
-    let public = Registry::start();
+    let private = Distribution::start();
+    let public = Distribution::start();
     let secret = pseudo_random_bytes(0x5EC, 70_000);
     let digest = private.push_blob("private/x", &secret).await;
     public
@@ -679,14 +447,14 @@ async fn cached_blob_is_not_served_through_a_route_whose_upstream_lacks_it() {
         .await;
     let p = CountingProxy::start(&private.url()).await;
     let q = CountingProxy::start(&public.url()).await;
-    let service = Service::start(&config(
-        "negative_ttl = \"0s\"",
-        &format!(
-            "{}{}",
-            upstream_toml("p", &p.url(), "repositories = [\"private/**\"]"),
-            upstream_toml("q", &q.url(), "repositories = [\"public/**\"]"),
-        ),
-    ));
+    let service = InProcess::start(
+        &ServiceConfig::new()
+            .cache("negative_ttl = \"0s\"")
+            .upstream(Upstream::new("p", &p.url()).line("repositories = [\"private/**\"]"))
+            .upstream(Upstream::new("q", &q.url()).line("repositories = [\"public/**\"]"))
+            .toml(),
+    )
+    .await;
     let mut client = service.client().await;
 
     let (info, read) = fetch_blob(&mut client, "private/x", &digest, true)
@@ -745,22 +513,22 @@ async fn cached_blob_is_not_served_through_a_route_whose_upstream_lacks_it() {
     assert!(head.exists, "HeadBlob via public/y once q holds it");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_manifest_is_not_served_through_a_route_whose_upstream_lacks_it() {
-    let private = Registry::start();
-    let public = Registry::start();
+    let private = Distribution::start();
+    let public = Distribution::start();
     let image = private.push_image("private/x", "v1").await;
     public.push_image("public/y", "v1").await;
     let p = CountingProxy::start(&private.url()).await;
     let q = CountingProxy::start(&public.url()).await;
-    let service = Service::start(&config(
-        "negative_ttl = \"0s\"",
-        &format!(
-            "{}{}",
-            upstream_toml("p", &p.url(), "repositories = [\"private/**\"]"),
-            upstream_toml("q", &q.url(), "repositories = [\"public/**\"]"),
-        ),
-    ));
+    let service = InProcess::start(
+        &ServiceConfig::new()
+            .cache("negative_ttl = \"0s\"")
+            .upstream(Upstream::new("p", &p.url()).line("repositories = [\"private/**\"]"))
+            .upstream(Upstream::new("q", &q.url()).line("repositories = [\"public/**\"]"))
+            .toml(),
+    )
+    .await;
     let mut client = service.client().await;
     let digest = &image.manifest.digest;
 
@@ -806,16 +574,18 @@ async fn cached_manifest_is_not_served_through_a_route_whose_upstream_lacks_it()
     assert_eq!(q.count("GET", &on_q), 0, "q was not asked for the bytes");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_found_is_remembered_for_negative_ttl() {
-    let registry = Registry::start();
+    let registry = Distribution::start();
     let repo = "cache/negative";
     registry.push_image(repo, "v1").await;
     let proxy = CountingProxy::start(&registry.url()).await;
-    let service = Service::start(&config(
-        "negative_ttl = \"30s\"",
-        &upstream_toml("origin", &proxy.url(), ""),
-    ));
+    let service = InProcess::start(
+        &ServiceConfig::with(origin(&proxy.url()))
+            .cache("negative_ttl = \"30s\"")
+            .toml(),
+    )
+    .await;
     let mut client = service.client().await;
 
     for attempt in 1..=2 {

@@ -1,5 +1,6 @@
-//! Cache behaviour under faults, against fake and slow upstreams and the
-//! spawned binary: concurrent cold fetches of one blob share one upstream
+//! Cache behaviour under faults, against fake and slow upstreams (the tests
+//! that kill the service or show its log run the binary, the others the
+//! service in process): concurrent cold fetches of one blob share one upstream
 //! download whose bytes reach late joiners while it runs; a SIGKILL in the
 //! middle of a download leaves nothing in the store and the blob is fetched
 //! again after the restart; tag entries follow `tag_ttl`, are refreshed in the
@@ -13,106 +14,50 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::Service;
-use common::fake::{FakeRegistry, Reply, sha256_digest};
-use common::registry::{pseudo_random_bytes, upstream_toml};
-use common::rpc::{Client, blob_request, bounded, fetch_manifest, head_manifest};
+use common::config::{ServiceConfig, Upstream};
+use common::content::{OCI_MANIFEST, image_manifest, random_blob, sha256_digest};
+use common::fake::{FakeRegistry, Reply};
+use common::rpc::{BlobStream, Client, blob_request, fetch_manifest, head_manifest};
 use common::slow::SlowBlobServer;
-use oci_upstream::pb::{BlobInfo, FetchBlobResponse};
-use serde_json::json;
+use common::{InProcess, POLL_BOUND, Spawned, eventually, eventually_within};
+use oci_upstream::pb::BlobInfo;
 use tokio::time::Instant;
-use tonic::{Code, Status, Streaming};
+use tonic::{Code, Status};
 
-/// Upper bound on waiting for something the service does in the background.
-const POLL_BOUND: Duration = Duration::from_secs(20);
+/// Pause between two polls of a loop that polls with RPCs.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 const MIB: usize = 1024 * 1024;
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// The slow upstream's pace: this many bytes, then [`SLOW_DELAY`].
 const SLOW_CHUNK: usize = 64 * 1024;
 /// About 16 MiB/s: a 64 MiB download lasts a few seconds, well above the
 /// service's default `min_rate`.
 const SLOW_DELAY: Duration = Duration::from_millis(4);
 
-/// Polls `done` every [`POLL_INTERVAL`] until it holds, failing with `what`
-/// after [`POLL_BOUND`].
-async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + POLL_BOUND;
-    while !done() {
-        assert!(Instant::now() < deadline, "gave up waiting for {what}");
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
+/// Polls `done` until it holds, failing with `what` after the poll bound.
+async fn wait_for(what: &str, done: impl FnMut() -> bool) {
+    assert!(eventually(done).await, "gave up waiting for {what}");
 }
 
-/// A blob stream being read, every data byte compared as it arrives with
-/// the upstream's content (whose sha256 is the digest asked for), so a stream
-/// read to its end with all its bytes is byte-identical to the blob and
-/// thereby verified. (Comparing is cheap; hashing each of many 64 MiB
-/// streams again in an unoptimised test build is not.)
-struct Reader {
-    stream: Streaming<FetchBlobResponse>,
+/// Starts FetchBlob of blob `digest`, whose content is `expected`: every
+/// data byte is compared as it arrives, so a stream read to its end with all
+/// its bytes is byte-identical to the blob and thereby verified.
+async fn start_reader(
+    client: &mut Client,
+    repository: &str,
+    digest: &str,
     expected: Arc<Bytes>,
-    info: Option<BlobInfo>,
-    received: u64,
+) -> BlobStream {
+    BlobStream::open(client, blob_request(repository, digest))
+        .await
+        .expect("FetchBlob call")
+        .expect(Bytes::clone(&expected))
 }
 
-impl Reader {
-    /// Calls FetchBlob for blob `digest`, whose content is `expected`.
-    async fn start(
-        client: &mut Client,
-        repository: &str,
-        digest: &str,
-        expected: Arc<Bytes>,
-    ) -> Reader {
-        let stream = bounded(client.fetch_blob(blob_request(repository, digest)))
-            .await
-            .expect("FetchBlob call")
-            .into_inner();
-        Reader {
-            stream,
-            expected,
-            info: None,
-            received: 0,
-        }
-    }
-
-    /// Reads one message; false at the end of the stream.
-    async fn step(&mut self) -> Result<bool, Status> {
-        let Some(msg) = bounded(self.stream.message()).await? else {
-            return Ok(false);
-        };
-        if self.info.is_none() {
-            self.info = msg.info;
-        }
-        if !msg.data.is_empty() {
-            assert_eq!(msg.offset as u64, self.received, "offset of a data message");
-            let at = usize::try_from(self.received).expect("offsets fit in usize");
-            let end = at + msg.data.len();
-            assert!(
-                end <= self.expected.len() && msg.data[..] == self.expected[at..end],
-                "bytes {at}..{end} of the blob differ from the upstream's"
-            );
-        }
-        self.received += msg.data.len() as u64;
-        Ok(true)
-    }
-
-    /// Reads until the first data message has arrived.
-    async fn first_data(&mut self) {
-        while self.received == 0 {
-            let more = self.step().await.expect("FetchBlob stream");
-            assert!(more, "the stream ended before any data");
-        }
-    }
-
-    /// Reads to the end; returns the info and the byte count. With the
-    /// count equal to the blob's size, the stream was the blob, byte for
-    /// byte.
-    async fn finish(mut self) -> (BlobInfo, u64) {
-        while self.step().await.expect("FetchBlob stream") {}
-        let info = self.info.expect("the first FetchBlob message carries info");
-        (info, self.received)
-    }
+/// Reads to an OK end; the info and the byte count. With the count equal to
+/// the blob's size, the stream was the blob, byte for byte.
+async fn finish_reader(reader: BlobStream) -> (BlobInfo, u64) {
+    let (info, read) = reader.finish().await.succeeded();
+    (info, read.len)
 }
 
 /// Whether a response's source says "from cache".
@@ -120,39 +65,8 @@ fn cache_hit(source: Option<&oci_upstream::pb::Source>) -> bool {
     source.expect("responses carry a source").cache_hit
 }
 
-/// A small valid OCI image manifest derived from `seed`.
-fn image_manifest(seed: &str) -> Vec<u8> {
-    let layer = format!("layer of {seed}").into_bytes();
-    let config = serde_json::to_vec(&json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": [sha256_digest(&layer)]},
-    }))
-    .expect("JSON serializes");
-    serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": sha256_digest(&config),
-            "size": config.len(),
-        },
-        "layers": [{
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-            "digest": sha256_digest(&layer),
-            "size": layer.len(),
-        }],
-    }))
-    .expect("JSON serializes")
-}
-
-/// A service config: `[cache]` with `cache` lines, then the upstream blocks.
-fn config(cache: &str, upstreams: &str) -> String {
-    format!("[cache]\n{cache}\n\n{upstreams}")
-}
-
 /// The lines of the service's log that mention `word`.
-fn log_lines(service: &Service, word: &str) -> String {
+fn log_lines(service: &Spawned, word: &str) -> String {
     service
         .logs()
         .lines()
@@ -184,7 +98,7 @@ async fn concurrent_cold_fetches_share_one_download_and_joiners_get_bytes_early(
     const CALLERS: usize = 32;
     const SIZE: usize = 64 * MIB + 12_345;
     let repo = "team/big";
-    let data = Arc::new(Bytes::from(pseudo_random_bytes(0xC0A1E5CE, SIZE)));
+    let data = Arc::new(random_blob(0xC0A1E5CE, SIZE));
     let digest = sha256_digest(&data);
     let slow = Arc::new(SlowBlobServer::start(
         repo,
@@ -193,22 +107,25 @@ async fn concurrent_cold_fetches_share_one_download_and_joiners_get_bytes_early(
         SLOW_DELAY,
     ));
     assert_eq!(slow.digest(), digest, "the slow upstream serves this blob");
-    let service = Arc::new(Service::start(&upstream_toml("slow", &slow.url(), "")));
+    // A process: a failure shows the service's log about the blob.
+    let service = Arc::new(Spawned::start(
+        &ServiceConfig::with(Upstream::new("slow", &slow.url())).toml(),
+    ));
 
     // The first caller starts the download; the others join once the
     // upstream has begun sending, so every one of them joins a running
     // download. Each notes whether the upstream had already sent its last
     // byte when the caller's first data arrived.
     async fn read_noting_upstream(
-        mut reader: Reader,
+        mut reader: BlobStream,
         slow: Arc<SlowBlobServer>,
     ) -> (bool, (BlobInfo, u64)) {
         reader.first_data().await;
         let upstream_done_at_first_data = slow.completed_gets() > 0;
-        (upstream_done_at_first_data, reader.finish().await)
+        (upstream_done_at_first_data, finish_reader(reader).await)
     }
     let mut client = service.client().await;
-    let first = Reader::start(&mut client, repo, &digest, data.clone()).await;
+    let first = start_reader(&mut client, repo, &digest, data.clone()).await;
     wait_for("the upstream to start sending the blob", || {
         slow.sent_bytes() > 0
     })
@@ -230,7 +147,7 @@ async fn concurrent_cold_fetches_share_one_download_and_joiners_get_bytes_early(
             (service.clone(), slow.clone(), data.clone(), digest.clone());
         tasks.push(tokio::spawn(async move {
             let mut client = service.client().await;
-            let reader = Reader::start(&mut client, repo, &digest, data).await;
+            let reader = start_reader(&mut client, repo, &digest, data).await;
             read_noting_upstream(reader, slow).await
         }));
     }
@@ -261,11 +178,11 @@ async fn concurrent_cold_fetches_share_one_download_and_joiners_get_bytes_early(
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_download_leaves_no_object_and_the_blob_is_fetched_again() {
     const SIZE: usize = 32 * MIB + 7;
     let repo = "team/crash";
-    let data = Arc::new(Bytes::from(pseudo_random_bytes(0xDEAD, SIZE)));
+    let data = Arc::new(random_blob(0xDEAD, SIZE));
     let digest = sha256_digest(&data);
     let slow = SlowBlobServer::start(repo, Bytes::clone(&data), SLOW_CHUNK, SLOW_DELAY);
     let cache = tempfile::tempdir().expect("temp dir for the cache");
@@ -274,21 +191,22 @@ async fn sigkill_mid_download_leaves_no_object_and_the_blob_is_fetched_again() {
         "OCI_UPSTREAM_CACHE_DIR",
         cache_dir.to_str().expect("temp paths are UTF-8"),
     )];
-    let toml = upstream_toml("slow", &slow.url(), "");
+    let toml = ServiceConfig::with(Upstream::new("slow", &slow.url())).toml();
     let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
     let object = cache_dir.join("objects/sha256").join(hex);
     let meta = cache_dir.join(format!("objects/sha256/{hex}.meta"));
     let tmp = cache_dir.join("tmp");
 
-    let mut service = Service::start_with_env(&toml, &env);
+    // A process, to be killed mid-download.
+    let mut service = Spawned::start_with_env(&toml, &env);
     let mut client = service.client().await;
-    let mut reader = Reader::start(&mut client, repo, &digest, data.clone()).await;
+    let mut reader = start_reader(&mut client, repo, &digest, data.clone()).await;
     reader.first_data().await;
     // Callers get bytes before they reach the file; wait for the file too.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !files_in(&tmp).iter().any(|(_, len)| *len > 0) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_within(Duration::from_secs(10), || {
+        files_in(&tmp).iter().any(|(_, len)| *len > 0)
+    })
+    .await;
     service.kill();
     assert_eq!(
         slow.completed_gets(),
@@ -312,7 +230,7 @@ async fn sigkill_mid_download_leaves_no_object_and_the_blob_is_fetched_again() {
     // Restart on the same cache: the leftover is gone and the blob is not
     // served from cache, but fetched again (at full speed now).
     slow.set_delay(Duration::ZERO);
-    let service = Service::start_with_env(&toml, &env);
+    let service = Spawned::start_with_env(&toml, &env);
     assert_eq!(
         files_in(&tmp),
         Vec::<(String, u64)>::new(),
@@ -323,10 +241,8 @@ async fn sigkill_mid_download_leaves_no_object_and_the_blob_is_fetched_again() {
         "no object for the interrupted blob after the restart"
     );
     let mut client = service.client().await;
-    let (info, len) = Reader::start(&mut client, repo, &digest, data.clone())
-        .await
-        .finish()
-        .await;
+    let reader = start_reader(&mut client, repo, &digest, data.clone()).await;
+    let (info, len) = finish_reader(reader).await;
     assert_eq!(len, SIZE as u64, "bytes of the refetched blob");
     assert!(
         !cache_hit(info.source.as_ref()),
@@ -337,10 +253,8 @@ async fn sigkill_mid_download_leaves_no_object_and_the_blob_is_fetched_again() {
         2,
         "the blob is fetched from the upstream again after the restart"
     );
-    let (info, len) = Reader::start(&mut client, repo, &digest, data)
-        .await
-        .finish()
-        .await;
+    let reader = start_reader(&mut client, repo, &digest, data).await;
+    let (info, len) = finish_reader(reader).await;
     assert_eq!(len, SIZE as u64, "bytes of the cached blob");
     assert!(
         cache_hit(info.source.as_ref()),
@@ -349,14 +263,13 @@ async fn sigkill_mid_download_leaves_no_object_and_the_blob_is_fetched_again() {
     assert_eq!(slow.blob_gets(), 2, "a hit makes no upstream GET");
     // The store is written after the caller has its verified bytes (the
     // sync into the store is not on the caller's path): poll, bounded.
-    let committed = Instant::now() + Duration::from_secs(20);
-    while !object.is_file() && Instant::now() < committed {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(object.is_file(), "the refetched blob is in the store");
+    assert!(
+        eventually(|| object.is_file()).await,
+        "the refetched blob is in the store"
+    );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tag_ttl_stale_while_revalidate_and_stale_if_error() {
     const TAG_TTL: Duration = Duration::from_secs(2);
     /// Margin past the TTL so the entry is surely older than it.
@@ -364,11 +277,14 @@ async fn tag_ttl_stale_while_revalidate_and_stale_if_error() {
     let repo = "team/app";
     let tag_path = format!("/v2/{repo}/manifests/v1");
     let fake = FakeRegistry::start().await;
-    let old = fake.put_manifest(repo, Some("v1"), OCI_MANIFEST, &image_manifest("one"));
-    let service = Service::start(&config(
-        "tag_ttl = \"2s\"\nstale_if_error = \"24h\"",
-        &upstream_toml("fake", &fake.url(), "retries = 0"),
-    ));
+    let old = fake.put_manifest(repo, Some("v1"), OCI_MANIFEST, &image_manifest("one", 1));
+    let service = InProcess::start(
+        &ServiceConfig::with(Upstream::new("fake", &fake.url()).retries(0))
+            .cache("tag_ttl = \"2s\"")
+            .cache("stale_if_error = \"24h\"")
+            .toml(),
+    )
+    .await;
     let mut client = service.client().await;
 
     let got = fetch_manifest(&mut client, repo, "v1")
@@ -381,7 +297,7 @@ async fn tag_ttl_stale_while_revalidate_and_stale_if_error() {
 
     // The tag moves upstream; within tag_ttl the cached answer stands and the
     // upstream is not asked.
-    let new = fake.put_manifest(repo, Some("v1"), OCI_MANIFEST, &image_manifest("two"));
+    let new = fake.put_manifest(repo, Some("v1"), OCI_MANIFEST, &image_manifest("two", 1));
     let got = fetch_manifest(&mut client, repo, "v1")
         .await
         .expect("FetchManifest within tag_ttl");
@@ -465,7 +381,7 @@ async fn tag_ttl_stale_while_revalidate_and_stale_if_error() {
     assert_eq!(got.digest, new, "a failed refresh keeps the entry");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_tag_is_not_served_past_stale_if_error() {
     const TAG_TTL: Duration = Duration::from_secs(1);
     const STALE_IF_ERROR: Duration = Duration::from_secs(3);
@@ -473,11 +389,14 @@ async fn stale_tag_is_not_served_past_stale_if_error() {
     let repo = "team/old";
     let tag_path = format!("/v2/{repo}/manifests/v1");
     let fake = FakeRegistry::start().await;
-    let digest = fake.put_manifest(repo, Some("v1"), OCI_MANIFEST, &image_manifest("old"));
-    let service = Service::start(&config(
-        "tag_ttl = \"1s\"\nstale_if_error = \"3s\"",
-        &upstream_toml("fake", &fake.url(), "retries = 0"),
-    ));
+    let digest = fake.put_manifest(repo, Some("v1"), OCI_MANIFEST, &image_manifest("old", 1));
+    let service = InProcess::start(
+        &ServiceConfig::with(Upstream::new("fake", &fake.url()).retries(0))
+            .cache("tag_ttl = \"1s\"")
+            .cache("stale_if_error = \"3s\"")
+            .toml(),
+    )
+    .await;
     let mut client = service.client().await;
     let got = fetch_manifest(&mut client, repo, "v1")
         .await

@@ -1,7 +1,8 @@
-//! Fault injection against the real `oci-upstream` binary: each test scripts
-//! one or more in-process fake registries (wrong bytes, lying headers, 5xx,
-//! redirects, auth challenges, hostile tag-list links, oversized bodies) and
-//! checks the gRPC answers and what the fakes received.
+//! Fault injection: each test scripts one or more in-process fake registries
+//! (wrong bytes, lying headers, 5xx, redirects, auth challenges, hostile
+//! tag-list links, oversized bodies) and checks the gRPC answers and what the
+//! fakes received. The service runs in process, except where the test is
+//! about its process environment.
 
 use crate::common;
 
@@ -9,146 +10,77 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use common::Service;
-use common::fake::{FakeRegistry, Recorded, Reply, sha256_digest};
-use common::rpc::{
-    blob_request, expect_err, head_manifest_request, manifest_request, read_blob_stream,
-    tags_request,
+use common::config::{ServiceConfig, Upstream};
+use common::content::{
+    self, DOCKER_LIST, DOCKER_MANIFEST, Descriptor, OCI_INDEX, OCI_MANIFEST, index_json,
+    pseudo_random_bytes, sha256_digest,
 };
-use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
-use oci_upstream::pb::{BlobInfo, FetchBlobRequest, FetchManifestRequest, Platform};
+use common::fake::{FakeRegistry, Recorded, Reply};
+use common::rpc::{
+    BlobRead, Client, RPC_BOUND, blob_request, expect_err, head_manifest_request, manifest_request,
+    read_blob_call, tags_request,
+};
+use common::{InProcess, Spawned};
+use oci_upstream::pb::{FetchBlobRequest, FetchManifestRequest, Platform};
 use serde_json::json;
 use tonic::Code;
-use tonic::transport::Channel;
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const REPO: &str = "team/app";
 const MIB: usize = 1024 * 1024;
 
-/// Safety net so a hanging service fails the test instead of hanging the
-/// suite; never asserted on.
-const CALL_DEADLINE: Duration = Duration::from_secs(60);
-
 // ---------------------------------------------------------------------------
-// Content and config builders
-
-/// A realistic image manifest of `media_type` (OCI or Docker v2) whose config
-/// and layer digests are those of real content derived from `seed`.
-fn image_manifest_of(media_type: &str, seed: &str) -> Bytes {
-    let layer = format!("layer bytes of {seed}").into_bytes();
-    let config = serde_json::to_vec(&json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Labels": {"seed": seed}},
-        "rootfs": {"type": "layers", "diff_ids": [sha256_digest(&layer)]},
-    }))
-    .expect("JSON serializes");
-    let (config_type, layer_type) = if media_type == DOCKER_MANIFEST {
-        (
-            "application/vnd.docker.container.image.v1+json",
-            "application/vnd.docker.image.rootfs.diff.tar.gzip",
-        )
-    } else {
-        (OCI_CONFIG, OCI_LAYER)
-    };
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": media_type,
-        "config": {"mediaType": config_type, "digest": sha256_digest(&config), "size": config.len()},
-        "layers": [{"mediaType": layer_type, "digest": sha256_digest(&layer), "size": layer.len()}],
-    });
-    serde_json::to_vec(&manifest)
-        .expect("JSON serializes")
-        .into()
-}
+// Content and config
 
 /// An OCI image manifest derived from `seed`.
 fn image_manifest(seed: &str) -> Bytes {
-    image_manifest_of(OCI_MANIFEST, seed)
+    content::image_manifest(seed, 1)
+}
+
+/// A realistic image manifest of `media_type` (OCI or Docker v2).
+fn image_manifest_of(media_type: &str, seed: &str) -> Bytes {
+    content::image_manifest_of(media_type, seed, 1)
 }
 
 /// An OCI index over `children` (manifest bytes, architecture), all linux.
 fn image_index(children: &[(&Bytes, &str)]) -> Bytes {
-    let manifests: Vec<_> = children
+    let manifests: Vec<Descriptor> = children
         .iter()
-        .map(|(body, arch)| {
-            json!({
-                "mediaType": OCI_MANIFEST,
-                "digest": sha256_digest(body),
-                "size": body.len(),
-                "platform": {"os": "linux", "architecture": arch},
-            })
-        })
+        .map(|(body, arch)| Descriptor::of(OCI_MANIFEST, body).platform("linux", arch, None))
         .collect();
-    let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests});
-    serde_json::to_vec(&index).expect("JSON serializes").into()
+    index_json(OCI_INDEX, &manifests)
 }
 
-/// Deterministic, incompressible-looking blob bytes.
-fn blob_bytes(len: usize, seed: u32) -> Vec<u8> {
-    (0..len as u32)
-        .map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect()
-}
-
-/// One `[[upstreams]]` table for `fake`, plus `extra` TOML lines.
-fn upstream(name: &str, fake: &FakeRegistry, priority: u32, extra: &str) -> String {
-    format!(
-        "[[upstreams]]\nname = \"{name}\"\nurl = \"{}\"\npriority = {priority}\n{extra}\n",
-        fake.url()
-    )
+/// The upstream `name` for `fake` at `priority`.
+fn upstream(name: &str, fake: &FakeRegistry, priority: u32) -> Upstream {
+    Upstream::new(name, &fake.url()).priority(priority)
 }
 
 /// Few, quick retries, so that tests with failing upstreams stay fast.
-const QUICK_RETRIES: &str = "retries = 1\nretry_max_delay = \"50ms\"\n";
+fn quick(upstream: Upstream) -> Upstream {
+    upstream
+        .retries(1)
+        .retry_max_delay(Duration::from_millis(50))
+}
+
+/// A config of `upstreams`, in order.
+fn config(upstreams: impl IntoIterator<Item = Upstream>) -> ServiceConfig {
+    upstreams
+        .into_iter()
+        .fold(ServiceConfig::new(), ServiceConfig::upstream)
+}
 
 // ---------------------------------------------------------------------------
 // gRPC helpers
 
 fn deadline<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request.set_timeout(CALL_DEADLINE);
+    request.set_timeout(RPC_BOUND);
     request
 }
 
-/// Everything a FetchBlob stream delivered before it ended.
-struct BlobOutcome {
-    info: Option<BlobInfo>,
-    data: Vec<u8>,
-    messages: usize,
-    /// Largest `data` in one message.
-    largest: usize,
-    /// The terminating status; `None` when the stream ended OK.
-    error: Option<tonic::Status>,
-}
-
-async fn fetch_blob(
-    client: &mut UpstreamServiceClient<Channel>,
-    request: FetchBlobRequest,
-) -> BlobOutcome {
-    let mut outcome = BlobOutcome {
-        info: None,
-        data: Vec::new(),
-        messages: 0,
-        largest: 0,
-        error: None,
-    };
-    let end = read_blob_stream(client.fetch_blob(deadline(request)), |message| {
-        outcome.messages += 1;
-        if outcome.info.is_none() {
-            outcome.info = message.info;
-        }
-        outcome.largest = outcome.largest.max(message.data.len());
-        outcome.data.extend_from_slice(&message.data);
-    })
-    .await;
-    outcome.error = end.err();
-    outcome
+/// FetchBlob of `request` (with the deadline) to the end of its stream.
+async fn fetch_blob(client: &mut Client, request: FetchBlobRequest) -> BlobRead {
+    read_blob_call(client, deadline(request)).await
 }
 
 /// The media types listed by a request's `Accept` headers, parameters dropped.
@@ -169,7 +101,7 @@ fn manifest_path(reference: &str) -> String {
 // ---------------------------------------------------------------------------
 // Integrity
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifest_by_digest_with_wrong_bytes_is_data_loss_when_alone() {
     let a = FakeRegistry::start().await;
     let good = image_manifest("good");
@@ -180,7 +112,7 @@ async fn manifest_by_digest_with_wrong_bytes_is_data_loss_when_alone() {
             .header("Content-Type", OCI_MANIFEST)
             .header("Docker-Content-Digest", &digest),
     );
-    let service = Service::start(&upstream("a", &a, 10, ""));
+    let service = InProcess::start(&config([upstream("a", &a, 10)]).toml()).await;
     let mut client = service.client().await;
 
     for attempt in 1..=2 {
@@ -201,7 +133,7 @@ async fn manifest_by_digest_with_wrong_bytes_is_data_loss_when_alone() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifest_by_digest_with_wrong_bytes_is_taken_from_the_next_upstream() {
     let a = FakeRegistry::start().await;
     let b = FakeRegistry::start().await;
@@ -213,8 +145,8 @@ async fn manifest_by_digest_with_wrong_bytes_is_taken_from_the_next_upstream() {
             .header("Content-Type", OCI_MANIFEST)
             .header("Docker-Content-Digest", &digest),
     );
-    let config = upstream("a", &a, 10, "") + &upstream("b", &b, 20, "");
-    let service = Service::start(&config);
+    let config = config([upstream("a", &a, 10), upstream("b", &b, 20)]).toml();
+    let service = InProcess::start(&config).await;
     let mut client = service.client().await;
 
     let response = client
@@ -232,7 +164,7 @@ async fn manifest_by_digest_with_wrong_bytes_is_taken_from_the_next_upstream() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_content_digest_disagreeing_with_the_bytes_is_data_loss_when_alone() {
     let a = FakeRegistry::start().await;
     let body = image_manifest("tagged");
@@ -242,7 +174,7 @@ async fn docker_content_digest_disagreeing_with_the_bytes_is_data_loss_when_alon
             .header("Content-Type", OCI_MANIFEST)
             .header("Docker-Content-Digest", &sha256_digest(b"something else")),
     );
-    let service = Service::start(&upstream("a", &a, 10, ""));
+    let service = InProcess::start(&config([upstream("a", &a, 10)]).toml()).await;
     let mut client = service.client().await;
 
     let status = expect_err(
@@ -253,7 +185,7 @@ async fn docker_content_digest_disagreeing_with_the_bytes_is_data_loss_when_alon
     assert_eq!(status.code(), Code::DataLoss, "{status:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_content_digest_disagreeing_with_the_bytes_moves_on_to_the_next_upstream() {
     let a = FakeRegistry::start().await;
     let b = FakeRegistry::start().await;
@@ -265,8 +197,8 @@ async fn docker_content_digest_disagreeing_with_the_bytes_moves_on_to_the_next_u
             .header("Content-Type", OCI_MANIFEST)
             .header("Docker-Content-Digest", &sha256_digest(b"something else")),
     );
-    let config = upstream("a", &a, 10, "") + &upstream("b", &b, 20, "");
-    let service = Service::start(&config);
+    let config = config([upstream("a", &a, 10), upstream("b", &b, 20)]).toml();
+    let service = InProcess::start(&config).await;
     let mut client = service.client().await;
 
     let response = client
@@ -283,11 +215,11 @@ async fn docker_content_digest_disagreeing_with_the_bytes_moves_on_to_the_next_u
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blob_with_wrong_bytes_ends_with_data_loss_before_the_last_bytes() {
     let a = FakeRegistry::start().await;
     let size = 5 * MIB / 2;
-    let good = blob_bytes(size, 1);
+    let good = pseudo_random_bytes(1, size);
     let digest = sha256_digest(&good);
     let mut bad = good.clone();
     bad[size / 2] ^= 0xff;
@@ -298,15 +230,15 @@ async fn blob_with_wrong_bytes_ends_with_data_loss_before_the_last_bytes() {
             .header("Docker-Content-Digest", &digest),
     );
     // Control: another blob of the same size, intact.
-    let intact = blob_bytes(size, 2);
+    let intact = pseudo_random_bytes(2, size);
     let intact_digest = a.put_blob(REPO, &intact);
-    let service = Service::start(&upstream("a", &a, 10, ""));
+    let service = InProcess::start(&config([upstream("a", &a, 10)]).toml()).await;
     let mut client = service.client().await;
 
     for attempt in 1..=2 {
         let outcome = fetch_blob(&mut client, blob_request(REPO, &digest)).await;
         let status = outcome
-            .error
+            .error()
             .unwrap_or_else(|| panic!("attempt {attempt}: the stream must not end OK"));
         assert_eq!(
             status.code(),
@@ -322,9 +254,9 @@ async fn blob_with_wrong_bytes_ends_with_data_loss_before_the_last_bytes() {
 
     let control = fetch_blob(&mut client, blob_request(REPO, &intact_digest)).await;
     assert!(
-        control.error.is_none(),
+        control.end.is_ok(),
         "intact blob streams OK: {:?}",
-        control.error
+        control.end
     );
     assert!(control.data == intact, "intact blob arrives whole");
     assert!(
@@ -339,7 +271,7 @@ async fn blob_with_wrong_bytes_ends_with_data_loss_before_the_last_bytes() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn platform_child_with_wrong_bytes_is_data_loss() {
     let a = FakeRegistry::start().await;
     let amd = image_manifest("amd64 child");
@@ -358,7 +290,7 @@ async fn platform_child_with_wrong_bytes_is_data_loss() {
             .header("Content-Type", OCI_MANIFEST)
             .header("Docker-Content-Digest", &amd_digest),
     );
-    let service = Service::start(&upstream("a", &a, 10, ""));
+    let service = InProcess::start(&config([upstream("a", &a, 10)]).toml()).await;
     let mut client = service.client().await;
     let for_platform = |architecture: &str| FetchManifestRequest {
         platform: Some(Platform {
@@ -384,7 +316,7 @@ async fn platform_child_with_wrong_bytes_is_data_loss() {
 // ---------------------------------------------------------------------------
 // Failover and the error model
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_move_on_to_the_next_upstream() {
     let a = FakeRegistry::start().await;
     let b = FakeRegistry::start().await;
@@ -394,8 +326,8 @@ async fn server_errors_move_on_to_the_next_upstream() {
     b.put_manifest(REPO, Some("v503"), OCI_MANIFEST, &v503);
     a.on(&manifest_path("v500"), Reply::status(500));
     a.on(&manifest_path("v503"), Reply::status(503));
-    let config = upstream("a", &a, 10, QUICK_RETRIES) + &upstream("b", &b, 20, "");
-    let service = Service::start(&config);
+    let config = config([quick(upstream("a", &a, 10)), upstream("b", &b, 20)]).toml();
+    let service = InProcess::start(&config).await;
     let mut client = service.client().await;
 
     for (tag, body) in [("v500", &v500), ("v503", &v503)] {
@@ -417,12 +349,12 @@ async fn server_errors_move_on_to_the_next_upstream() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_from_the_only_upstream_are_unavailable() {
     let a = FakeRegistry::start().await;
     a.on(&manifest_path("v500"), Reply::status(500));
     a.on(&manifest_path("v503"), Reply::status(503));
-    let service = Service::start(&upstream("a", &a, 10, QUICK_RETRIES));
+    let service = InProcess::start(&config([quick(upstream("a", &a, 10))]).toml()).await;
     let mut client = service.client().await;
 
     for tag in ["v500", "v503"] {
@@ -435,7 +367,7 @@ async fn server_errors_from_the_only_upstream_are_unavailable() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_is_retried_on_the_same_upstream() {
     let a = FakeRegistry::start().await;
     let body = image_manifest("flaky");
@@ -449,12 +381,13 @@ async fn a_503_is_retried_on_the_same_upstream() {
                 .header("Docker-Content-Digest", &digest),
         ],
     );
-    let service = Service::start(&upstream(
-        "a",
-        &a,
-        10,
-        "retries = 2\nretry_max_delay = \"50ms\"\n",
-    ));
+    let service = InProcess::start(
+        &config([upstream("a", &a, 10)
+            .retries(2)
+            .retry_max_delay(Duration::from_millis(50))])
+        .toml(),
+    )
+    .await;
     let mut client = service.client().await;
 
     let response = client
@@ -470,7 +403,7 @@ async fn a_503_is_retried_on_the_same_upstream() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_unavailable_and_one_not_found_is_unavailable() {
     for (first, second) in [(503, 404), (404, 503)] {
         let a = FakeRegistry::start().await;
@@ -484,8 +417,8 @@ async fn one_unavailable_and_one_not_found_is_unavailable() {
             fake.on(&manifest_path("v1"), reply.clone());
             fake.on(&manifest_path("v2"), reply);
         }
-        let config = upstream("a", &a, 10, QUICK_RETRIES) + &upstream("b", &b, 20, QUICK_RETRIES);
-        let service = Service::start(&config);
+        let config = config([quick(upstream("a", &a, 10)), quick(upstream("b", &b, 20))]).toml();
+        let service = InProcess::start(&config).await;
         let mut client = service.client().await;
 
         let status = expect_err(
@@ -512,7 +445,7 @@ async fn one_unavailable_and_one_not_found_is_unavailable() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_not_found_is_not_found_and_head_says_it_does_not_exist() {
     let a = FakeRegistry::start().await;
     let b = FakeRegistry::start().await;
@@ -520,8 +453,8 @@ async fn all_not_found_is_not_found_and_head_says_it_does_not_exist() {
         fake.on(&manifest_path("v1"), Reply::not_found("MANIFEST_UNKNOWN"));
         fake.on(&manifest_path("v2"), Reply::not_found("MANIFEST_UNKNOWN"));
     }
-    let config = upstream("a", &a, 10, "") + &upstream("b", &b, 20, "");
-    let service = Service::start(&config);
+    let config = config([upstream("a", &a, 10), upstream("b", &b, 20)]).toml();
+    let service = InProcess::start(&config).await;
     let mut client = service.client().await;
 
     let status = expect_err(
@@ -548,11 +481,11 @@ async fn all_not_found_is_not_found_and_head_says_it_does_not_exist() {
 // ---------------------------------------------------------------------------
 // Redirects and authentication
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirected_blob_arrives_without_credentials_sent_to_the_other_host() {
     let registry = FakeRegistry::start().await;
     let cdn = FakeRegistry::start().await;
-    let blob = blob_bytes(3 * MIB / 2, 7);
+    let blob = pseudo_random_bytes(7, 3 * MIB / 2);
     let digest = sha256_digest(&blob);
     let expected = format!(
         "Basic {}",
@@ -576,19 +509,14 @@ async fn redirected_blob_arrives_without_credentials_sent_to_the_other_host() {
     let secrets = tempfile::tempdir().expect("temp dir for the password");
     let password_file = secrets.path().join("password");
     std::fs::write(&password_file, "s3cret\n").expect("write password file");
-    let auth = format!(
-        "[upstreams.auth]\ntype = \"basic\"\nusername = \"svc\"\npassword_file = \"{}\"\n",
-        password_file.display()
-    );
-    let service = Service::start(&upstream("a", &registry, 10, &auth));
+    let service = InProcess::start(
+        &config([upstream("a", &registry, 10).auth_basic_file("svc", &password_file)]).toml(),
+    )
+    .await;
     let mut client = service.client().await;
 
     let outcome = fetch_blob(&mut client, blob_request(REPO, &digest)).await;
-    assert!(
-        outcome.error.is_none(),
-        "blob fetch failed: {:?}",
-        outcome.error
-    );
+    assert!(outcome.end.is_ok(), "blob fetch failed: {:?}", outcome.end);
     assert_eq!(outcome.data.len(), blob.len());
     assert!(outcome.data == blob, "the blob arrives intact");
     assert_eq!(
@@ -614,7 +542,7 @@ async fn redirected_blob_arrives_without_credentials_sent_to_the_other_host() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_challenge_fetches_one_token_for_the_scope() {
     let registry = FakeRegistry::start().await;
     let tokens = FakeRegistry::start().await;
@@ -636,9 +564,9 @@ async fn bearer_challenge_fetches_one_token_for_the_scope() {
     let v2 = image_manifest("two");
     registry.put_manifest(REPO, Some("v1"), OCI_MANIFEST, &v1);
     registry.put_manifest(REPO, Some("v2"), OCI_MANIFEST, &v2);
-    let blob = blob_bytes(4096, 3);
+    let blob = pseudo_random_bytes(3, 4096);
     let blob_digest = registry.put_blob(REPO, &blob);
-    let service = Service::start(&upstream("a", &registry, 10, ""));
+    let service = InProcess::start(&config([upstream("a", &registry, 10)]).toml()).await;
     let mut client = service.client().await;
 
     for (tag, body) in [("v1", &v1), ("v2", &v2)] {
@@ -650,11 +578,7 @@ async fn bearer_challenge_fetches_one_token_for_the_scope() {
         assert_eq!(&response.manifest, body, "{tag}");
     }
     let outcome = fetch_blob(&mut client, blob_request(REPO, &blob_digest)).await;
-    assert!(
-        outcome.error.is_none(),
-        "blob fetch failed: {:?}",
-        outcome.error
-    );
+    assert!(outcome.end.is_ok(), "blob fetch failed: {:?}", outcome.end);
     assert!(outcome.data == blob, "the blob arrives intact");
 
     let token_requests = tokens.requests_to("/token");
@@ -690,15 +614,15 @@ async fn bearer_challenge_fetches_one_token_for_the_scope() {
 // ---------------------------------------------------------------------------
 // What the service sends
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_requests_carry_accept_and_protocol_headers() {
     let a = FakeRegistry::start().await;
     a.put_manifest(REPO, Some("v1"), OCI_MANIFEST, &image_manifest("one"));
     let docker = image_manifest_of(DOCKER_MANIFEST, "docker");
     a.put_manifest(REPO, Some("v2"), DOCKER_MANIFEST, &docker);
-    let blob = blob_bytes(1000, 9);
+    let blob = pseudo_random_bytes(9, 1000);
     let blob_digest = a.put_blob(REPO, &blob);
-    let service = Service::start(&upstream("a", &a, 10, ""));
+    let service = InProcess::start(&config([upstream("a", &a, 10)]).toml()).await;
     let mut client = service.client().await;
 
     client
@@ -747,11 +671,7 @@ async fn upstream_requests_carry_accept_and_protocol_headers() {
     }
 
     let outcome = fetch_blob(&mut client, blob_request(REPO, &blob_digest)).await;
-    assert!(
-        outcome.error.is_none(),
-        "blob fetch failed: {:?}",
-        outcome.error
-    );
+    assert!(outcome.end.is_ok(), "blob fetch failed: {:?}", outcome.end);
     for request in a.requests_to(&format!("/v2/{REPO}/blobs/{blob_digest}")) {
         assert_eq!(
             request.header("accept-encoding"),
@@ -766,7 +686,7 @@ async fn upstream_requests_carry_accept_and_protocol_headers() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_environment_variables_are_ignored() {
     let a = FakeRegistry::start().await;
     let proxy = FakeRegistry::start().await;
@@ -785,7 +705,8 @@ async fn proxy_environment_variables_are_ignored() {
     .map(|k| (k, proxy_url.as_str()))
     .collect();
     env.extend([("NO_PROXY", ""), ("no_proxy", "")]);
-    let service = Service::start_with_env(&upstream("a", &a, 10, ""), &env);
+    // A process: the proxy variables are in its environment.
+    let service = Spawned::start_with_env(&config([upstream("a", &a, 10)]).toml(), &env);
     let mut client = service.client().await;
 
     let response = client
@@ -808,7 +729,7 @@ async fn proxy_environment_variables_are_ignored() {
 // ---------------------------------------------------------------------------
 // Defensive handling of hostile or broken upstreams
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifest_over_the_size_cap_is_refused() {
     let a = FakeRegistry::start().await;
     let small = image_manifest("small");
@@ -828,11 +749,10 @@ async fn manifest_over_the_size_cap_is_refused() {
             .header("Docker-Content-Digest", &big_digest)
             .chunks(big.chunks(512).map(Bytes::copy_from_slice).collect()),
     );
-    let config = format!(
-        "max_manifest_size = \"1KiB\"\n{}",
-        upstream("a", &a, 10, "")
-    );
-    let service = Service::start(&config);
+    let config = config([upstream("a", &a, 10)])
+        .top("max_manifest_size = \"1KiB\"")
+        .toml();
+    let service = InProcess::start(&config).await;
     let mut client = service.client().await;
 
     let control = client
@@ -855,7 +775,7 @@ async fn manifest_over_the_size_cap_is_refused() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifest_with_both_manifests_and_layers_is_refused() {
     let a = FakeRegistry::start().await;
     a.put_manifest(REPO, Some("plain"), OCI_MANIFEST, &image_manifest("plain"));
@@ -870,7 +790,7 @@ async fn manifest_with_both_manifests_and_layers_is_refused() {
     }]);
     let confused = serde_json::to_vec(&confused).expect("JSON serializes");
     a.put_manifest(REPO, Some("confused"), OCI_MANIFEST, &confused);
-    let service = Service::start(&upstream("a", &a, 10, ""));
+    let service = InProcess::start(&config([upstream("a", &a, 10)]).toml()).await;
     let mut client = service.client().await;
 
     client
@@ -885,7 +805,7 @@ async fn manifest_with_both_manifests_and_layers_is_refused() {
     assert_ne!(status.code(), Code::Ok);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn index_body_served_as_an_image_manifest_is_refused() {
     let a = FakeRegistry::start().await;
     let child = image_manifest("child");
@@ -899,7 +819,7 @@ async fn index_body_served_as_an_image_manifest_is_refused() {
             .header("Content-Type", OCI_MANIFEST)
             .header("Docker-Content-Digest", &digest),
     );
-    let service = Service::start(&upstream("a", &a, 10, ""));
+    let service = InProcess::start(&config([upstream("a", &a, 10)]).toml()).await;
     let mut client = service.client().await;
 
     let control = client
@@ -916,7 +836,7 @@ async fn index_body_served_as_an_image_manifest_is_refused() {
     assert_ne!(status.code(), Code::Ok);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tag_list_link_to_another_host_is_not_followed() {
     let a = FakeRegistry::start().await;
     let elsewhere = FakeRegistry::start().await;
@@ -934,7 +854,7 @@ async fn tag_list_link_to_another_host_is_not_followed() {
             ),
         ),
     );
-    let service = Service::start(&upstream("a", &a, 10, ""));
+    let service = InProcess::start(&config([upstream("a", &a, 10)]).toml()).await;
     let mut client = service.client().await;
 
     let result = client.fetch_tags(deadline(tags_request(REPO))).await;
@@ -956,7 +876,7 @@ async fn tag_list_link_to_another_host_is_not_followed() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tag_list_pages_on_the_same_host_are_followed_and_sorted() {
     let a = FakeRegistry::start().await;
     let path = format!("/v2/{REPO}/tags/list");
@@ -969,7 +889,7 @@ async fn tag_list_pages_on_the_same_host_are_followed_and_sorted() {
         &format!("{path}?last=b"),
         Reply::json(&json!({"name": REPO, "tags": ["d", "c"]})),
     );
-    let service = Service::start(&upstream("a", &a, 10, ""));
+    let service = InProcess::start(&config([upstream("a", &a, 10)]).toml()).await;
     let mut client = service.client().await;
 
     let response = client
@@ -989,7 +909,7 @@ async fn tag_list_pages_on_the_same_host_are_followed_and_sorted() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_error_body_on_a_404_is_not_read_to_the_end() {
     let a = FakeRegistry::start().await;
     let present = image_manifest("present");
@@ -1007,7 +927,7 @@ async fn large_error_body_on_a_404_is_not_read_to_the_end() {
             .header("Content-Type", "application/json")
             .chunks(chunks),
     );
-    let service = Service::start(&upstream("a", &a, 10, ""));
+    let service = InProcess::start(&config([upstream("a", &a, 10)]).toml()).await;
     let mut client = service.client().await;
 
     let status = expect_err(

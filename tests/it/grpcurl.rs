@@ -7,20 +7,23 @@ use crate::common;
 use std::process::Command;
 
 use base64::Engine as _;
-use common::Service;
-use common::registry::{Image, Registry, upstream_toml};
+use common::Spawned;
+use common::config::{ServiceConfig, Upstream};
+use common::distribution::{Distribution, Image};
 
 /// A registry holding `team/app:v1` and a service in front of it.
-async fn setup() -> (Registry, Service, Image) {
-    let registry = Registry::start();
+async fn setup() -> (Distribution, Spawned, Image) {
+    let registry = Distribution::start();
     let image = registry.push_image("team/app", "v1").await;
-    let service = Service::start(&upstream_toml("primary", &registry.url(), "priority = 10"));
+    let service = Spawned::start(
+        &ServiceConfig::with(Upstream::new("primary", &registry.url()).priority(10)).toml(),
+    );
     (registry, service, image)
 }
 
 /// Runs `grpcurl -plaintext -max-time 30 ARGS... TARGET [METHOD]` (on a
 /// blocking thread) and returns its stdout; panics with stderr on failure.
-async fn grpcurl(service: &Service, args: &[&str], method: &[&str]) -> String {
+async fn grpcurl(service: &Spawned, args: &[&str], method: &[&str]) -> String {
     // pip may put it outside PATH (pyenv shims, ~/.local/bin).
     let home = std::env::var("HOME").unwrap_or_default();
     let extra = [
@@ -49,7 +52,7 @@ async fn grpcurl(service: &Service, args: &[&str], method: &[&str]) -> String {
     stdout
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_shows_service_health_and_reflection() {
     let (_registry, service, _) = setup().await;
     let out = grpcurl(&service, &[], &["list"]).await;
@@ -66,7 +69,7 @@ async fn list_shows_service_health_and_reflection() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn describe_shows_every_rpc() {
     let (_registry, service, _) = setup().await;
     let out = grpcurl(
@@ -103,7 +106,7 @@ async fn describe_shows_every_rpc() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_manifest_with_json_request() {
     let (_registry, service, image) = setup().await;
     let out = grpcurl(
@@ -136,7 +139,7 @@ async fn fetch_manifest_with_json_request() {
     assert_eq!(manifest, image.manifest.bytes.as_ref());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_check_overall_and_per_service() {
     let (_registry, service, _) = setup().await;
     for request in ["{}", r#"{"service":"oci.upstream.v1.UpstreamService"}"#] {

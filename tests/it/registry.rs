@@ -2,27 +2,29 @@
 //! success path, platform resolution, blob ranges, tag paging, failover and
 //! priorities, scope rules (include/exclude globs), NOT_FOUND versus
 //! UNAVAILABLE, and INVALID_ARGUMENT for bad input in every request field.
+//! The service runs in process.
 
 use crate::common;
 
 use std::fmt::Debug;
 
-use common::Service;
-use common::registry::{OCI_INDEX, OCI_MANIFEST, Registry, pseudo_random_bytes, upstream_toml};
+use common::InProcess;
+use common::config::{ServiceConfig, Upstream};
+use common::content::{OCI_INDEX, OCI_MANIFEST, pseudo_random_bytes, sha256_digest};
+use common::distribution::Distribution;
 use common::rpc::{
-    Client, blob_request, bounded, fetch_manifest, fetch_tags, head_blob, head_blob_request,
-    head_manifest, head_manifest_request, manifest_request, read_blob_stream, tags_request, unary,
+    Client, blob_request, fetch_manifest, fetch_tags, head_blob, head_blob_request, head_manifest,
+    head_manifest_request, manifest_request, read_blob, tags_request, unary,
 };
 use oci_upstream::pb::{
-    BlobInfo, FetchBlobRequest, FetchBlobResponse, FetchManifestRequest, FetchManifestResponse,
-    FetchTagsRequest, FetchTagsResponse, HeadBlobRequest, HeadManifestRequest, Platform,
+    BlobInfo, FetchBlobRequest, FetchManifestRequest, FetchManifestResponse, FetchTagsRequest,
+    FetchTagsResponse, HeadBlobRequest, HeadManifestRequest, Platform,
 };
 use tonic::{Code, Status};
 
-/// The most `data` one FetchBlob message may carry.
-const MAX_MESSAGE_DATA: usize = 1 << 20;
-
-/// A whole FetchBlob stream, checked for the framing the contract promises.
+/// A whole FetchBlob stream; the common reader checks the framing the
+/// contract promises (info on the first message only, at most 1 MiB of data
+/// per message, each message's `offset` the position of its first byte).
 #[derive(Debug)]
 struct BlobRead {
     info: BlobInfo,
@@ -30,47 +32,15 @@ struct BlobRead {
 }
 
 /// Runs FetchBlob to the end. The status is returned whether it came as the
-/// call's answer or as the stream's terminating item. Asserts the framing:
-/// info on the first message only, at most 1 MiB of data per message, and
-/// each message's `offset` equal to the position of its first byte.
+/// call's answer or as the stream's terminating item.
 async fn fetch_blob(client: &mut Client, req: FetchBlobRequest) -> Result<BlobRead, Status> {
-    let start = req.offset;
-    let mut info = None;
-    let mut data = Vec::new();
-    let mut index = 0usize;
-    bounded(read_blob_stream(client.fetch_blob(req), |msg| {
-        let FetchBlobResponse {
-            info: msg_info,
-            data: chunk,
-            offset,
-        } = msg;
-        if index == 0 {
-            info = Some(msg_info.expect("the first FetchBlob message carries info"));
-        } else {
-            assert!(
-                msg_info.is_none(),
-                "message {index} carries info; only the first may"
-            );
-        }
-        assert!(
-            chunk.len() <= MAX_MESSAGE_DATA,
-            "message {index} carries {} bytes, more than 1 MiB",
-            chunk.len()
-        );
-        if !chunk.is_empty() {
-            assert_eq!(
-                offset,
-                start + data.len() as i64,
-                "message {index}: offset is not the position of its first byte"
-            );
-        }
-        data.extend_from_slice(&chunk);
-        index += 1;
-    }))
-    .await?;
+    let mut read = read_blob(client, req).await;
+    std::mem::replace(&mut read.end, Ok(()))?;
     Ok(BlobRead {
-        info: info.expect("a FetchBlob stream has at least the info message"),
-        data,
+        info: read
+            .info
+            .expect("a FetchBlob stream has at least the info message"),
+        data: read.data,
     })
 }
 
@@ -173,9 +143,9 @@ fn invalid_argument_problem<T>(
 /// A registry and a service with that registry as its only upstream,
 /// `primary`, admitting every repository.
 struct Fixture {
-    registry: Registry,
+    registry: Distribution,
     #[allow(dead_code)] // held so the service lives as long as the fixture
-    service: Service,
+    service: InProcess,
     client: Client,
 }
 
@@ -186,12 +156,16 @@ impl Fixture {
 
     /// As [`Fixture::start`], with extra lines for the upstream block.
     async fn start_with(upstream_extra: &str) -> Fixture {
-        let registry = Registry::start();
-        let service = Service::start(&upstream_toml(
-            "primary",
-            &registry.url(),
-            &format!("priority = 10\n{upstream_extra}"),
-        ));
+        let registry = Distribution::start();
+        let service = InProcess::start(
+            &ServiceConfig::with(
+                Upstream::new("primary", &registry.url())
+                    .priority(10)
+                    .line(upstream_extra),
+            )
+            .toml(),
+        )
+        .await;
         let client = service.client().await;
         Fixture {
             registry,
@@ -207,7 +181,7 @@ const FAST_FAILURE: &str = "retries = 1\nretry_max_delay = \"100ms\"\nconnect_ti
 // ---------------------------------------------------------------------------
 // Success paths
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_manifest_by_tag_and_by_digest() {
     let mut f = Fixture::start().await;
     let image = f.registry.push_image("team/app", "v1").await;
@@ -223,7 +197,7 @@ async fn fetch_manifest_by_tag_and_by_digest() {
         assert_eq!(resp.digest, image.manifest.digest, "digest for {reference}");
         assert_eq!(
             resp.digest,
-            common::registry::sha256_digest(&resp.manifest),
+            sha256_digest(&resp.manifest),
             "digest is sha256 of the bytes"
         );
         assert_eq!(resp.media_type, OCI_MANIFEST, "media type for {reference}");
@@ -236,7 +210,7 @@ async fn fetch_manifest_by_tag_and_by_digest() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_manifest_of_index_without_platform_returns_the_index() {
     let mut f = Fixture::start().await;
     let index = f.registry.push_index("multi/app", "latest").await;
@@ -248,7 +222,7 @@ async fn fetch_manifest_of_index_without_platform_returns_the_index() {
     assert_eq!(resp.media_type, OCI_INDEX);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_manifest_reports_existing_and_missing() {
     let mut f = Fixture::start().await;
     let image = f.registry.push_image("team/app", "v1").await;
@@ -279,7 +253,7 @@ async fn head_manifest_reports_existing_and_missing() {
     assert!(!missing_repo.exists, "{missing_repo:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_blob_whole_streams_bounded_messages() {
     let mut f = Fixture::start().await;
     // Not a multiple of 1 MiB, so the last message is partial.
@@ -302,7 +276,7 @@ async fn fetch_blob_whole_streams_bounded_messages() {
     assert!(again.data == blob, "second read equals the blob");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_blob_of_image_layers_and_config() {
     let mut f = Fixture::start().await;
     let image = f.registry.push_image("team/app", "v1").await;
@@ -315,7 +289,7 @@ async fn fetch_blob_of_image_layers_and_config() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_blob_reports_size_and_missing() {
     let mut f = Fixture::start().await;
     let blob = pseudo_random_bytes(12, 50_000);
@@ -329,7 +303,7 @@ async fn head_blob_reports_size_and_missing() {
     assert_eq!(resp.size, blob.len() as i64);
     assert_eq!(source_of(&resp.source), "primary");
 
-    let absent = common::registry::sha256_digest(b"never pushed");
+    let absent = sha256_digest(b"never pushed");
     let resp = head_blob(&mut f.client, "team/app", &absent)
         .await
         .expect("HeadBlob of a missing digest is OK");
@@ -337,7 +311,7 @@ async fn head_blob_reports_size_and_missing() {
     assert_eq!(resp.size, 0, "{resp:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_missing_manifest_and_blob_is_not_found() {
     let mut f = Fixture::start().await;
     f.registry.push_image("team/app", "v1").await;
@@ -354,10 +328,7 @@ async fn fetch_missing_manifest_and_blob_is_not_found() {
         "FetchBlob missing digest",
         fetch_blob(
             &mut f.client,
-            blob_request(
-                "team/app",
-                &common::registry::sha256_digest(b"never pushed"),
-            ),
+            blob_request("team/app", &sha256_digest(b"never pushed")),
         )
         .await,
         Code::NotFound,
@@ -369,7 +340,7 @@ async fn fetch_missing_manifest_and_blob_is_not_found() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_tags_lists_pushed_tags() {
     let mut f = Fixture::start().await;
     let image = f.registry.push_image("team/app", "v2").await;
@@ -388,7 +359,7 @@ async fn fetch_tags_lists_pushed_tags() {
 // ---------------------------------------------------------------------------
 // Platform resolution
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn platform_resolves_index_to_child_manifest() {
     let mut f = Fixture::start().await;
     let index = f.registry.push_index("multi/app", "latest").await;
@@ -427,7 +398,7 @@ async fn platform_resolves_index_to_child_manifest() {
     assert_eq!(resp.digest, index.arm64.manifest.digest);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn platform_arm64_without_variant_in_index_counts_as_v8() {
     let mut f = Fixture::start().await;
     let index = f
@@ -463,7 +434,7 @@ async fn platform_arm64_without_variant_in_index_counts_as_v8() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn platform_not_in_index_is_not_found_naming_it() {
     let mut f = Fixture::start().await;
     f.registry.push_index("multi/app", "latest").await;
@@ -511,7 +482,7 @@ async fn platform_not_in_index_is_not_found_naming_it() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn platform_on_single_manifest_returns_it_unchanged() {
     let mut f = Fixture::start().await;
     let image = f.registry.push_image("team/app", "v1").await;
@@ -528,7 +499,7 @@ async fn platform_on_single_manifest_returns_it_unchanged() {
 // ---------------------------------------------------------------------------
 // Blob ranges
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_blob_ranges() {
     let mut f = Fixture::start().await;
     let blob = pseudo_random_bytes(13, 3 * (1 << 20) + 999);
@@ -575,7 +546,7 @@ async fn fetch_blob_ranges() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_blob_offset_past_end_is_out_of_range() {
     let mut f = Fixture::start().await;
     let blob = pseudo_random_bytes(14, 10_000);
@@ -592,7 +563,7 @@ async fn fetch_blob_offset_past_end_is_out_of_range() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_blob_negative_offset_or_length_is_invalid() {
     let mut f = Fixture::start().await;
     let blob = pseudo_random_bytes(15, 10_000);
@@ -623,7 +594,7 @@ async fn fetch_blob_negative_offset_or_length_is_invalid() {
 /// `Z9` first (uppercase sorts before lowercase) and `v10` before `v2`.
 const TAGS: [&str; 7] = ["v2", "latest", "v10", "Z9", "v2.1_rc", "a-tag", "v1.0"];
 
-async fn push_tags(registry: &Registry, repo: &str) -> Vec<String> {
+async fn push_tags(registry: &Distribution, repo: &str) -> Vec<String> {
     let image = registry.push_image(repo, TAGS[0]).await;
     for tag in &TAGS[1..] {
         registry.tag(repo, tag, &image.manifest).await;
@@ -633,7 +604,7 @@ async fn push_tags(registry: &Registry, repo: &str) -> Vec<String> {
     sorted
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tag_pages_visit_every_tag_once_in_lexical_order() {
     let mut f = Fixture::start().await;
     let expected = push_tags(&f.registry, "team/app").await;
@@ -673,7 +644,7 @@ async fn tag_pages_visit_every_tag_once_in_lexical_order() {
     assert_eq!(pages, 4, "pages for 7 tags with n=2");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tags_with_n_zero_are_all_sorted() {
     let mut f = Fixture::start().await;
     let expected = push_tags(&f.registry, "team/app").await;
@@ -696,7 +667,7 @@ async fn tags_with_n_zero_are_all_sorted() {
     assert_eq!(resp.tags, after);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tags_name_is_the_repository_as_written() {
     // With library_prefix, `app` is `library/app` upstream; the answer still
     // says `app`. Two-component names are not prefixed.
@@ -727,23 +698,22 @@ async fn tags_name_is_the_repository_as_written() {
 
 /// Registry `a` (priority 10, empty) and `b` (priority 20), in that order.
 struct TwoRegistries {
-    a: Registry,
-    b: Registry,
+    a: Distribution,
+    b: Distribution,
     #[allow(dead_code)] // held so the service lives as long as the fixture
-    service: Service,
+    service: InProcess,
     client: Client,
 }
 
 impl TwoRegistries {
     async fn start(extra: &str) -> TwoRegistries {
-        let a = Registry::start();
-        let b = Registry::start();
-        let config = format!(
-            "{}{}",
-            upstream_toml("a", &a.url(), &format!("priority = 10\n{extra}")),
-            upstream_toml("b", &b.url(), &format!("priority = 20\n{extra}")),
-        );
-        let service = Service::start(&config);
+        let a = Distribution::start();
+        let b = Distribution::start();
+        let config = ServiceConfig::new()
+            .upstream(Upstream::new("a", &a.url()).priority(10).line(extra))
+            .upstream(Upstream::new("b", &b.url()).priority(20).line(extra))
+            .toml();
+        let service = InProcess::start(&config).await;
         let client = service.client().await;
         TwoRegistries {
             a,
@@ -754,7 +724,7 @@ impl TwoRegistries {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_to_lower_priority_upstream() {
     let mut t = TwoRegistries::start("").await;
     let image = t.b.push_image("team/app", "v1").await;
@@ -791,11 +761,11 @@ async fn failover_to_lower_priority_upstream() {
     assert_eq!(source_of(&resp.source), "b");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn priority_number_orders_upstreams_not_file_order() {
     // `first` is listed first but has the higher number, so `second` wins.
-    let first = Registry::start();
-    let second = Registry::start();
+    let first = Distribution::start();
+    let second = Distribution::start();
     // Same repository and tag on both, different content.
     let from_first = first.push_image("team/app", "from-first").await;
     first.tag("team/app", "v1", &from_first.manifest).await;
@@ -803,12 +773,11 @@ async fn priority_number_orders_upstreams_not_file_order() {
     second.tag("team/app", "v1", &from_second.manifest).await;
     assert_ne!(from_first.manifest.digest, from_second.manifest.digest);
 
-    let config = format!(
-        "{}{}",
-        upstream_toml("first", &first.url(), "priority = 20"),
-        upstream_toml("second", &second.url(), "priority = 10"),
-    );
-    let service = Service::start(&config);
+    let config = ServiceConfig::new()
+        .upstream(Upstream::new("first", &first.url()).priority(20))
+        .upstream(Upstream::new("second", &second.url()).priority(10))
+        .toml();
+    let service = InProcess::start(&config).await;
     let mut client = service.client().await;
     let resp = fetch_manifest(&mut client, "team/app", "v1")
         .await
@@ -821,7 +790,7 @@ async fn priority_number_orders_upstreams_not_file_order() {
     assert_eq!(resp.digest, from_second.manifest.digest);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_field_restricts_candidates() {
     let mut t = TwoRegistries::start("").await;
     let image = t.b.push_image("team/app", "v1").await;
@@ -866,7 +835,7 @@ async fn upstream_field_restricts_candidates() {
     assert_eq!(source_of(&resp.source), "b");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_upstream_name_is_invalid_argument() {
     let mut t = TwoRegistries::start("").await;
     let image = t.b.push_image("team/app", "v1").await;
@@ -926,7 +895,7 @@ async fn unknown_upstream_name_is_invalid_argument() {
 // ---------------------------------------------------------------------------
 // Scope rules
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn excluded_repository_is_not_found() {
     let mut f =
         Fixture::start_with("repositories = [\"**\"]\nexclude = [\"secret/**\", \"private/*\"]")
@@ -993,7 +962,7 @@ async fn excluded_repository_is_not_found() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn include_globs_star_is_one_segment_double_star_one_or_more() {
     let mut f = Fixture::start_with("repositories = [\"team/*\", \"deep/**\"]").await;
     let repos = [
@@ -1028,11 +997,11 @@ async fn include_globs_star_is_one_segment_double_star_one_or_more() {
 // ---------------------------------------------------------------------------
 // NOT_FOUND versus UNAVAILABLE
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_everywhere_is_not_found_but_one_upstream_down_is_unavailable() {
     let mut t = TwoRegistries::start(FAST_FAILURE).await;
     let image = t.a.push_image("team/app", "v1").await;
-    let absent_blob = common::registry::sha256_digest(b"absent blob");
+    let absent_blob = sha256_digest(b"absent blob");
 
     // Both upstreams answer 404.
     expect_code(
@@ -1069,7 +1038,7 @@ async fn missing_everywhere_is_not_found_but_one_upstream_down_is_unavailable() 
         head_manifest(&mut t.client, "team/app", "missing-4").await,
         Code::Unavailable,
     );
-    let other_absent = common::registry::sha256_digest(b"another absent blob");
+    let other_absent = sha256_digest(b"another absent blob");
     expect_code(
         "FetchBlob missing on a, b down",
         fetch_blob(&mut t.client, blob_request("team/app", &other_absent)).await,
@@ -1119,7 +1088,7 @@ fn bad_repositories() -> Vec<String> {
     ]
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_repository_is_invalid_argument_in_every_rpc() {
     let mut f = Fixture::start().await;
     f.registry.push_image("team/app", "v1").await;
@@ -1157,7 +1126,7 @@ async fn bad_repository_is_invalid_argument_in_every_rpc() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_reference_is_invalid_argument() {
     let mut f = Fixture::start().await;
     f.registry.push_image("team/app", "v1").await;
@@ -1192,7 +1161,7 @@ async fn bad_reference_is_invalid_argument() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_blob_digest_is_invalid_argument() {
     let mut f = Fixture::start().await;
     f.registry.push_image("team/app", "v1").await;
@@ -1222,7 +1191,7 @@ async fn bad_blob_digest_is_invalid_argument() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_accept_is_invalid_argument() {
     let mut f = Fixture::start().await;
     f.registry.push_image("team/app", "v1").await;
@@ -1257,7 +1226,7 @@ async fn bad_accept_is_invalid_argument() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_platform_is_invalid_argument() {
     let mut f = Fixture::start().await;
     f.registry.push_index("multi/app", "latest").await;
@@ -1272,7 +1241,7 @@ async fn bad_platform_is_invalid_argument() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tag_paging_is_invalid_argument() {
     let mut f = Fixture::start().await;
     f.registry.push_image("team/app", "v1").await;

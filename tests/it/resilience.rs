@@ -1,5 +1,4 @@
-//! Resilience of the real `oci-upstream` binary against failing upstreams
-//! (issue 5): refused and dropped connections, resets and breaks mid-body,
+//! Resilience of the service (in process) against failing upstreams: refused and dropped connections, resets and breaks mid-body,
 //! hangs, trickles, 5xx storms, 429 with `Retry-After`, short bodies,
 //! upstreams ignoring Range, oversized manifests, invalid indexes, the
 //! circuit breaker and overload shedding. Each fault comes from the
@@ -17,246 +16,71 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::Service;
+use common::config::{ServiceConfig, Upstream};
+use common::content::{OCI_INDEX, OCI_MANIFEST, image_manifest, random_blob, sha256_digest};
 use common::fake::{FakeRegistry, Reply};
-use common::faulty::{
-    Act, Cut, FaultyServer, OnAccept, blob_path, dead_port_url, manifest_path, sha256_digest,
-};
+use common::faulty::{Act, Cut, FaultyServer, OnAccept, blob_path, dead_port_url, manifest_path};
 use common::rpc::{
-    blob_request, expect_err, head_blob_request, manifest_request, read_blob_stream,
+    BlobRead, Client, blob_request, bounded, expect_err, head_blob_request, manifest_request,
+    read_blob,
 };
-use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
-use oci_upstream::pb::{BlobInfo, Platform};
-use serde_json::json;
+use common::{InProcess, eventually_within};
+use oci_upstream::pb::Platform;
 use tonic::Code;
-use tonic::transport::Channel;
 use tonic_types::StatusExt as _;
 
 const REPO: &str = "team/app";
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const MIB: usize = 1024 * 1024;
 /// Added to every bound derived from the configuration: room for process
 /// scheduling on a loaded 2-core CI machine. Never a speed claim.
 const SLACK: Duration = Duration::from_secs(5);
-/// Safety net so a hanging service fails the test instead of hanging the
-/// suite; never asserted as a bound.
-const HANG_GUARD: Duration = Duration::from_secs(120);
 /// The service's window for `min_rate` (`RATE_WINDOW` in the engine).
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------
 // Configuration
 
-/// One `[[upstreams]]` entry with small, CI-friendly timeouts; the bounds of
-/// the tests are computed from these same values.
-#[derive(Clone, Debug)]
-struct Up {
-    name: String,
-    url: String,
-    connect_timeout: Duration,
-    timeout: Duration,
-    retries: u32,
-    retry_max_delay: Duration,
-    circuit_failures: u32,
-    circuit_cooldown: Duration,
-    min_rate: Option<String>,
-    max_connections: Option<usize>,
-}
-
-impl Up {
-    fn new(name: &str, url: &str) -> Up {
-        Up {
-            name: name.to_string(),
-            url: url.to_string(),
-            connect_timeout: Duration::from_secs(1),
-            timeout: Duration::from_secs(1),
-            retries: 2,
-            retry_max_delay: Duration::from_secs(2),
-            // High unless a test is about the circuit, so it stays out of
-            // the way of the other faults.
-            circuit_failures: 1000,
-            circuit_cooldown: Duration::from_secs(2),
-            min_rate: None,
-            max_connections: None,
-        }
-    }
-
-    fn max_connections(mut self, limit: usize) -> Up {
-        self.max_connections = Some(limit);
-        self
-    }
-
-    fn retries(mut self, retries: u32) -> Up {
-        self.retries = retries;
-        self
-    }
-
-    fn timeout(mut self, timeout: Duration) -> Up {
-        self.timeout = timeout;
-        self
-    }
-
-    fn retry_max_delay(mut self, delay: Duration) -> Up {
-        self.retry_max_delay = delay;
-        self
-    }
-
-    fn circuit(mut self, failures: u32, cooldown: Duration) -> Up {
-        self.circuit_failures = failures;
-        self.circuit_cooldown = cooldown;
-        self
-    }
-
-    fn toml(&self, priority: usize) -> String {
-        let ms = |d: Duration| format!("\"{}ms\"", d.as_millis());
-        let mut text = format!(
-            "[[upstreams]]\nname = \"{}\"\nurl = \"{}\"\npriority = {priority}\n\
-             connect_timeout = {}\ntimeout = {}\nretries = {}\nretry_max_delay = {}\n\
-             circuit_failures = {}\ncircuit_cooldown = {}\n",
-            self.name,
-            self.url,
-            ms(self.connect_timeout),
-            ms(self.timeout),
-            self.retries,
-            ms(self.retry_max_delay),
-            self.circuit_failures,
-            ms(self.circuit_cooldown),
-        );
-        if let Some(rate) = &self.min_rate {
-            text.push_str(&format!("min_rate = \"{rate}\"\n"));
-        }
-        if let Some(limit) = self.max_connections {
-            text.push_str(&format!("max_connections = {limit}\n"));
-        }
-        text
-    }
-
-    /// Longest one request to this upstream may take with its retries:
-    /// every attempt may spend the connect timeout and the header timeout,
-    /// every retry the backoff cap.
-    fn request_bound(&self) -> Duration {
-        (self.connect_timeout + self.timeout) * (self.retries + 1)
-            + self.retry_max_delay * self.retries
-    }
+/// One upstream with small, CI-friendly timeouts; the bounds of the tests
+/// are computed from these same values ([`Upstream::request_bound`]).
+fn upstream(name: &str, url: &str) -> Upstream {
+    Upstream::new(name, url)
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(1))
+        .retries(2)
+        .retry_max_delay(Duration::from_secs(2))
+        // High unless a test is about the circuit, so it stays out of the
+        // way of the other faults.
+        .circuit(1000, Duration::from_secs(2))
 }
 
 /// A service config: `top` lines, no remembered 404s, then the upstreams in
 /// priority order.
-fn config(top: &str, upstreams: &[&Up]) -> String {
-    let mut text = format!("{top}\n[cache]\nnegative_ttl = \"0s\"\n\n");
-    for (i, up) in upstreams.iter().enumerate() {
-        text.push_str(&up.toml(10 * (i + 1)));
-        text.push('\n');
+fn config(top: &str, upstreams: &[&Upstream]) -> String {
+    let mut config = ServiceConfig::new().cache("negative_ttl = \"0s\"");
+    if !top.is_empty() {
+        config = config.top(top);
     }
-    text
-}
-
-// ---------------------------------------------------------------------------
-// Content
-
-/// Deterministic, incompressible-looking bytes.
-fn blob_bytes(len: usize, seed: u32) -> Bytes {
-    (0..len as u32)
-        .map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect::<Vec<u8>>()
-        .into()
-}
-
-/// An OCI image manifest derived from `seed`, with `layers` layer entries.
-fn image_manifest(seed: &str, layers: usize) -> Bytes {
-    let config = format!("config of {seed}");
-    let layers: Vec<_> = (0..layers)
-        .map(|i| {
-            let layer = format!("layer {i} of {seed}");
-            json!({
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": sha256_digest(layer.as_bytes()),
-                "size": layer.len(),
-            })
-        })
-        .collect();
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": sha256_digest(config.as_bytes()),
-            "size": config.len(),
-        },
-        "layers": layers,
-    });
-    serde_json::to_vec(&manifest)
-        .expect("JSON serializes")
-        .into()
+    for (i, upstream) in upstreams.iter().enumerate() {
+        config = config.upstream((*upstream).clone().priority(10 * (i as u32 + 1)));
+    }
+    config.toml()
 }
 
 // ---------------------------------------------------------------------------
 // gRPC helpers
 
-/// Awaits `call`, failing the test if the service hangs.
-async fn guard<T>(call: impl Future<Output = T>) -> T {
-    tokio::time::timeout(HANG_GUARD, call)
-        .await
-        .expect("the service answered within the hang guard")
-}
-
-/// Everything a FetchBlob stream delivered before it ended.
-#[derive(Debug, Default)]
-struct BlobOutcome {
-    info: Option<BlobInfo>,
-    data: Vec<u8>,
-    /// The terminating status; `None` when the stream ended OK.
-    error: Option<tonic::Status>,
-}
-
-impl BlobOutcome {
-    /// Asserts the stream ended OK with exactly `want` (checked by digest).
-    fn assert_bytes(&self, want: &[u8], what: &str) {
-        assert!(
-            self.error.is_none(),
-            "{what}: stream failed: {:?}",
-            self.error
-        );
-        assert_eq!(
-            self.data.len(),
-            want.len(),
-            "{what}: length of the streamed blob"
-        );
-        assert_eq!(
-            sha256_digest(&self.data),
-            sha256_digest(want),
-            "{what}: digest of the streamed bytes"
-        );
-    }
-}
-
-async fn fetch_blob(client: &mut UpstreamServiceClient<Channel>, digest: &str) -> BlobOutcome {
-    let mut outcome = BlobOutcome::default();
-    let end = guard(read_blob_stream(
-        client.fetch_blob(blob_request(REPO, digest)),
-        |message| {
-            if outcome.info.is_none() {
-                outcome.info = message.info;
-            }
-            outcome.data.extend_from_slice(&message.data);
-        },
-    ))
-    .await;
-    outcome.error = end.err();
-    outcome
+/// FetchBlob of the whole blob `digest` in the test repository, to the end
+/// of its stream.
+async fn fetch_blob(client: &mut Client, digest: &str) -> BlobRead {
+    read_blob(client, blob_request(REPO, digest)).await
 }
 
 /// Polls `cond` until it holds, failing after `limit`.
-async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < limit,
-            "gave up after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn wait_until(what: &str, limit: Duration, cond: impl FnMut() -> bool) {
+    assert!(
+        eventually_within(limit, cond).await,
+        "gave up after {limit:?} waiting for {what}"
+    );
 }
 
 /// A unary call sent as raw HTTP/2 (prior knowledge) with a `grpc-timeout`
@@ -312,23 +136,23 @@ async fn raw_unary(
 // ---------------------------------------------------------------------------
 // 1. Refused and dropped connections
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_dropped_at_accept_are_retried_then_unavailable() {
     for mode in [OnAccept::Close, OnAccept::Reset] {
         let up = FaultyServer::start().await;
         up.on_accept(mode);
-        let a = Up::new("a", &up.url()).retries(2);
-        let service = Service::start(&config("", &[&a]));
+        let a = upstream("a", &up.url()).retries(2);
+        let service = InProcess::start(&config("", &[&a])).await;
         let mut client = service.client().await;
 
         let started = Instant::now();
-        let status = expect_err(guard(client.fetch_manifest(manifest_request(REPO, "v1"))).await);
+        let status = expect_err(bounded(client.fetch_manifest(manifest_request(REPO, "v1"))).await);
         let elapsed = started.elapsed();
 
         assert_eq!(status.code(), Code::Unavailable, "{mode:?}: {status:?}");
         assert_eq!(
             up.connections(),
-            a.retries as usize + 1,
+            a.retries_value() as usize + 1,
             "{mode:?}: one connection for the first attempt and one per retry"
         );
         let bound = a.request_bound() + SLACK;
@@ -339,20 +163,20 @@ async fn connections_dropped_at_accept_are_retried_then_unavailable() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_dropped_at_accept_fall_over_to_the_next_upstream() {
     let bad = FaultyServer::start().await;
     bad.on_accept(OnAccept::Reset);
     let good = FaultyServer::start().await;
     let body = image_manifest("fallover", 1);
     let digest = good.put_manifest(REPO, Some("v1"), OCI_MANIFEST, body.clone());
-    let a = Up::new("bad", &bad.url()).retries(2);
-    let b = Up::new("good", &good.url());
-    let service = Service::start(&config("", &[&a, &b]));
+    let a = upstream("bad", &bad.url()).retries(2);
+    let b = upstream("good", &good.url());
+    let service = InProcess::start(&config("", &[&a, &b])).await;
     let mut client = service.client().await;
 
     let started = Instant::now();
-    let response = guard(client.fetch_manifest(manifest_request(REPO, "v1")))
+    let response = bounded(client.fetch_manifest(manifest_request(REPO, "v1")))
         .await
         .expect("served by the healthy upstream")
         .into_inner();
@@ -363,7 +187,7 @@ async fn connections_dropped_at_accept_fall_over_to_the_next_upstream() {
     assert_eq!(response.source.expect("source").upstream, "good");
     assert_eq!(
         bad.connections(),
-        a.retries as usize + 1,
+        a.retries_value() as usize + 1,
         "the failing upstream gets its retries before the next one is asked"
     );
     assert_eq!(good.count(&manifest_path(REPO, "v1")), 1);
@@ -371,19 +195,19 @@ async fn connections_dropped_at_accept_fall_over_to_the_next_upstream() {
     assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connection_on_a_dead_port_is_unavailable_or_served_by_the_next() {
-    let dead = Up::new("dead", &dead_port_url()).retries(2);
+    let dead = upstream("dead", &dead_port_url()).retries(2);
     let good = FaultyServer::start().await;
     let body = image_manifest("dead-port", 1);
     good.put_manifest(REPO, Some("v1"), OCI_MANIFEST, body.clone());
-    let b = Up::new("good", &good.url());
+    let b = upstream("good", &good.url());
 
     // Alone: UNAVAILABLE once the retries are spent.
-    let service = Service::start(&config("", &[&dead]));
+    let service = InProcess::start(&config("", &[&dead])).await;
     let mut client = service.client().await;
     let started = Instant::now();
-    let status = expect_err(guard(client.fetch_manifest(manifest_request(REPO, "v1"))).await);
+    let status = expect_err(bounded(client.fetch_manifest(manifest_request(REPO, "v1"))).await);
     let elapsed = started.elapsed();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(
@@ -394,10 +218,10 @@ async fn refused_connection_on_a_dead_port_is_unavailable_or_served_by_the_next(
     assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
 
     // With a healthy second upstream: served by it.
-    let service = Service::start(&config("", &[&dead, &b]));
+    let service = InProcess::start(&config("", &[&dead, &b])).await;
     let mut client = service.client().await;
     let started = Instant::now();
-    let response = guard(client.fetch_manifest(manifest_request(REPO, "v1")))
+    let response = bounded(client.fetch_manifest(manifest_request(REPO, "v1")))
         .await
         .expect("served by the healthy upstream")
         .into_inner();
@@ -411,16 +235,16 @@ async fn refused_connection_on_a_dead_port_is_unavailable_or_served_by_the_next(
 // ---------------------------------------------------------------------------
 // 2. Reset mid-body
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_mid_blob_resumes_with_a_range_from_the_byte_reached() {
     let up = FaultyServer::start().await;
-    let data = blob_bytes(4 * MIB, 2);
+    let data = random_blob(2, 4 * MIB);
     let digest = up.put_blob(REPO, data.clone());
     let path = blob_path(REPO, &digest);
     let cut = (3 * MIB / 2) as u64;
     up.script(&path, [Act::ResetAfter(Cut::Bytes(cut)), Act::Serve]);
-    let a = Up::new("a", &up.url());
-    let service = Service::start(&config("", &[&a]));
+    let a = upstream("a", &up.url());
+    let service = InProcess::start(&config("", &[&a])).await;
     let mut client = service.client().await;
 
     let started = Instant::now();
@@ -447,24 +271,24 @@ async fn reset_mid_blob_resumes_with_a_range_from_the_byte_reached() {
 // ---------------------------------------------------------------------------
 // 3. Hang before headers
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hang_before_headers_is_cut_by_the_timeout() {
     let up = FaultyServer::start().await;
     let path = manifest_path(REPO, "v1");
     up.put_manifest(REPO, Some("v1"), OCI_MANIFEST, image_manifest("hang", 1));
     up.script(&path, [Act::Hang]);
-    let a = Up::new("a", &up.url()).retries(2);
-    let service = Service::start(&config("", &[&a]));
+    let a = upstream("a", &up.url()).retries(2);
+    let service = InProcess::start(&config("", &[&a])).await;
     let mut client = service.client().await;
 
     let started = Instant::now();
-    let status = expect_err(guard(client.fetch_manifest(manifest_request(REPO, "v1"))).await);
+    let status = expect_err(bounded(client.fetch_manifest(manifest_request(REPO, "v1"))).await);
     let elapsed = started.elapsed();
 
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     let attempts = up.count(&path);
     assert!(
-        (1..=a.retries as usize + 1).contains(&attempts),
+        (1..=a.retries_value() as usize + 1).contains(&attempts),
         "between one attempt and one per retry: {attempts}"
     );
     let bound = a.request_bound() + SLACK;
@@ -476,7 +300,7 @@ async fn hang_before_headers_is_cut_by_the_timeout() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hang_before_headers_is_bounded_by_the_callers_deadline() {
     let up = FaultyServer::start().await;
     let path = manifest_path(REPO, "v1");
@@ -488,14 +312,14 @@ async fn hang_before_headers_is_bounded_by_the_callers_deadline() {
     );
     up.script(&path, [Act::Hang]);
     // The upstream's own timeout is far beyond the caller's deadline.
-    let a = Up::new("a", &up.url())
+    let a = upstream("a", &up.url())
         .timeout(Duration::from_secs(60))
         .retries(0);
-    let service = Service::start(&config("", &[&a]));
+    let service = InProcess::start(&config("", &[&a])).await;
     let deadline = Duration::from_millis(1500);
 
     let started = Instant::now();
-    let (status, message) = guard(raw_unary(
+    let (status, message) = bounded(raw_unary(
         service.addr,
         "FetchManifest",
         &manifest_request(REPO, "v1"),
@@ -520,7 +344,7 @@ async fn hang_before_headers_is_bounded_by_the_callers_deadline() {
     let mut request = tonic::Request::new(manifest_request(REPO, "v1"));
     request.set_timeout(deadline);
     let started_tonic = Instant::now();
-    let tonic_status = expect_err(guard(client.fetch_manifest(request)).await);
+    let tonic_status = expect_err(bounded(client.fetch_manifest(request)).await);
     let elapsed_tonic = started_tonic.elapsed();
     assert!(
         matches!(
@@ -547,10 +371,10 @@ async fn hang_before_headers_is_bounded_by_the_callers_deadline() {
 // ---------------------------------------------------------------------------
 // 4. Trickles
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_byte_per_second_trickle_is_cut_by_the_idle_timeout_and_resumed() {
     let up = FaultyServer::start().await;
-    let data = blob_bytes(MIB, 4);
+    let data = random_blob(4, MIB);
     let digest = up.put_blob(REPO, data.clone());
     let path = blob_path(REPO, &digest);
     let fast = data.len() as u64 / 4;
@@ -566,10 +390,10 @@ async fn one_byte_per_second_trickle_is_cut_by_the_idle_timeout_and_resumed() {
         ],
     );
     // Idle timeout shorter than the trickle's gaps.
-    let a = Up::new("a", &up.url())
+    let a = upstream("a", &up.url())
         .timeout(Duration::from_millis(500))
         .retries(0);
-    let service = Service::start(&config("", &[&a]));
+    let service = InProcess::start(&config("", &[&a])).await;
     let mut client = service.client().await;
 
     let started = Instant::now();
@@ -585,16 +409,16 @@ async fn one_byte_per_second_trickle_is_cut_by_the_idle_timeout_and_resumed() {
         "resume from {start}, the trickle stalled after {fast} bytes"
     );
     // Cut by the idle timeout, well before the min_rate window could.
-    let bound = a.timeout + a.request_bound() * 2 + SLACK;
+    let bound = a.timeout_value() + a.request_bound() * 2 + SLACK;
     assert!(bound < RATE_WINDOW, "the bound must tell the two apart");
     assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trickle_below_min_rate_is_cut_and_resumed_on_the_next_upstream() {
     let slow = FaultyServer::start().await;
     let good = FaultyServer::start().await;
-    let data = blob_bytes(MIB, 5);
+    let data = random_blob(5, MIB);
     let digest = slow.put_blob(REPO, data.clone());
     good.put_blob(REPO, data.clone());
     let path = blob_path(REPO, &digest);
@@ -613,11 +437,11 @@ async fn trickle_below_min_rate_is_cut_and_resumed_on_the_next_upstream() {
             Act::status(503),
         ],
     );
-    let a = Up::new("slow", &slow.url())
+    let a = upstream("slow", &slow.url())
         .timeout(Duration::from_secs(2))
         .retries(0);
-    let b = Up::new("good", &good.url()).retries(0);
-    let service = Service::start(&config("", &[&a, &b]));
+    let b = upstream("good", &good.url()).retries(0);
+    let service = InProcess::start(&config("", &[&a, &b])).await;
     let mut client = service.client().await;
 
     let started = Instant::now();
@@ -654,7 +478,7 @@ async fn trickle_below_min_rate_is_cut_and_resumed_on_the_next_upstream() {
     );
     let bound = RATE_WINDOW
         + Duration::from_secs(1)
-        + a.timeout
+        + a.timeout_value()
         + a.request_bound() * 2
         + b.request_bound()
         + SLACK;
@@ -670,7 +494,7 @@ fn manifest_reply(body: &Bytes) -> Reply {
         .header("Docker-Content-Digest", &sha256_digest(body))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_503s_then_success_is_ok_after_three_retries() {
     let fake = FakeRegistry::start().await;
     let body = image_manifest("three-503s", 1);
@@ -685,12 +509,12 @@ async fn three_503s_then_success_is_ok_after_three_retries() {
             manifest_reply(&body),
         ],
     );
-    let a = Up::new("a", &fake.url()).retries(3);
-    let service = Service::start(&config("", &[&a]));
+    let a = upstream("a", &fake.url()).retries(3);
+    let service = InProcess::start(&config("", &[&a])).await;
     let mut client = service.client().await;
 
     let started = Instant::now();
-    let response = guard(client.fetch_manifest(manifest_request(REPO, &digest)))
+    let response = bounded(client.fetch_manifest(manifest_request(REPO, &digest)))
         .await
         .expect("OK on the fourth attempt")
         .into_inner();
@@ -702,7 +526,7 @@ async fn three_503s_then_success_is_ok_after_three_retries() {
     assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_threes_beyond_the_retries_are_unavailable() {
     let fake = FakeRegistry::start().await;
     let body = image_manifest("503s-beyond", 1);
@@ -717,12 +541,12 @@ async fn five_hundred_threes_beyond_the_retries_are_unavailable() {
             manifest_reply(&body),
         ],
     );
-    let a = Up::new("a", &fake.url()).retries(2);
-    let service = Service::start(&config("", &[&a]));
+    let a = upstream("a", &fake.url()).retries(2);
+    let service = InProcess::start(&config("", &[&a])).await;
     let mut client = service.client().await;
 
     let started = Instant::now();
-    let status = expect_err(guard(client.fetch_manifest(manifest_request(REPO, &digest))).await);
+    let status = expect_err(bounded(client.fetch_manifest(manifest_request(REPO, &digest))).await);
     let elapsed = started.elapsed();
 
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
@@ -734,7 +558,7 @@ async fn five_hundred_threes_beyond_the_retries_are_unavailable() {
 // ---------------------------------------------------------------------------
 // 6. 429 and Retry-After; other 4xx
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_requests_with_retry_after_is_retried() {
     let fake = FakeRegistry::start().await;
     let body = image_manifest("429-once", 1);
@@ -747,12 +571,12 @@ async fn too_many_requests_with_retry_after_is_retried() {
             manifest_reply(&body),
         ],
     );
-    let a = Up::new("a", &fake.url()).retries(2);
-    let service = Service::start(&config("", &[&a]));
+    let a = upstream("a", &fake.url()).retries(2);
+    let service = InProcess::start(&config("", &[&a])).await;
     let mut client = service.client().await;
 
     let started = Instant::now();
-    let response = guard(client.fetch_manifest(manifest_request(REPO, &digest)))
+    let response = bounded(client.fetch_manifest(manifest_request(REPO, &digest)))
         .await
         .expect("OK after the rate limit")
         .into_inner();
@@ -764,19 +588,19 @@ async fn too_many_requests_with_retry_after_is_retried() {
     assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_requests_forever_is_resource_exhausted_with_retry_info() {
     let fake = FakeRegistry::start().await;
     let body = image_manifest("429-forever", 1);
     let digest = sha256_digest(&body);
     let path = manifest_path(REPO, &digest);
     fake.on(&path, Reply::status(429).header("Retry-After", "1"));
-    let a = Up::new("a", &fake.url()).retries(1);
-    let service = Service::start(&config("", &[&a]));
+    let a = upstream("a", &fake.url()).retries(1);
+    let service = InProcess::start(&config("", &[&a])).await;
     let mut client = service.client().await;
 
     let started = Instant::now();
-    let status = expect_err(guard(client.fetch_manifest(manifest_request(REPO, &digest))).await);
+    let status = expect_err(bounded(client.fetch_manifest(manifest_request(REPO, &digest))).await);
     let elapsed = started.elapsed();
 
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
@@ -791,7 +615,7 @@ async fn too_many_requests_forever_is_resource_exhausted_with_retry_info() {
     assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_is_capped_by_retry_max_delay() {
     let fake = FakeRegistry::start().await;
     let body = image_manifest("429-capped", 1);
@@ -804,14 +628,14 @@ async fn retry_after_is_capped_by_retry_max_delay() {
             manifest_reply(&body),
         ],
     );
-    let a = Up::new("a", &fake.url())
+    let a = upstream("a", &fake.url())
         .retries(1)
         .retry_max_delay(Duration::from_secs(1));
-    let service = Service::start(&config("", &[&a]));
+    let service = InProcess::start(&config("", &[&a])).await;
     let mut client = service.client().await;
 
     let started = Instant::now();
-    let response = guard(client.fetch_manifest(manifest_request(REPO, &digest)))
+    let response = bounded(client.fetch_manifest(manifest_request(REPO, &digest)))
         .await
         .expect("OK after a capped wait")
         .into_inner();
@@ -823,15 +647,15 @@ async fn retry_after_is_capped_by_retry_max_delay() {
     assert!(
         elapsed <= bound,
         "took {elapsed:?}; an hour's Retry-After must be capped at {:?} (bound {bound:?})",
-        a.retry_max_delay
+        a.retry_max_delay_value()
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_4xx_are_not_retried() {
     let fake = FakeRegistry::start().await;
-    let a = Up::new("a", &fake.url()).retries(3);
-    let service = Service::start(&config("", &[&a]));
+    let a = upstream("a", &fake.url()).retries(3);
+    let service = InProcess::start(&config("", &[&a])).await;
     let mut client = service.client().await;
     for (status, tag) in [
         (400, "bad-request"),
@@ -840,7 +664,7 @@ async fn other_4xx_are_not_retried() {
     ] {
         let path = manifest_path(REPO, tag);
         fake.on(&path, Reply::status(status));
-        let answer = expect_err(guard(client.fetch_manifest(manifest_request(REPO, tag))).await);
+        let answer = expect_err(bounded(client.fetch_manifest(manifest_request(REPO, tag))).await);
         assert_ne!(answer.code(), Code::Internal, "{status}: {answer:?}");
         if status == 403 {
             assert_eq!(answer.code(), Code::PermissionDenied, "{answer:?}");
@@ -852,16 +676,16 @@ async fn other_4xx_are_not_retried() {
 // ---------------------------------------------------------------------------
 // 7. Body shorter than its Content-Length
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_body_is_resumed_from_the_byte_reached() {
     let up = FaultyServer::start().await;
-    let data = blob_bytes(3 * MIB, 7);
+    let data = random_blob(7, 3 * MIB);
     let digest = up.put_blob(REPO, data.clone());
     let path = blob_path(REPO, &digest);
     let cut = MIB as u64 + 12_345;
     up.script(&path, [Act::ShortAfter(Cut::Bytes(cut)), Act::Serve]);
-    let a = Up::new("a", &up.url());
-    let service = Service::start(&config("", &[&a]));
+    let a = upstream("a", &up.url());
+    let service = InProcess::start(&config("", &[&a])).await;
     let mut client = service.client().await;
 
     let started = Instant::now();
@@ -880,16 +704,16 @@ async fn short_body_is_resumed_from_the_byte_reached() {
     assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_bodies_every_time_end_unavailable_never_ok() {
     let up = FaultyServer::start().await;
-    let data = blob_bytes(2 * MIB, 8);
+    let data = random_blob(8, 2 * MIB);
     let digest = up.put_blob(REPO, data.clone());
     let path = blob_path(REPO, &digest);
     // Every answer, resumes included, stops halfway through its body.
     up.script(&path, [Act::ShortAfter(Cut::Percent(50))]);
-    let a = Up::new("a", &up.url());
-    let service = Service::start(&config("", &[&a]));
+    let a = upstream("a", &up.url());
+    let service = InProcess::start(&config("", &[&a])).await;
     let mut client = service.client().await;
 
     let started = Instant::now();
@@ -897,8 +721,7 @@ async fn short_bodies_every_time_end_unavailable_never_ok() {
     let elapsed = started.elapsed();
 
     let error = outcome
-        .error
-        .as_ref()
+        .error()
         .unwrap_or_else(|| panic!("never OK: got {} bytes and a clean end", outcome.data.len()));
     assert_eq!(error.code(), Code::Unavailable, "{error:?}");
     assert!(
@@ -922,10 +745,10 @@ async fn short_bodies_every_time_end_unavailable_never_ok() {
     // and fails the same way.
     let again = fetch_blob(&mut client, &digest).await;
     assert_eq!(
-        again.error.as_ref().map(|e| e.code()),
+        again.error().map(|e| e.code()),
         Some(Code::Unavailable),
         "second fetch: {:?}",
-        again.error
+        again.end
     );
     assert_eq!(up.count(&path), 8, "the second fetch went upstream again");
 }
@@ -933,15 +756,15 @@ async fn short_bodies_every_time_end_unavailable_never_ok() {
 // ---------------------------------------------------------------------------
 // 8. A body that breaks at 40%, then Range requests
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn body_stalling_at_40_percent_resumes_with_a_range_at_40_percent() {
     let up = FaultyServer::start().await;
-    let data = blob_bytes(5 * MIB, 9);
+    let data = random_blob(9, 5 * MIB);
     let digest = up.put_blob(REPO, data.clone());
     let path = blob_path(REPO, &digest);
     up.script(&path, [Act::StallAfter(Cut::Percent(40)), Act::Serve]);
-    let a = Up::new("a", &up.url());
-    let service = Service::start(&config("", &[&a]));
+    let a = upstream("a", &up.url());
+    let service = InProcess::start(&config("", &[&a])).await;
     let mut client = service.client().await;
 
     let started = Instant::now();
@@ -956,7 +779,7 @@ async fn body_stalling_at_40_percent_resumes_with_a_range_at_40_percent() {
         seen[1].range_header.as_deref(),
         Some(format!("bytes={}-", data.len() * 40 / 100).as_str())
     );
-    let bound = a.timeout + a.request_bound() * 2 + SLACK;
+    let bound = a.timeout_value() + a.request_bound() * 2 + SLACK;
     assert!(elapsed <= bound, "took {elapsed:?}, bound {bound:?}");
     wait_until("the stalled connection to be closed", SLACK, || {
         up.peer_closed() >= 1
@@ -964,18 +787,18 @@ async fn body_stalling_at_40_percent_resumes_with_a_range_at_40_percent() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn body_breaking_at_40_percent_resumes_on_the_next_upstream() {
     let first = FaultyServer::start().await;
     let second = FaultyServer::start().await;
-    let data = blob_bytes(5 * MIB, 10);
+    let data = random_blob(10, 5 * MIB);
     let digest = first.put_blob(REPO, data.clone());
     second.put_blob(REPO, data.clone());
     let path = blob_path(REPO, &digest);
     first.script(&path, [Act::ShortAfter(Cut::Percent(40)), Act::status(503)]);
-    let a = Up::new("first", &first.url()).retries(0);
-    let b = Up::new("second", &second.url()).retries(0);
-    let service = Service::start(&config("", &[&a, &b]));
+    let a = upstream("first", &first.url()).retries(0);
+    let b = upstream("second", &second.url()).retries(0);
+    let service = InProcess::start(&config("", &[&a, &b])).await;
     let mut client = service.client().await;
 
     let started = Instant::now();
@@ -998,15 +821,15 @@ async fn body_breaking_at_40_percent_resumes_on_the_next_upstream() {
 // ---------------------------------------------------------------------------
 // 9. A Range request answered with 200 and the whole body
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn range_answered_with_200_and_the_whole_body_is_still_correct() {
     let up = FaultyServer::start().await;
-    let data = blob_bytes(3 * MIB, 11);
+    let data = random_blob(11, 3 * MIB);
     let digest = up.put_blob(REPO, data.clone());
     let path = blob_path(REPO, &digest);
     up.script(&path, [Act::ShortAfter(Cut::Percent(40)), Act::IgnoreRange]);
-    let a = Up::new("a", &up.url());
-    let service = Service::start(&config("", &[&a]));
+    let a = upstream("a", &up.url());
+    let service = InProcess::start(&config("", &[&a])).await;
     let mut client = service.client().await;
 
     let started = Instant::now();
@@ -1025,7 +848,7 @@ async fn range_answered_with_200_and_the_whole_body_is_still_correct() {
 // ---------------------------------------------------------------------------
 // 10. Manifest over the size cap
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifest_over_the_size_cap_is_refused_without_retries() {
     let fake = FakeRegistry::start().await;
     let big = image_manifest("too-big", 40);
@@ -1039,13 +862,13 @@ async fn manifest_over_the_size_cap_is_refused_without_retries() {
             .header("Content-Type", OCI_MANIFEST)
             .chunks(big.chunks(512).map(Bytes::copy_from_slice).collect()),
     );
-    let a = Up::new("a", &fake.url()).retries(3);
-    let service = Service::start(&config("max_manifest_size = \"1KiB\"", &[&a]));
+    let a = upstream("a", &fake.url()).retries(3);
+    let service = InProcess::start(&config("max_manifest_size = \"1KiB\"", &[&a])).await;
     let mut client = service.client().await;
 
     for (tag, path) in [("big", &with_length), ("big-chunked", &chunked)] {
         let started = Instant::now();
-        let status = expect_err(guard(client.fetch_manifest(manifest_request(REPO, tag))).await);
+        let status = expect_err(bounded(client.fetch_manifest(manifest_request(REPO, tag))).await);
         let elapsed = started.elapsed();
         assert_eq!(status.code(), Code::Unavailable, "{tag}: {status:?}");
         assert_eq!(fake.count(path), 1, "{tag}: a 200 is not retried");
@@ -1057,7 +880,7 @@ async fn manifest_over_the_size_cap_is_refused_without_retries() {
 // ---------------------------------------------------------------------------
 // 11. Invalid JSON where an index is needed
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_json_where_an_index_is_needed_is_not_ok() {
     let fake = FakeRegistry::start().await;
     let bodies: [(&str, &[u8]); 3] = [
@@ -1077,8 +900,8 @@ async fn invalid_json_where_an_index_is_needed_is_not_ok() {
             Reply::ok(Bytes::from_static(body)).header("Content-Type", OCI_INDEX),
         );
     }
-    let a = Up::new("a", &fake.url()).retries(3);
-    let service = Service::start(&config("", &[&a]));
+    let a = upstream("a", &fake.url()).retries(3);
+    let service = InProcess::start(&config("", &[&a])).await;
     let mut client = service.client().await;
 
     for (tag, _) in bodies {
@@ -1089,7 +912,7 @@ async fn invalid_json_where_an_index_is_needed_is_not_ok() {
             variant: String::new(),
         });
         let started = Instant::now();
-        let status = expect_err(guard(client.fetch_manifest(request)).await);
+        let status = expect_err(bounded(client.fetch_manifest(request)).await);
         let elapsed = started.elapsed();
         assert_eq!(status.code(), Code::Unavailable, "{tag}: {status:?}");
         assert_eq!(
@@ -1105,7 +928,7 @@ async fn invalid_json_where_an_index_is_needed_is_not_ok() {
 // ---------------------------------------------------------------------------
 // 12. Circuit breaker
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn circuit_opens_skips_the_upstream_probes_after_cooldown_and_closes() {
     let flaky = FaultyServer::start().await;
     let backup = FaultyServer::start().await;
@@ -1119,17 +942,17 @@ async fn circuit_opens_skips_the_upstream_probes_after_cooldown_and_closes() {
         .collect();
     flaky.script_all([Act::status(503)]);
     let cooldown = Duration::from_secs(2);
-    let a = Up::new("flaky", &flaky.url())
+    let a = upstream("flaky", &flaky.url())
         .retries(0)
         .circuit(2, cooldown);
-    let b = Up::new("backup", &backup.url()).retries(0);
-    let service = Service::start(&config("", &[&a, &b]));
+    let b = upstream("backup", &backup.url()).retries(0);
+    let service = InProcess::start(&config("", &[&a, &b])).await;
     let mut client = service.client().await;
-    let fetch = |client: &mut UpstreamServiceClient<Channel>, i: usize, only: Option<&str>| {
+    let fetch = |client: &mut Client, i: usize, only: Option<&str>| {
         let mut request = manifest_request(REPO, &manifests[i].1);
         request.upstream = only.unwrap_or_default().to_string();
         let mut client = client.clone();
-        async move { guard(client.fetch_manifest(request)).await }
+        async move { bounded(client.fetch_manifest(request)).await }
     };
 
     // Two failures (each served by the backup) open the circuit.
@@ -1210,14 +1033,14 @@ async fn circuit_opens_skips_the_upstream_probes_after_cooldown_and_closes() {
 /// by the open circuit. Returns the probe call's result.
 async fn wait_until_probe<F, Fut>(
     flaky: &FaultyServer,
-    client: &mut UpstreamServiceClient<Channel>,
+    client: &mut Client,
     fetch: &F,
     i: usize,
     requests_before: usize,
     cooldown: Duration,
 ) -> Result<oci_upstream::pb::FetchManifestResponse, tonic::Status>
 where
-    F: Fn(&mut UpstreamServiceClient<Channel>, usize, Option<&str>) -> Fut,
+    F: Fn(&mut Client, usize, Option<&str>) -> Fut,
     Fut: Future<
         Output = Result<tonic::Response<oci_upstream::pb::FetchManifestResponse>, tonic::Status>,
     >,
@@ -1247,7 +1070,7 @@ where
 /// Polls FetchManifest of `digest` on upstream `only` until it is OK, for at
 /// most `limit`; every refusal before that must come from the open circuit.
 async fn wait_until_ok_through_circuit(
-    client: &mut UpstreamServiceClient<Channel>,
+    client: &mut Client,
     digest: &str,
     only: &str,
     limit: Duration,
@@ -1256,7 +1079,7 @@ async fn wait_until_ok_through_circuit(
     loop {
         let mut request = manifest_request(REPO, digest);
         request.upstream = only.to_string();
-        match guard(client.fetch_manifest(request)).await {
+        match bounded(client.fetch_manifest(request)).await {
             Ok(response) => return response.into_inner(),
             Err(status) => {
                 assert!(
@@ -1270,7 +1093,7 @@ async fn wait_until_ok_through_circuit(
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn circuit_probe_abandoned_by_its_caller_does_not_keep_the_circuit_open() {
     let up = FaultyServer::start().await;
     let manifests: Vec<(Bytes, String)> = (0..3)
@@ -1282,16 +1105,16 @@ async fn circuit_probe_abandoned_by_its_caller_does_not_keep_the_circuit_open() 
         .collect();
     up.script_all([Act::status(503)]);
     let cooldown = Duration::from_secs(1);
-    let a = Up::new("a", &up.url())
+    let a = upstream("a", &up.url())
         .retries(0)
         .timeout(Duration::from_secs(30))
         .circuit(1, cooldown);
-    let service = Service::start(&config("", &[&a]));
+    let service = InProcess::start(&config("", &[&a])).await;
     let mut client = service.client().await;
 
     // One failure opens the circuit.
     let status =
-        expect_err(guard(client.fetch_manifest(manifest_request(REPO, &manifests[0].1))).await);
+        expect_err(bounded(client.fetch_manifest(manifest_request(REPO, &manifests[0].1))).await);
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(up.request_count(), 1);
 
@@ -1318,10 +1141,10 @@ async fn circuit_probe_abandoned_by_its_caller_does_not_keep_the_circuit_open() 
     assert_eq!(response.manifest, manifests[2].0);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn circuit_probe_made_by_a_blob_resume_is_counted() {
     let up = FaultyServer::start().await;
-    let data = blob_bytes(2 * MIB, 30);
+    let data = random_blob(30, 2 * MIB);
     let digest = up.put_blob(REPO, data.clone());
     let blob_at = blob_path(REPO, &digest);
     up.script(&blob_at, [Act::StallAfter(Cut::Percent(50)), Act::Serve]);
@@ -1333,11 +1156,11 @@ async fn circuit_probe_made_by_a_blob_resume_is_counted() {
     let cooldown = Duration::from_secs(1);
     // The stall is noticed after 3 s, past the cooldown of the circuit that
     // the failing manifest opens meanwhile: the resume is the half-open probe.
-    let a = Up::new("a", &up.url())
+    let a = upstream("a", &up.url())
         .retries(0)
         .timeout(Duration::from_secs(3))
         .circuit(1, cooldown);
-    let service = Service::start(&config("", &[&a]));
+    let service = InProcess::start(&config("", &[&a])).await;
     let mut client = service.client().await;
 
     let blob = tokio::spawn({
@@ -1350,10 +1173,10 @@ async fn circuit_probe_made_by_a_blob_resume_is_counted() {
     })
     .await;
     let status =
-        expect_err(guard(client.fetch_manifest(manifest_request(REPO, &failing_digest))).await);
+        expect_err(bounded(client.fetch_manifest(manifest_request(REPO, &failing_digest))).await);
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 
-    let outcome = guard(blob).await.expect("blob task");
+    let outcome = bounded(blob).await.expect("blob task");
     outcome.assert_bytes(&data, "blob resumed through the circuit");
     assert_eq!(up.count(&blob_at), 2, "resumed on the same upstream");
 
@@ -1367,12 +1190,12 @@ async fn circuit_probe_made_by_a_blob_resume_is_counted() {
 // ---------------------------------------------------------------------------
 // 13. Overload
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_shed_with_resource_exhausted_at_once() {
     let up = FaultyServer::start().await;
     let slow: Vec<(Bytes, String)> = (0..2)
         .map(|i| {
-            let data = blob_bytes(4 * MIB, 20 + i);
+            let data = random_blob(20 + i, 4 * MIB);
             let digest = up.put_blob(REPO, data.clone());
             (data, digest)
         })
@@ -1386,21 +1209,21 @@ async fn overload_is_shed_with_resource_exhausted_at_once() {
     let quick = image_manifest("overload", 1);
     let quick_digest = up.put_manifest(REPO, None, OCI_MANIFEST, quick.clone());
     up.script(&manifest_path(REPO, &quick_digest), [Act::Serve]);
-    let a = Up::new("a", &up.url());
-    let service = Service::start(&config("max_concurrent_rpcs = 2", &[&a]));
+    let a = upstream("a", &up.url());
+    let service = InProcess::start(&config("max_concurrent_rpcs = 2", &[&a])).await;
     let client = service.client().await;
 
     // Two slow streams in flight, each past its first data message.
     let mut streams = Vec::new();
     for (_, digest) in &slow {
         let request = blob_request(REPO, digest);
-        let mut stream = guard(client.clone().fetch_blob(request))
+        let mut stream = bounded(client.clone().fetch_blob(request))
             .await
             .expect("admitted")
             .into_inner();
         let mut got = 0;
         while got == 0 {
-            let message = guard(stream.message())
+            let message = bounded(stream.message())
                 .await
                 .expect("stream runs")
                 .expect("stream has messages");
@@ -1412,7 +1235,7 @@ async fn overload_is_shed_with_resource_exhausted_at_once() {
     let requests = up.request_count();
     let started = Instant::now();
     let status = expect_err(
-        guard(
+        bounded(
             client
                 .clone()
                 .head_blob(head_blob_request(REPO, &slow[0].1)),
@@ -1427,13 +1250,16 @@ async fn overload_is_shed_with_resource_exhausted_at_once() {
         "shed before any upstream work"
     );
     // "At once": well within a single upstream timeout.
-    assert!(elapsed <= a.timeout + SLACK, "shedding took {elapsed:?}");
+    assert!(
+        elapsed <= a.timeout_value() + SLACK,
+        "shedding took {elapsed:?}"
+    );
 
     // When the streams' callers leave, their slots are free again.
     drop(streams);
     let start = Instant::now();
     loop {
-        match guard(
+        match bounded(
             client
                 .clone()
                 .fetch_manifest(manifest_request(REPO, &quick_digest)),
@@ -1464,7 +1290,7 @@ async fn overload_is_shed_with_resource_exhausted_at_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_per_upstream_are_bounded() {
     let up = FaultyServer::start().await;
-    let data = blob_bytes(4 * MIB, 40);
+    let data = random_blob(40, 4 * MIB);
     let digest = up.put_blob(REPO, data);
     // 160 KiB/s: above min_rate, and much longer than the test.
     let trickle = || Act::Trickle {
@@ -1477,17 +1303,17 @@ async fn connections_per_upstream_are_bounded() {
     let quick_digest = up.put_manifest(REPO, None, OCI_MANIFEST, quick.clone());
 
     for limit in [1, 2] {
-        let a = Up::new("a", &up.url()).retries(0).max_connections(limit);
-        let service = Service::start(&config("", &[&a]));
+        let a = upstream("a", &up.url()).retries(0).max_connections(limit);
+        let service = InProcess::start(&config("", &[&a])).await;
         let client = service.client().await;
         let request = blob_request(REPO, &digest);
-        let mut stream = guard(client.clone().fetch_blob(request))
+        let mut stream = bounded(client.clone().fetch_blob(request))
             .await
             .expect("the download starts")
             .into_inner();
         let mut got = 0;
         while got == 0 {
-            let message = guard(stream.message())
+            let message = bounded(stream.message())
                 .await
                 .expect("stream runs")
                 .expect("stream has messages");
@@ -1496,7 +1322,7 @@ async fn connections_per_upstream_are_bounded() {
 
         let requests = up.request_count();
         let started = Instant::now();
-        let result = guard(
+        let result = bounded(
             client
                 .clone()
                 .fetch_manifest(manifest_request(REPO, &quick_digest)),
@@ -1516,9 +1342,9 @@ async fn connections_per_upstream_are_bounded() {
                 "no request beyond the limit reached the upstream"
             );
             assert!(
-                elapsed <= a.timeout + SLACK,
+                elapsed <= a.timeout_value() + SLACK,
                 "waited {elapsed:?} for a slot, bound {:?}",
-                a.timeout + SLACK
+                a.timeout_value() + SLACK
             );
         } else {
             let response = result.expect("a second slot serves the manifest");

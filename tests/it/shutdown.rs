@@ -1,23 +1,23 @@
-//! Graceful shutdown of the real `oci-upstream` binary (issue 5): SIGTERM
+//! Graceful shutdown of the real `oci-upstream` binary: SIGTERM
 //! while slow FetchBlob streams are in flight. Health must turn NOT_SERVING
 //! at once while the streams still run, new calls must be refused with
 //! UNAVAILABLE, the streams must finish with correct bytes within the grace
 //! period, and the process must exit 0. With a grace period shorter than the
 //! streams, they are cut (never ended as if complete) and the process still
 //! exits 0, within the grace period plus a bounded margin. The slow streams
-//! come from the trickling upstream in `common/faulty.rs`, paced above the
+//! come from the trickling upstream of `common::faulty`, paced above the
 //! service's `min_rate` so that only the shutdown can end them early.
 
 use crate::common;
 
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::Service;
-use common::faulty::{Act, Cut, FaultyServer, manifest_path, sha256_digest};
-use common::rpc::{blob_request, manifest_request, read_blob_stream};
-use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
+use common::Spawned;
+use common::config::{ServiceConfig, Upstream};
+use common::content::{OCI_MANIFEST, image_manifest, random_blob, sha256_digest};
+use common::faulty::{Act, Cut, FaultyServer, manifest_path};
+use common::rpc::{BlobStream, Client, blob_request, bounded, manifest_request};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::Code;
@@ -28,7 +28,6 @@ use tonic_health::pb::health_client::HealthClient;
 
 const REPO: &str = "team/app";
 const SERVICE_NAME: &str = "oci.upstream.v1.UpstreamService";
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
 /// Added to every bound derived from the configuration: room for process
@@ -37,31 +36,17 @@ const SLACK: Duration = Duration::from_secs(5);
 /// After the grace period, the service gives connections this long to close
 /// (`CLOSE_MARGIN` in `src/app.rs`).
 const CLOSE_MARGIN: Duration = Duration::from_secs(2);
-/// Safety net so a hanging service fails the test instead of hanging the
-/// suite; never asserted as a bound.
-const HANG_GUARD: Duration = Duration::from_secs(120);
-
-/// Deterministic, incompressible-looking bytes.
-fn blob_bytes(len: usize, seed: u32) -> Bytes {
-    (0..len as u32)
-        .map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect::<Vec<u8>>()
-        .into()
-}
-
 fn config(shutdown_grace: &str, upstream_url: &str) -> String {
-    format!(
-        "shutdown_grace = \"{shutdown_grace}\"\n\n[cache]\nnegative_ttl = \"0s\"\n\n\
-         [[upstreams]]\nname = \"slow\"\nurl = \"{upstream_url}\"\n\
-         connect_timeout = \"1s\"\ntimeout = \"2s\"\nretries = 1\nretry_max_delay = \"1s\"\n"
+    ServiceConfig::with(
+        Upstream::new("slow", upstream_url)
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(2))
+            .retries(1)
+            .retry_max_delay(Duration::from_secs(1)),
     )
-}
-
-/// Awaits `call`, failing the test if it hangs.
-async fn guard<T>(call: impl Future<Output = T>) -> T {
-    tokio::time::timeout(HANG_GUARD, call)
-        .await
-        .expect("answered within the hang guard")
+    .top(&format!("shutdown_grace = \"{shutdown_grace}\""))
+    .cache("negative_ttl = \"0s\"")
+    .toml()
 }
 
 /// What a FetchBlob stream delivered before it ended.
@@ -74,33 +59,43 @@ struct Outcome {
 
 /// Starts a FetchBlob stream in a task; the receiver fires once the first
 /// data has arrived (the stream is active).
-fn start_stream(
-    client: &UpstreamServiceClient<Channel>,
-    digest: &str,
-) -> (JoinHandle<Outcome>, oneshot::Receiver<()>) {
+fn start_stream(client: &Client, digest: &str) -> (JoinHandle<Outcome>, oneshot::Receiver<()>) {
     let mut client = client.clone();
     let request = blob_request(REPO, digest);
     let (active, is_active) = oneshot::channel();
     let task = tokio::spawn(async move {
         let mut active = Some(active);
-        let mut outcome = Outcome::default();
-        let end = read_blob_stream(client.fetch_blob(request), |message| {
-            outcome.data.extend_from_slice(&message.data);
-            if !outcome.data.is_empty() {
-                if let Some(active) = active.take() {
-                    let _ = active.send(());
-                }
+        let mut stream = match BlobStream::open(&mut client, request).await {
+            Ok(stream) => stream,
+            Err(status) => {
+                return Outcome {
+                    data: Vec::new(),
+                    error: Some(status),
+                };
             }
-        })
-        .await;
-        outcome.error = end.err();
-        outcome
+        };
+        let end = loop {
+            match stream.step().await {
+                Ok(true) if stream.read().len > 0 => {
+                    if let Some(active) = active.take() {
+                        let _ = active.send(());
+                    }
+                }
+                Ok(true) => {}
+                Ok(false) => break Ok(()),
+                Err(status) => break Err(status),
+            }
+        };
+        Outcome {
+            data: stream.into_read().data,
+            error: end.err(),
+        }
     });
     (task, is_active)
 }
 
 async fn health(client: &mut HealthClient<Channel>, service: &str) -> ServingStatus {
-    let response = guard(client.check(HealthCheckRequest {
+    let response = bounded(client.check(HealthCheckRequest {
         service: service.to_string(),
     }))
     .await
@@ -114,7 +109,7 @@ async fn sigterm_drains_active_streams_then_exits_zero() {
     let up = FaultyServer::start().await;
     let blobs: Vec<(Bytes, String)> = (0..4)
         .map(|i| {
-            let data = blob_bytes(3 * MIB, 100 + i);
+            let data = random_blob(100 + i, 3 * MIB);
             let digest = up.put_blob(REPO, data.clone());
             (data, digest)
         })
@@ -125,23 +120,12 @@ async fn sigterm_drains_active_streams_then_exits_zero() {
         bytes: 64 * KIB,
         every: Duration::from_millis(125),
     }]);
-    let manifest: Bytes = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": sha256_digest(b"{}"),
-            "size": 2,
-        },
-        "layers": [],
-    }))
-    .expect("JSON serializes")
-    .into();
+    let manifest = image_manifest("shutdown", 0);
     let manifest_digest = up.put_manifest(REPO, None, OCI_MANIFEST, manifest.clone());
     let manifest_at = manifest_path(REPO, &manifest_digest);
     up.script(&manifest_at, [Act::Serve]);
     let grace = Duration::from_secs(20);
-    let mut service = Service::start(&config("20s", &up.url()));
+    let mut service = Spawned::start(&config("20s", &up.url()));
     let client = service.client().await;
     let mut health_client = HealthClient::new(service.channel().await);
     assert_eq!(health(&mut health_client, "").await, ServingStatus::Serving);
@@ -149,7 +133,7 @@ async fn sigterm_drains_active_streams_then_exits_zero() {
     let mut streams = Vec::new();
     for (_, digest) in &blobs {
         let (task, active) = start_stream(&client, digest);
-        guard(active).await.expect("the stream delivers data");
+        bounded(active).await.expect("the stream delivers data");
         streams.push(task);
     }
 
@@ -184,7 +168,7 @@ async fn sigterm_drains_active_streams_then_exits_zero() {
     );
 
     // A new call is refused, without any upstream work.
-    let status = guard(
+    let status = bounded(
         client
             .clone()
             .fetch_manifest(manifest_request(REPO, &manifest_digest)),
@@ -204,7 +188,7 @@ async fn sigterm_drains_active_streams_then_exits_zero() {
 
     // Every stream completes with the right bytes.
     for (task, (data, digest)) in streams.into_iter().zip(&blobs) {
-        let outcome = guard(task).await.expect("stream task");
+        let outcome = bounded(task).await.expect("stream task");
         assert!(
             outcome.error.is_none(),
             "stream of {digest} failed during the drain: {:?}",
@@ -242,7 +226,7 @@ async fn streams_outlasting_a_short_grace_are_cut_and_the_process_exits_zero() {
     let up = FaultyServer::start().await;
     let blobs: Vec<(Bytes, String)> = (0..2)
         .map(|i| {
-            let data = blob_bytes(8 * MIB, 200 + i);
+            let data = random_blob(200 + i, 8 * MIB);
             let digest = up.put_blob(REPO, data.clone());
             (data, digest)
         })
@@ -254,13 +238,13 @@ async fn streams_outlasting_a_short_grace_are_cut_and_the_process_exits_zero() {
         every: Duration::from_millis(250),
     }]);
     let grace = Duration::from_secs(1);
-    let mut service = Service::start(&config("1s", &up.url()));
+    let mut service = Spawned::start(&config("1s", &up.url()));
     let client = service.client().await;
 
     let mut streams = Vec::new();
     for (_, digest) in &blobs {
         let (task, active) = start_stream(&client, digest);
-        guard(active).await.expect("the stream delivers data");
+        bounded(active).await.expect("the stream delivers data");
         streams.push(task);
     }
 
@@ -278,7 +262,7 @@ async fn streams_outlasting_a_short_grace_are_cut_and_the_process_exits_zero() {
     assert!(exited <= limit, "exited after {exited:?}, bound {limit:?}");
 
     for (task, (data, digest)) in streams.into_iter().zip(&blobs) {
-        let outcome = guard(task).await.expect("stream task");
+        let outcome = bounded(task).await.expect("stream task");
         assert!(
             outcome.data.len() < data.len(),
             "the stream of {digest} cannot have finished in {exited:?}"

@@ -1,19 +1,31 @@
 //! Soak of the real `oci-upstream` binary against two upstreams that fail at
-//! random (issue 5): for `SOAK_SECS` seconds (default 60; the test stops by
-//! itself), 32 concurrent callers mix FetchManifest (by digest and by tag),
-//! FetchBlob (whole and ranges) and HeadBlob over an ever-growing pool of
-//! distinct contents, while both upstreams (the hand-written server in
-//! `common/faulty.rs`) answer each request with a random act: correct
-//! content most of the time, otherwise 5xx, 429, connections closed or
-//! reset before an answer, resets, short bodies and stalls mid-body, hangs,
+//! random: for `SOAK_SECS` seconds (default 10; the test stops by itself),
+//! 32 concurrent callers mix FetchManifest (by digest and by tag), FetchBlob
+//! (whole and ranges) and HeadBlob over an ever-growing pool of distinct
+//! contents, while both upstreams (the hand-written server of
+//! `common::faulty`) answer each request with a random act: correct content
+//! most of the time, otherwise 5xx, 429, connections closed or reset before
+//! an answer, resets, short bodies and stalls mid-body, hangs,
 //! slow-but-acceptable trickles, delayed headers and Range requests answered
 //! with the whole body.
 //!
 //! Every OK answer must be byte-correct (compared with the content the
-//! upstreams serve), every error must carry an allowed code, no call may
-//! hang, and the service's RSS and open file descriptors at the end must
-//! stay within a small margin of their level after the warm-up (the first
-//! quarter of the run).
+//! upstreams serve; the FetchBlob reader also checks each message's framing),
+//! every error must carry an allowed code, no call may hang, both upstreams
+//! must still be asked in the last quarter of the run (a circuit that opens
+//! closes again), and the service's RSS and open file descriptors at the end
+//! must stay within a small margin of their level after the warm-up (the
+//! first quarter of the run).
+//!
+//! `cargo test` runs the short form. The long form, before a release or
+//! after touching the engine's failure paths:
+//!
+//! ```sh
+//! SOAK_SECS=600 cargo test --test it soak:: -- --nocapture
+//! ```
+//!
+//! `SOAK_SEED` replays the random choices of an earlier run (each run prints
+//! its seed).
 
 use crate::common;
 
@@ -22,20 +34,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::Service;
-use common::faulty::{Act, Cut, FaultyServer, Resource, blob_path, manifest_path, sha256_digest};
-use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
+use common::Spawned;
+use common::config::{ServiceConfig, Upstream};
+use common::content::{OCI_MANIFEST, image_manifest, random_blob, sha256_digest};
+use common::faulty::{Act, Cut, FaultyServer, Resource, blob_path, manifest_path};
+use common::rpc::{BlobStream, Client};
 use oci_upstream::pb::{FetchBlobRequest, FetchManifestRequest, HeadBlobRequest};
-use serde_json::json;
 use tonic::Code;
-use tonic::transport::Channel;
 
 const REPO: &str = "soak/app";
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const CALLERS: usize = 32;
 /// gRPC connections the callers share.
 const CHANNELS: usize = 4;
-const DEFAULT_SOAK_SECS: u64 = 60;
+/// The short form `cargo test` runs; `SOAK_SECS` sets another length.
+const DEFAULT_SOAK_SECS: u64 = 10;
 /// No single call may take longer than this (the slowest fault, a trickle,
 /// ends within a few seconds; retries and resumes add a few timeouts).
 const CALL_GUARD: Duration = Duration::from_secs(60);
@@ -76,59 +88,14 @@ struct Item {
     len: usize,
 }
 
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// Blob bytes of `item`: a seeded 4 KiB block, repeated with a counter.
-fn blob_content(seed: u64, len: usize) -> Bytes {
-    let mut state = seed;
-    let mut block = vec![0u8; 4096];
-    for word in block.chunks_mut(8) {
-        word.copy_from_slice(&splitmix(&mut state).to_le_bytes());
-    }
-    let mut out = Vec::with_capacity(len);
-    let mut counter = 0u64;
-    while out.len() < len {
-        block[..8].copy_from_slice(&counter.to_le_bytes());
-        let take = (len - out.len()).min(block.len());
-        out.extend_from_slice(&block[..take]);
-        counter += 1;
-    }
-    out.into()
-}
-
 /// An OCI image manifest unique to `seed`.
 fn manifest_content(seed: u64) -> Bytes {
-    let layer = format!("soak layer {seed}");
-    let config = format!("soak config {seed}");
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": sha256_digest(config.as_bytes()),
-            "size": config.len(),
-        },
-        "layers": [{
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-            "digest": sha256_digest(layer.as_bytes()),
-            "size": layer.len(),
-        }],
-        "annotations": {"seed": seed.to_string()},
-    });
-    serde_json::to_vec(&manifest)
-        .expect("JSON serializes")
-        .into()
+    image_manifest(&format!("soak {seed}"), 1)
 }
 
 fn content(item: Item) -> Bytes {
     match item.kind {
-        Kind::Blob => blob_content(item.seed, item.len),
+        Kind::Blob => random_blob(item.seed, item.len),
         Kind::Manifest => manifest_content(item.seed),
     }
 }
@@ -216,12 +183,14 @@ async fn upstream(catalog: &SharedCatalog, seed: u64) -> FaultyServer {
     server
 }
 
-fn upstream_toml(name: &str, url: &str, priority: u32) -> String {
-    format!(
-        "[[upstreams]]\nname = \"{name}\"\nurl = \"{url}\"\npriority = {priority}\n\
-         connect_timeout = \"1s\"\ntimeout = \"1s\"\nretries = 2\nretry_max_delay = \"1s\"\n\
-         circuit_failures = 5\ncircuit_cooldown = \"2s\"\n"
-    )
+fn upstream_config(name: &str, url: &str, priority: u32) -> Upstream {
+    Upstream::new(name, url)
+        .priority(priority)
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(1))
+        .retries(2)
+        .retry_max_delay(Duration::from_secs(1))
+        .circuit(5, Duration::from_secs(2))
 }
 
 // ---------------------------------------------------------------------------
@@ -301,7 +270,7 @@ fn pick_item(catalog: &SharedCatalog, rng: &mut fastrand::Rng, kind: Kind) -> (S
 }
 
 async fn one_call(
-    client: &mut UpstreamServiceClient<Channel>,
+    client: &mut Client,
     catalog: &SharedCatalog,
     rng: &mut fastrand::Rng,
     tally: &mut Tally,
@@ -329,33 +298,16 @@ async fn one_call(
                 length: length as i64,
                 ..Default::default()
             };
-            let mut stream = match client.fetch_blob(request).await {
-                Ok(response) => response.into_inner(),
+            // The reader asserts the framing (each message's offset the
+            // position of its first byte) as it reads.
+            let read = match BlobStream::open(client, request).await {
+                Ok(stream) => stream.finish().await,
                 Err(status) => return tally.error("FetchBlob", &status, &what),
             };
-            let mut data = Vec::new();
-            let mut info = None;
-            loop {
-                match stream.message().await {
-                    Ok(Some(message)) => {
-                        if info.is_none() {
-                            info = message.info;
-                        }
-                        if !message.data.is_empty()
-                            && message.offset as usize != offset + data.len()
-                        {
-                            tally.fail(format!(
-                                "FetchBlob {what}: message at offset {} after {} bytes",
-                                message.offset,
-                                data.len()
-                            ));
-                        }
-                        data.extend_from_slice(&message.data);
-                    }
-                    Ok(None) => break,
-                    Err(status) => return tally.error("FetchBlob", &status, &what),
-                }
+            if let Err(status) = &read.end {
+                return tally.error("FetchBlob", status, &what);
             }
+            let (info, data) = (read.info, read.data);
             let info_ok = info
                 .as_ref()
                 .is_some_and(|i| i.digest == digest && i.size == item.len as i64);
@@ -424,12 +376,7 @@ async fn one_call(
     }
 }
 
-async fn caller(
-    mut client: UpstreamServiceClient<Channel>,
-    catalog: SharedCatalog,
-    seed: u64,
-    until: Instant,
-) -> Tally {
+async fn caller(mut client: Client, catalog: SharedCatalog, seed: u64, until: Instant) -> Tally {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut tally = Tally::default();
     while Instant::now() < until {
@@ -454,15 +401,16 @@ async fn soak_with_randomly_failing_upstreams() {
     let catalog: SharedCatalog = Arc::default();
     let first = upstream(&catalog, seed ^ 1).await;
     let second = upstream(&catalog, seed ^ 2).await;
-    let config = format!(
-        "[cache]\nnegative_ttl = \"0s\"\n\n{}\n{}",
-        upstream_toml("first", &first.url(), 10),
-        upstream_toml("second", &second.url(), 20)
-    );
-    let service = Service::start_with_env(&config, &[("RUST_LOG", "oci_upstream=info")]);
+    let config = ServiceConfig::new()
+        .cache("negative_ttl = \"0s\"")
+        .upstream(upstream_config("first", &first.url(), 10))
+        .upstream(upstream_config("second", &second.url(), 20))
+        .toml();
+    // A process: its RSS and open descriptors are measured.
+    let service = Spawned::start_with_env(&config, &[("RUST_LOG", "oci_upstream=info")]);
     let mut channels = Vec::new();
     for _ in 0..CHANNELS {
-        channels.push(UpstreamServiceClient::new(service.channel().await));
+        channels.push(service.client().await);
     }
 
     let started = Instant::now();

@@ -1,6 +1,7 @@
 //! Docker token authentication against a real Distribution registry with
 //! `auth: token`, whose realm is a test token issuer that signs RS256 JWTs
-//! (see `common::token_issuer`): anonymous and credentialed token requests,
+//! (see `common::token_issuer`; the tests that read the service's log run
+//! the binary, the others the service in process): anonymous and credentialed token requests,
 //! wrong credentials, the token cache (one token request for many fetches,
 //! a new one after expiry), the requested scope and service, the OAuth2
 //! refresh-token form for a Docker config `identitytoken`, and that no
@@ -8,55 +9,64 @@
 
 use crate::common;
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine as _;
-use common::Service;
+use common::config::{ServiceConfig, Upstream};
+use common::distribution::{Distribution, Image};
 use common::rpc::{Client, fetch_blob_bytes, fetch_manifest, fetch_tags};
-use common::token_issuer::{AuthRegistry, IssuerSettings, PushedImage, SERVICE, TokenIssuer};
+use common::token_issuer::{IssuerSettings, SERVICE, TokenIssuer};
+use common::{InProcess, Spawned};
 use tonic::Code;
 
 const REPO: &str = "team/app";
 const USER: &str = "alice";
 const PASSWORD: &str = "Tr0ub4dor-and-3";
 
-/// The service config: one upstream `reg` for `registry`, then `auth` lines.
-fn config(registry: &AuthRegistry, auth: &str) -> String {
-    format!(
-        "[[upstreams]]\nname = \"reg\"\nurl = \"{}\"\n{auth}\n",
-        registry.url()
-    )
+/// The service config: one upstream `reg` for `registry`, with `auth`
+/// (none: anonymous).
+fn config(registry: &Distribution, auth: Option<&Path>) -> String {
+    let upstream = Upstream::new("reg", &registry.url());
+    let upstream = match auth {
+        Some(password_file) => upstream.auth_basic_file(USER, password_file),
+        None => upstream,
+    };
+    ServiceConfig::with(upstream).toml()
 }
 
-/// `[upstreams.auth]` for basic credentials with the password in a file.
-fn basic_auth(dir: &tempfile::TempDir, password: &str) -> String {
+/// Writes `password` (and a newline) to a password file in `dir`.
+fn password_file(dir: &tempfile::TempDir, password: &str) -> PathBuf {
     let path = dir.path().join("password");
     std::fs::write(&path, format!("{password}\n")).expect("write the password file");
-    format!(
-        "[upstreams.auth]\ntype = \"basic\"\nusername = \"{USER}\"\npassword_file = \"{}\"",
-        path.display()
-    )
+    path
 }
 
-/// Fetches `image`'s manifest (by `tag`), both blobs, and checks the bytes.
-async fn fetch_image(client: &mut Client, tag: &str, image: &PushedImage) {
+/// Fetches `image`'s manifest (by `tag`), every blob, and checks the bytes.
+async fn fetch_image(client: &mut Client, tag: &str, image: &Image) {
     let resp = fetch_manifest(client, REPO, tag)
         .await
         .unwrap_or_else(|s| panic!("FetchManifest {REPO}:{tag}: {s:?}"));
-    assert_eq!(resp.manifest, image.manifest, "manifest bytes of {tag}");
-    assert_eq!(resp.digest, image.digest, "manifest digest of {tag}");
-    for (digest, data) in [&image.layer, &image.config] {
-        let got = fetch_blob_bytes(client, REPO, digest)
+    assert_eq!(
+        resp.manifest, image.manifest.bytes,
+        "manifest bytes of {tag}"
+    );
+    assert_eq!(
+        resp.digest, image.manifest.digest,
+        "manifest digest of {tag}"
+    );
+    for blob in image.blobs() {
+        let got = fetch_blob_bytes(client, REPO, &blob.digest)
             .await
-            .unwrap_or_else(|s| panic!("FetchBlob {digest}: {s:?}"));
-        assert_eq!(got, data.as_ref(), "blob {digest}");
+            .unwrap_or_else(|s| panic!("FetchBlob {}: {s:?}", blob.digest));
+        assert_eq!(got, blob.data.as_ref(), "blob {}", blob.digest);
     }
 }
 
 /// An issuer with `settings`, a registry trusting it, and `team/app:v1`.
-async fn setup(settings: IssuerSettings) -> (TokenIssuer, AuthRegistry, PushedImage) {
+async fn setup(settings: IssuerSettings) -> (TokenIssuer, Distribution, Image) {
     let issuer = TokenIssuer::start(settings).await;
-    let registry = AuthRegistry::start_token(&issuer).await;
+    let registry = Distribution::start_token(&issuer);
     let image = registry.push_image(REPO, "v1").await;
     (issuer, registry, image)
 }
@@ -64,7 +74,7 @@ async fn setup(settings: IssuerSettings) -> (TokenIssuer, AuthRegistry, PushedIm
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_token_flow_fetches_manifest_blob_and_tags() {
     let (issuer, registry, image) = setup(IssuerSettings::default()).await;
-    let service = Service::start(&config(&registry, ""));
+    let service = InProcess::start(&config(&registry, None)).await;
     let mut client = service.client().await;
 
     fetch_image(&mut client, "v1", &image).await;
@@ -90,7 +100,7 @@ async fn anonymous_token_flow_fetches_manifest_blob_and_tags() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_request_names_the_service_and_the_repository_pull_scope() {
     let (issuer, registry, image) = setup(IssuerSettings::default()).await;
-    let service = Service::start(&config(&registry, ""));
+    let service = InProcess::start(&config(&registry, None)).await;
     let mut client = service.client().await;
     fetch_image(&mut client, "v1", &image).await;
 
@@ -111,7 +121,8 @@ async fn token_request_names_the_service_and_the_repository_pull_scope() {
 async fn basic_credentials_are_sent_to_an_issuer_that_requires_them() {
     let (issuer, registry, image) = setup(IssuerSettings::private().user(USER, PASSWORD)).await;
     let secrets = tempfile::tempdir().expect("temp dir for the password");
-    let service = Service::start(&config(&registry, &basic_auth(&secrets, PASSWORD)));
+    let file = password_file(&secrets, PASSWORD);
+    let service = InProcess::start(&config(&registry, Some(&file))).await;
     let mut client = service.client().await;
 
     fetch_image(&mut client, "v1", &image).await;
@@ -133,7 +144,9 @@ async fn wrong_password_at_the_issuer_is_permission_denied() {
     let (issuer, registry, image) = setup(IssuerSettings::private().user(USER, PASSWORD)).await;
     let secrets = tempfile::tempdir().expect("temp dir for the password");
     let wrong = "not-the-Passw0rd";
-    let service = Service::start(&config(&registry, &basic_auth(&secrets, wrong)));
+    let file = password_file(&secrets, wrong);
+    // A process: its log is checked for the password.
+    let service = Spawned::start(&config(&registry, Some(&file)));
     let mut client = service.client().await;
 
     let results = [
@@ -143,7 +156,7 @@ async fn wrong_password_at_the_issuer_is_permission_denied() {
         ),
         (
             "FetchBlob",
-            fetch_blob_bytes(&mut client, REPO, &image.layer.0)
+            fetch_blob_bytes(&mut client, REPO, &image.layers[0].digest)
                 .await
                 .map(drop),
         ),
@@ -184,11 +197,11 @@ async fn many_fetches_of_one_repository_use_one_token() {
     for tag in ["v2", "v3", "v4"] {
         images.push((tag.to_string(), registry.push_image(REPO, tag).await));
     }
-    let service = Service::start(&config(&registry, ""));
+    let service = InProcess::start(&config(&registry, None)).await;
     let mut client = service.client().await;
 
     // Distinct tags and blobs, so each fetch goes upstream (no cache hits):
-    // 4 manifests + 8 blobs + 1 tag list.
+    // 4 manifests + 12 blobs + 1 tag list.
     for (tag, image) in &images {
         fetch_image(&mut client, tag, image).await;
     }
@@ -199,7 +212,7 @@ async fn many_fetches_of_one_repository_use_one_token() {
     assert_eq!(
         issuer.requests().len(),
         1,
-        "13 upstream fetches of one repository (token valid 300 s) should need one token request: {:?}",
+        "17 upstream fetches of one repository (token valid 300 s) should need one token request: {:?}",
         issuer.requests()
     );
 }
@@ -211,7 +224,7 @@ async fn concurrent_first_fetches_share_one_token_request() {
     for tag in ["v2", "v3", "v4", "v5", "v6"] {
         images.push((tag.to_string(), registry.push_image(REPO, tag).await));
     }
-    let service = Service::start(&config(&registry, ""));
+    let service = InProcess::start(&config(&registry, None)).await;
     let client = service.client().await;
 
     let fetches = images.iter().map(|(tag, image)| {
@@ -220,7 +233,7 @@ async fn concurrent_first_fetches_share_one_token_request() {
             let resp = fetch_manifest(&mut client, REPO, tag)
                 .await
                 .unwrap_or_else(|s| panic!("FetchManifest {tag}: {s:?}"));
-            assert_eq!(resp.digest, image.digest, "{tag}");
+            assert_eq!(resp.digest, image.manifest.digest, "{tag}");
         }
     });
     futures::future::join_all(fetches).await;
@@ -241,7 +254,7 @@ async fn expired_token_is_replaced_by_a_new_token_request() {
     let (issuer, registry, v1) =
         setup(IssuerSettings::default().expires_in(lifetime.as_secs())).await;
     let v2 = registry.push_image(REPO, "v2").await;
-    let service = Service::start(&config(&registry, ""));
+    let service = InProcess::start(&config(&registry, None)).await;
     let mut client = service.client().await;
 
     fetch_image(&mut client, "v1", &v1).await;
@@ -253,7 +266,7 @@ async fn expired_token_is_replaced_by_a_new_token_request() {
     let resp = fetch_manifest(&mut client, REPO, "v2")
         .await
         .expect("FetchManifest after the token expired");
-    assert_eq!(resp.digest, v2.digest);
+    assert_eq!(resp.digest, v2.manifest.digest);
     assert_eq!(
         issuer.requests().len(),
         before + 1,
@@ -268,7 +281,7 @@ async fn token_lifetime_counts_from_issued_at() {
     // ago: 3 s are left, so a fetch 4 s later needs a new token.
     let (issuer, registry, v1) = setup(IssuerSettings::default().issued_ago(297)).await;
     let v2 = registry.push_image(REPO, "v2").await;
-    let service = Service::start(&config(&registry, ""));
+    let service = InProcess::start(&config(&registry, None)).await;
     let mut client = service.client().await;
 
     fetch_image(&mut client, "v1", &v1).await;
@@ -278,7 +291,7 @@ async fn token_lifetime_counts_from_issued_at() {
     let resp = fetch_manifest(&mut client, REPO, "v2")
         .await
         .expect("FetchManifest after the token's issued_at + expires_in");
-    assert_eq!(resp.digest, v2.digest);
+    assert_eq!(resp.digest, v2.manifest.digest);
     assert_eq!(
         issuer.requests().len(),
         before + 1,
@@ -299,13 +312,11 @@ async fn docker_config_identitytoken_uses_the_oauth2_refresh_token_form() {
         serde_json::json!({"auths": {registry.host(): {"identitytoken": refresh}}}).to_string(),
     )
     .expect("write the docker config");
-    let service = Service::start(&config(
-        &registry,
-        &format!(
-            "[upstreams.auth]\ntype = \"docker-config\"\nfile = \"{}\"",
-            file.display()
-        ),
-    ));
+    // A process: its log is checked for the tokens.
+    let service = Spawned::start(
+        &ServiceConfig::with(Upstream::new("reg", &registry.url()).auth_docker_config(&file))
+            .toml(),
+    );
     let mut client = service.client().await;
 
     let result = fetch_manifest(&mut client, REPO, "v1").await;
@@ -318,7 +329,7 @@ async fn docker_config_identitytoken_uses_the_oauth2_refresh_token_form() {
             issuer.requests()
         )
     });
-    assert_eq!(resp.manifest, image.manifest);
+    assert_eq!(resp.manifest, image.manifest.bytes);
 
     let post = posts
         .first()
@@ -352,7 +363,9 @@ async fn no_password_or_token_appears_in_the_logs() {
     registry.push_image("team/other", "v1").await;
     let secrets = tempfile::tempdir().expect("temp dir for the password");
     // The harness runs the service with RUST_LOG=oci_upstream=debug.
-    let service = Service::start(&config(&registry, &basic_auth(&secrets, PASSWORD)));
+    let file = password_file(&secrets, PASSWORD);
+    // A process: its log is what this test reads.
+    let service = Spawned::start(&config(&registry, Some(&file)));
     let mut client = service.client().await;
 
     // Successful authenticated fetches (password to the issuer, tokens to the

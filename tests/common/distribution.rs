@@ -1,26 +1,37 @@
-//! A real CNCF Distribution registry (`docker-registry`) on 127.0.0.1 for
-//! integration tests, optionally behind htpasswd basic auth, with helpers
-//! that push content over the OCI push API and build test images (single
-//! platform, multi-platform index, a big incompressible blob).
+//! A real CNCF Distribution registry (`docker-registry serve`) on 127.0.0.1:
+//! anonymous, behind htpasswd basic auth, or behind `auth: token` trusting a
+//! [`TokenIssuer`]. Its storage lives in a temp dir that outlives restarts
+//! (so [`Distribution::restart_htpasswd`] keeps what was pushed); it is
+//! killed on drop. The push helpers use the OCI push API with the
+//! registry's own credentials and build test images (single platform,
+//! multi-platform index, a big incompressible blob streamed without being
+//! held in memory).
+//!
+//! ```ignore
+//! let registry = Distribution::start();                       // anonymous
+//! let registry = Distribution::start_htpasswd("alice", "pw"); // basic auth
+//! let registry = Distribution::start_token(&issuer);          // token auth
+//! let image = registry.push_image("team/app", "v1").await;
+//! ```
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
-/// OCI image manifest media type.
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-/// OCI image index media type.
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-/// OCI image config media type.
-pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-/// OCI gzip layer media type.
-pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+use super::content::{
+    Descriptor, OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, XorShift, config_json, index_json,
+    manifest_json, pseudo_random_bytes, seed_of, sha256_digest, sha256_finish,
+};
+use super::token_issuer::{ISSUER, Minter, SERVICE, TokenIssuer};
 
 /// How long a registry may take to answer `GET /v2/` after it is spawned.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -28,85 +39,107 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// registry binds it, in which case it exits and we try another.
 const START_ATTEMPTS: usize = 3;
 
+/// How the registry authenticates its clients, and how the push helpers do.
+enum Guard {
+    Anonymous,
+    Htpasswd { user: String, password: String },
+    Token(Minter),
+}
+
 /// A running `docker-registry serve CONFIG` process on 127.0.0.1, killed on
-/// drop. Its storage, config and htpasswd file live in a temp dir.
-pub struct Registry {
+/// drop.
+pub struct Distribution {
     child: Option<Child>,
     /// Where the registry listens.
     pub addr: SocketAddr,
-    credentials: Option<(String, String)>,
+    guard: Guard,
+    /// Bearer tokens minted for pushes, per repository.
+    push_tokens: Mutex<HashMap<String, String>>,
     log: Arc<Mutex<String>>,
     http: reqwest::Client,
     dir: tempfile::TempDir,
 }
 
-impl Registry {
-    /// Starts an anonymous registry and waits until `GET /v2/` answers.
-    pub fn start() -> Registry {
-        Self::start_inner(None)
+impl Distribution {
+    /// An anonymous registry, ready (`GET /v2/` answers).
+    pub fn start() -> Distribution {
+        Self::start_with(Guard::Anonymous)
     }
 
-    /// Starts a registry that requires HTTP basic auth (`auth: htpasswd`,
-    /// bcrypt file made by `htpasswd -Bbn`). The push helpers of the returned
-    /// handle send these credentials.
-    pub fn start_with_basic_auth(username: &str, password: &str) -> Registry {
-        Self::start_inner(Some((username.to_string(), password.to_string())))
+    /// A registry that requires HTTP basic auth (`auth: htpasswd`, bcrypt
+    /// file made by `htpasswd -Bbn`). The push helpers send these
+    /// credentials.
+    pub fn start_htpasswd(user: &str, password: &str) -> Distribution {
+        Self::start_with(Guard::Htpasswd {
+            user: user.into(),
+            password: password.into(),
+        })
     }
 
-    fn start_inner(credentials: Option<(String, String)>) -> Registry {
-        let bin = super::require_binary(
-            "docker-registry",
-            &["/usr/bin/docker-registry"],
-            "apt-get install -y docker-registry",
-        );
+    /// A registry that accepts only tokens from `issuer` (realm
+    /// [`TokenIssuer::realm`], service [`SERVICE`], issuer [`ISSUER`]). The
+    /// push helpers mint their own tokens (not recorded by the issuer).
+    pub fn start_token(issuer: &TokenIssuer) -> Distribution {
+        Self::start_with(Guard::Token(issuer.minter()))
+    }
+
+    fn start_with(guard: Guard) -> Distribution {
         let dir = tempfile::tempdir().expect("temp dir for the registry");
-        let htpasswd = credentials
-            .as_ref()
-            .map(|(user, password)| write_htpasswd(dir.path(), user, password));
-        let mut last_log = String::new();
+        let log = Arc::new(Mutex::new(String::new()));
+        let auth = auth_section(dir.path(), &guard);
+        let mut last = String::new();
         for _ in 0..START_ATTEMPTS {
-            let port = super::free_port();
-            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            let config = dir.path().join("config.yml");
-            std::fs::write(
-                &config,
-                distribution_config(&dir.path().join("data"), addr, htpasswd.as_deref()),
-            )
-            .expect("write registry config");
-            let mut child = Command::new(&bin)
-                .arg("serve")
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn docker-registry");
-            let log = Arc::new(Mutex::new(String::new()));
-            capture_output(&mut child, &log);
-            match wait_ready(&mut child, addr) {
-                Ok(()) => {
-                    return Registry {
+            let addr: SocketAddr = ([127, 0, 0, 1], super::free_port()).into();
+            match spawn(dir.path(), addr, &auth, &log) {
+                Ok(child) => {
+                    return Distribution {
                         child: Some(child),
                         addr,
-                        credentials,
+                        guard,
+                        push_tokens: Mutex::default(),
                         log,
                         http: reqwest::Client::new(),
                         dir,
                     };
                 }
-                Err(why) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    last_log = format!("{why}; log:\n{}", log.lock().expect("log lock"));
-                }
+                Err(why) => last = why,
             }
         }
-        panic!("docker-registry did not become ready after {START_ATTEMPTS} attempts: {last_log}");
+        panic!("docker-registry did not become ready after {START_ATTEMPTS} attempts: {last}");
+    }
+
+    /// Stops the registry and starts it again on the same port and storage
+    /// with htpasswd auth for `user`/`password` only.
+    pub fn restart_htpasswd(&mut self, user: &str, password: &str) {
+        self.stop();
+        self.guard = Guard::Htpasswd {
+            user: user.into(),
+            password: password.into(),
+        };
+        let auth = auth_section(self.dir.path(), &self.guard);
+        match spawn(self.dir.path(), self.addr, &auth, &self.log) {
+            Ok(child) => self.child = Some(child),
+            Err(why) => panic!("docker-registry did not restart on {}: {why}", self.addr),
+        }
+    }
+
+    /// Kills the registry and waits for it to exit (for "upstream down"
+    /// tests). Afterwards its port refuses connections.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// Base URL, `http://127.0.0.1:PORT`, for an upstream `url`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `127.0.0.1:PORT`, the key of a Docker config `auths` entry.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
     }
 
     /// Everything the registry process has printed so far.
@@ -119,19 +152,46 @@ impl Registry {
         self.dir.path()
     }
 
-    /// Kills the registry and waits for it to exit (for "upstream down"
-    /// tests). Afterwards its port refuses connections.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+    /// The `Authorization` the push helpers send for `repo`, if any.
+    async fn authorization(&self, repo: &str) -> Option<String> {
+        match &self.guard {
+            Guard::Anonymous => None,
+            Guard::Htpasswd { user, password } => Some(format!(
+                "Basic {}",
+                BASE64.encode(format!("{user}:{password}"))
+            )),
+            Guard::Token(minter) => {
+                let known = self
+                    .push_tokens
+                    .lock()
+                    .expect("push tokens lock")
+                    .get(repo)
+                    .cloned();
+                let token = match known {
+                    Some(token) => token,
+                    None => {
+                        let token = minter.mint("seeder", &[(repo, &["pull", "push"])]).await;
+                        self.push_tokens
+                            .lock()
+                            .expect("push tokens lock")
+                            .insert(repo.to_string(), token.clone());
+                        token
+                    }
+                };
+                Some(format!("Bearer {token}"))
+            }
         }
     }
 
-    fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        repo: &str,
+    ) -> reqwest::RequestBuilder {
         let req = self.http.request(method, url);
-        match &self.credentials {
-            Some((user, password)) => req.basic_auth(user, Some(password)),
+        match self.authorization(repo).await {
+            Some(value) => req.header(reqwest::header::AUTHORIZATION, value),
             None => req,
         }
     }
@@ -142,7 +202,9 @@ impl Registry {
             .request(
                 reqwest::Method::POST,
                 &format!("{}/v2/{repo}/blobs/uploads/", self.url()),
+                repo,
             )
+            .await
             .header(reqwest::header::CONTENT_LENGTH, "0")
             .send()
             .await
@@ -164,7 +226,8 @@ impl Registry {
         let mut upload = self.start_upload(repo).await;
         upload.query_pairs_mut().append_pair("digest", &digest);
         let resp = self
-            .request(reqwest::Method::PUT, upload.as_str())
+            .request(reqwest::Method::PUT, upload.as_str(), repo)
+            .await
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .body(data.to_vec())
             .send()
@@ -204,7 +267,8 @@ impl Registry {
         };
         let upload = self.start_upload(repo).await;
         let resp = self
-            .request(reqwest::Method::PATCH, upload.as_str())
+            .request(reqwest::Method::PATCH, upload.as_str(), repo)
+            .await
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .body(reqwest::Body::wrap_stream(stream))
             .send()
@@ -218,13 +282,11 @@ impl Registry {
             resp.text().await.unwrap_or_default()
         );
         let mut upload = location(&self.url(), &resp);
-        let digest = format!(
-            "sha256:{}",
-            hex::encode(hasher.lock().expect("hasher lock").clone().finalize())
-        );
+        let digest = sha256_finish(hasher.lock().expect("hasher lock").clone());
         upload.query_pairs_mut().append_pair("digest", &digest);
         let resp = self
-            .request(reqwest::Method::PUT, upload.as_str())
+            .request(reqwest::Method::PUT, upload.as_str(), repo)
+            .await
             .header(reqwest::header::CONTENT_LENGTH, "0")
             .send()
             .await
@@ -254,7 +316,9 @@ impl Registry {
             .request(
                 reqwest::Method::PUT,
                 &format!("{}/v2/{repo}/manifests/{reference}", self.url()),
+                repo,
             )
+            .await
             .header(reqwest::header::CONTENT_TYPE, media_type)
             .body(bytes.clone())
             .send()
@@ -306,38 +370,18 @@ impl Registry {
             Bytes::from(pseudo_random_bytes(seed ^ 2, 3000)),
         ];
         let mut layer_descriptors = Vec::new();
-        let mut diff_ids = Vec::new();
         for layer in &layers {
-            let digest = self.push_blob(repo, layer).await;
-            diff_ids.push(digest.clone());
-            layer_descriptors.push(serde_json::json!({
-                "mediaType": OCI_LAYER,
-                "digest": digest,
-                "size": layer.len(),
-            }));
+            self.push_blob(repo, layer).await;
+            layer_descriptors.push(Descriptor::of(OCI_LAYER, layer));
         }
-        let mut config = serde_json::json!({
-            "architecture": architecture,
-            "os": os,
-            "config": { "Labels": { "test.seed": seed.to_string() } },
-            "rootfs": { "type": "layers", "diff_ids": diff_ids },
-        });
-        if let Some(variant) = variant {
-            config["variant"] = variant.into();
-        }
-        let config = Bytes::from(serde_json::to_vec(&config).expect("config json"));
+        let diff_ids: Vec<String> = layer_descriptors.iter().map(|l| l.digest.clone()).collect();
+        let config = config_json(os, architecture, variant, &diff_ids, &seed.to_string());
         let config_digest = self.push_blob(repo, &config).await;
-        let manifest = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": OCI_CONFIG,
-                "digest": config_digest,
-                "size": config.len(),
-            },
-            "layers": layer_descriptors,
-        });
-        let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest json");
+        let bytes = manifest_json(
+            OCI_MANIFEST,
+            &Descriptor::of(OCI_CONFIG, &config),
+            &layer_descriptors,
+        );
         let digest = sha256_digest(&bytes);
         let manifest = self.push_manifest(repo, &digest, OCI_MANIFEST, bytes).await;
         Image {
@@ -362,8 +406,8 @@ impl Registry {
         self.push_index_inner(repo, tag, Some("v8")).await
     }
 
-    /// As [`Registry::push_index`], but the arm64 entry names no variant (which
-    /// counts as v8 when matching platforms).
+    /// As [`Distribution::push_index`], but the arm64 entry names no variant
+    /// (which counts as v8 when matching platforms).
     pub async fn push_index_without_arm64_variant(&self, repo: &str, tag: &str) -> IndexImage {
         self.push_index_inner(repo, tag, None).await
     }
@@ -381,29 +425,18 @@ impl Registry {
         let arm64 = self
             .push_platform_image(repo, seed.wrapping_add(7), "linux", "arm64", arm64_variant)
             .await;
-        let mut arm64_platform = serde_json::json!({ "architecture": "arm64", "os": "linux" });
-        if let Some(variant) = arm64_variant {
-            arm64_platform["variant"] = variant.into();
-        }
-        let index = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_INDEX,
-            "manifests": [
-                {
-                    "mediaType": OCI_MANIFEST,
-                    "digest": amd64.manifest.digest,
-                    "size": amd64.manifest.bytes.len(),
-                    "platform": { "architecture": "amd64", "os": "linux" },
-                },
-                {
-                    "mediaType": OCI_MANIFEST,
-                    "digest": arm64.manifest.digest,
-                    "size": arm64.manifest.bytes.len(),
-                    "platform": arm64_platform,
-                },
+        let bytes = index_json(
+            OCI_INDEX,
+            &[
+                Descriptor::of(OCI_MANIFEST, &amd64.manifest.bytes)
+                    .platform("linux", "amd64", None),
+                Descriptor::of(OCI_MANIFEST, &arm64.manifest.bytes).platform(
+                    "linux",
+                    "arm64",
+                    arm64_variant,
+                ),
             ],
-        });
-        let bytes = serde_json::to_vec_pretty(&index).expect("index json");
+        );
         let index = self.push_manifest(repo, tag, OCI_INDEX, bytes).await;
         IndexImage {
             index,
@@ -413,7 +446,7 @@ impl Registry {
     }
 }
 
-impl Drop for Registry {
+impl Drop for Distribution {
     fn drop(&mut self) {
         self.stop();
     }
@@ -450,6 +483,13 @@ pub struct Image {
     pub layers: Vec<Blob>,
 }
 
+impl Image {
+    /// Every blob of the image: the layers, then the config.
+    pub fn blobs(&self) -> impl Iterator<Item = &Blob> {
+        self.layers.iter().chain([&self.config])
+    }
+}
+
 /// A multi-platform index as pushed, with its two children.
 #[derive(Clone, Debug)]
 pub struct IndexImage {
@@ -461,7 +501,7 @@ pub struct IndexImage {
     pub arm64: Image,
 }
 
-/// A big blob pushed by [`Registry::push_big_blob`]; its bytes are
+/// A big blob pushed by [`Distribution::push_big_blob`]; its bytes are
 /// `pseudo_random_bytes(seed, size)`, regenerate them with [`XorShift`].
 #[derive(Clone, Debug)]
 pub struct BigBlob {
@@ -471,66 +511,6 @@ pub struct BigBlob {
     pub size: u64,
     /// Generator seed.
     pub seed: u64,
-}
-
-/// One `[[upstreams]]` block of a service config: `name`, `url`, then `extra`
-/// lines verbatim (e.g. `priority = 20`, `exclude = ["secret/**"]`).
-pub fn upstream_toml(name: &str, url: &str, extra: &str) -> String {
-    format!("[[upstreams]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n")
-}
-
-/// `sha256:<hex>` of `data`.
-pub fn sha256_digest(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
-}
-
-/// Deterministic incompressible bytes (xorshift64*), `len` of them.
-pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    XorShift::new(seed).fill(&mut out);
-    out
-}
-
-/// A tiny deterministic generator (xorshift64*): fast, reproducible, and its
-/// output does not compress.
-pub struct XorShift(u64);
-
-impl XorShift {
-    /// A generator for `seed` (any value; zero is remapped).
-    pub fn new(seed: u64) -> XorShift {
-        XorShift((seed ^ 0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Fills `buf`; consecutive calls continue the same sequence as long as
-    /// every buffer but the last has a length divisible by 8.
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        let mut chunks = buf.chunks_exact_mut(8);
-        for chunk in &mut chunks {
-            chunk.copy_from_slice(&self.next_u64().to_le_bytes());
-        }
-        let rest = chunks.into_remainder();
-        if !rest.is_empty() {
-            let word = self.next_u64().to_le_bytes();
-            rest.copy_from_slice(&word[..rest.len()]);
-        }
-    }
-}
-
-/// A stable seed from a string (FNV-1a).
-fn seed_of(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 /// The absolute URL of a response's `Location` header (Distribution may send
@@ -547,7 +527,8 @@ fn location(base: &str, resp: &reqwest::Response) -> url::Url {
         .expect("Location is a URL")
 }
 
-/// Writes a bcrypt htpasswd file with `htpasswd -Bbn USER PASSWORD`.
+/// Writes a bcrypt htpasswd file `DIR/htpasswd` with `htpasswd -Bbn USER
+/// PASSWORD`.
 pub fn write_htpasswd(dir: &Path, user: &str, password: &str) -> PathBuf {
     let bin = super::require_binary(
         "htpasswd",
@@ -568,42 +549,69 @@ pub fn write_htpasswd(dir: &Path, user: &str, password: &str) -> PathBuf {
     path
 }
 
-/// The Distribution 2.8 config: filesystem storage, loopback listener, quiet
-/// logs, optional htpasswd auth.
-fn distribution_config(root: &Path, addr: SocketAddr, htpasswd: Option<&Path>) -> String {
-    let mut config = format!(
-        "version: 0.1\n\
-         log:\n  level: warn\n  accesslog:\n    disabled: true\n\
-         storage:\n  filesystem:\n    rootdirectory: {root}\n  \
-         maintenance:\n    uploadpurging:\n      enabled: false\n\
-         http:\n  addr: {addr}\n  secret: integration-test-secret\n",
-        root = root.display(),
-    );
-    if let Some(path) = htpasswd {
-        config.push_str(&format!(
-            "auth:\n  htpasswd:\n    realm: test-registry\n    path: {}\n",
-            path.display()
-        ));
+/// The `auth:` section of the registry config for `guard` (writing the
+/// htpasswd file into `dir` when needed).
+fn auth_section(dir: &Path, guard: &Guard) -> String {
+    match guard {
+        Guard::Anonymous => String::new(),
+        Guard::Htpasswd { user, password } => {
+            let path = write_htpasswd(dir, user, password);
+            format!(
+                "auth:\n  htpasswd:\n    realm: test-registry\n    path: {}\n",
+                path.display()
+            )
+        }
+        Guard::Token(minter) => format!(
+            "auth:\n  token:\n    realm: {}\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
+            minter.realm(),
+            minter.cert_path().display()
+        ),
     }
-    config
 }
 
-/// Appends a child's stdout and stderr, line by line, to `log`.
-pub fn capture_output(child: &mut Child, log: &Arc<Mutex<String>>) {
-    let streams: [Box<dyn Read + Send>; 2] = [
-        Box::new(child.stdout.take().expect("piped stdout")),
-        Box::new(child.stderr.take().expect("piped stderr")),
-    ];
-    for stream in streams {
-        let log = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines() {
-                let Ok(line) = line else { break };
-                let mut log = log.lock().expect("log lock");
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
+/// Writes `DIR/config.yml` (filesystem storage in `DIR/data`, loopback
+/// listener on `addr`, quiet logs, `auth`) and runs `docker-registry serve`
+/// until `GET /v2/` answers (200, or 401 with auth).
+fn spawn(
+    dir: &Path,
+    addr: SocketAddr,
+    auth: &str,
+    log: &Arc<Mutex<String>>,
+) -> Result<Child, String> {
+    let bin = super::require_binary(
+        "docker-registry",
+        &["/usr/bin/docker-registry"],
+        "apt-get install -y docker-registry",
+    );
+    let config = dir.join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\n\
+             log:\n  level: warn\n  accesslog:\n    disabled: true\n\
+             storage:\n  filesystem:\n    rootdirectory: {root}\n  \
+             maintenance:\n    uploadpurging:\n      enabled: false\n\
+             http:\n  addr: {addr}\n  secret: integration-test-secret\n{auth}",
+            root = dir.join("data").display(),
+        ),
+    )
+    .expect("write registry config");
+    let mut child = Command::new(bin)
+        .arg("serve")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn docker-registry");
+    super::capture_output(&mut child, log);
+    match wait_ready(&mut child, addr) {
+        Ok(()) => Ok(child),
+        Err(why) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!("{why}; log:\n{}", log.lock().expect("log lock")))
+        }
     }
 }
 
