@@ -40,6 +40,13 @@ pub enum AppError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// Runs every check `run` would run on `config` before it serves, without
+/// binding or opening the cache: what `check-config` reports, and what
+/// `serve` checks before it binds.
+pub fn preflight(config: &Config) -> Result<(), AppError> {
+    Ok(Engine::preflight(config)?)
+}
+
 /// Serves until `shutdown` resolves. Then, in order: health turns
 /// NOT_SERVING (so load balancers stop sending), new calls are refused with
 /// UNAVAILABLE while health still answers, calls in flight get up to
@@ -51,6 +58,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
     let engine = Arc::new(Engine::new(&config)?);
+    tracing::info!(dir = %config.cache.dir.display(), why = %config.cache.dir.describe(), "cache");
     let admission = Arc::new(Admission::new(config.max_concurrent_rpcs));
     let grace = config.shutdown_grace;
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -38,21 +38,34 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let env = |key: &str| std::env::var(key).ok();
     match cli.command.unwrap_or(Command::Serve) {
-        Command::CheckConfig { file } => match Config::load(Some(&file), env) {
-            Ok(config) => {
-                println!(
-                    "{}: OK ({} upstream{})",
-                    file.display(),
-                    config.upstreams.len(),
-                    if config.upstreams.len() == 1 { "" } else { "s" }
-                );
-                ExitCode::SUCCESS
+        Command::CheckConfig { file } => {
+            let checked = Config::load(Some(&file), env)
+                .map_err(|e| e.to_string())
+                .and_then(|config| {
+                    oci_upstream::app::preflight(&config)
+                        .map(|()| config)
+                        .map_err(|e| oci_upstream::telemetry::describe(&e))
+                });
+            match checked {
+                Ok(config) => {
+                    println!(
+                        "{}: OK ({} upstream{}); gRPC on {}; metrics on {}; cache at {} ({})",
+                        file.display(),
+                        config.upstreams.len(),
+                        if config.upstreams.len() == 1 { "" } else { "s" },
+                        config.listen,
+                        config.metrics_listen,
+                        config.cache.dir.display(),
+                        config.cache.dir.describe(),
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", file.display());
+                    ExitCode::from(EX_USAGE)
+                }
             }
-            Err(e) => {
-                eprintln!("{}: {e}", file.display());
-                ExitCode::from(EX_USAGE)
-            }
-        },
+        }
         Command::Serve => {
             let config = match Config::load(cli.config.as_deref(), env) {
                 Ok(config) => config,
@@ -61,6 +74,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_USAGE);
                 }
             };
+            if let Err(e) = oci_upstream::app::preflight(&config) {
+                eprintln!(
+                    "invalid configuration: {}",
+                    oci_upstream::telemetry::describe(&e)
+                );
+                return ExitCode::from(EX_USAGE);
+            }
             serve(config)
         }
     }

@@ -2,6 +2,7 @@
 //! durations, URLs) before anything binds. Every field has a default; unknown
 //! keys are errors; a bad value fails with a message naming the field.
 
+mod cache_dir;
 mod upstream;
 
 use std::collections::HashSet;
@@ -12,6 +13,8 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::Deserialize;
 
+pub use cache_dir::CacheDir;
+pub(crate) use cache_dir::dir_is_usable;
 pub use upstream::{AuthConfig, Rate, UpstreamConfig};
 
 /// Environment variable naming the config file when `--config` is absent.
@@ -110,7 +113,7 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     /// Directory of the disk store.
-    pub dir: PathBuf,
+    pub dir: CacheDir,
     /// Size bound of the disk store.
     pub max_size: ByteSize,
     /// How long a tag → digest entry is fresh.
@@ -127,7 +130,7 @@ pub struct CacheConfig {
 impl Default for CacheConfig {
     fn default() -> Self {
         Self {
-            dir: PathBuf::from("/var/cache/oci-upstream"),
+            dir: CacheDir::default(),
             max_size: ByteSize::gib(20),
             tag_ttl: Duration::from_secs(60),
             stale_if_error: Duration::from_secs(24 * 3600),
@@ -159,8 +162,9 @@ impl Config {
                 .map_err(|e| ConfigError::invalid(LISTEN_ENV, format!("{e} (got {listen:?})")))?;
         }
         if let Some(dir) = env(CACHE_DIR_ENV) {
-            config.cache.dir = PathBuf::from(dir);
+            config.cache.dir = CacheDir::configured(PathBuf::from(dir));
         }
+        config.cache.dir = config.cache.dir.resolve(&env, dir_is_usable);
         config.validate()?;
         Ok(config)
     }
@@ -253,7 +257,7 @@ mod tests {
         };
         let c = Config::load(None, env).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:0");
-        assert_eq!(c.cache.dir, PathBuf::from("/tmp/c"));
+        assert_eq!(c.cache.dir.as_ref(), Path::new("/tmp/c"));
     }
 
     fn error_of(text: &str) -> String {

@@ -113,6 +113,8 @@ enum BuildFailure {
     Upstream(#[from] ClientError),
     #[error("cannot open the cache")]
     Cache(#[from] CacheError),
+    #[error("cache.dir {}: cannot be created or written", .0.display())]
+    CacheDir(std::path::PathBuf),
 }
 
 impl Engine {
@@ -136,6 +138,20 @@ impl Engine {
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
         })
+    }
+
+    /// Checks what [`Engine::new`] needs from outside the config (each
+    /// upstream's client builds and its `ca_file` reads as PEM; the cache
+    /// directory can be created and written) without opening the cache,
+    /// whose start-up cleans up after a previous process.
+    pub fn preflight(config: &Config) -> Result<(), BuildError> {
+        for (i, upstream) in config.upstreams.iter().enumerate() {
+            Upstream::new(upstream, i).map_err(BuildFailure::from)?;
+        }
+        if !crate::config::dir_is_usable(&config.cache.dir) {
+            return Err(BuildFailure::CacheDir(config.cache.dir.to_path_buf()).into());
+        }
+        Ok(())
     }
 
     /// Runs `work` in the background, tracked for [`Engine::settle`]; it is

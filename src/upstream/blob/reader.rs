@@ -90,7 +90,7 @@ mod tests {
         const BATCH: usize = 64 * 1024;
         let dir = tempfile::tempdir().unwrap();
         let cache: Cache<Error> = Cache::open(&CacheConfig {
-            dir: dir.path().to_owned(),
+            dir: crate::config::CacheDir::configured(dir.path().to_owned()),
             ..CacheConfig::default()
         })
         .unwrap();
