@@ -132,13 +132,11 @@ fn token_lifetime(
     // Seconds as the answer wrote them: a whole number, or a fraction;
     // zero, negative or unusable means "not said".
     let seconds = expires_in.and_then(|n| {
-        n.as_u64()
-            .map(Duration::from_secs)
-            .or_else(|| {
-                let f = n.as_f64().filter(|f| *f > 0.0)?;
-                // Too large for a Duration: as long as can be (clamped below).
-                Some(Duration::try_from_secs_f64(f).unwrap_or(Duration::MAX))
-            })
+        n.as_u64().map(Duration::from_secs).or_else(|| {
+            let f = n.as_f64().filter(|f| *f > 0.0)?;
+            // Too large for a Duration: as long as can be (clamped below).
+            Some(Duration::try_from_secs_f64(f).unwrap_or(Duration::MAX))
+        })
     });
     let lifetime = seconds
         .filter(|d| !d.is_zero())
@@ -376,7 +374,9 @@ mod tests {
         ] {
             assert_eq!(
                 token_lifetime(
-                    expires_in.map(|n| n.parse::<serde_json::Number>().unwrap()).as_ref(),
+                    expires_in
+                        .map(|n| n.parse::<serde_json::Number>().unwrap())
+                        .as_ref(),
                     issued_at,
                     now
                 ),
