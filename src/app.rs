@@ -18,8 +18,10 @@ use crate::upstream::{BuildError, Engine};
 
 /// Largest request message accepted (requests are a few strings).
 const REQUEST_LIMIT: usize = 64 * 1024;
-/// Longest wait at exit for downloads to land in the store.
-const SETTLE_LIMIT: Duration = Duration::from_secs(10);
+/// Longest wait at exit for downloads to land in the store. With
+/// [`CLOSE_MARGIN`] it keeps the whole exit within `shutdown_grace` + 5 s
+/// (Kubernetes' default grace of 30 s fits the default 20 s).
+const SETTLE_LIMIT: Duration = Duration::from_secs(2);
 /// Time after the grace period for connections to close by themselves.
 const CLOSE_MARGIN: Duration = Duration::from_secs(2);
 
@@ -105,7 +107,10 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(UpstreamApi::new(engine.clone(), admission).into_server(REQUEST_LIMIT))
+        .add_service(
+            UpstreamApi::new(engine.clone(), admission, config.default_deadline)
+                .into_server(REQUEST_LIMIT),
+        )
         .serve_with_incoming_shutdown(incoming, drain);
     // After the grace period, connections that still hold calls are closed.
     let deadline = async move {

@@ -68,6 +68,9 @@ pub struct Config {
     /// How long in-flight streams may drain after SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Deadline of a call that carries no `grpc-timeout`.
+    #[serde(with = "humantime_serde")]
+    pub default_deadline: Duration,
     /// Concurrent RPCs beyond which new ones are refused.
     pub max_concurrent_rpcs: usize,
     /// Largest manifest the service reads from an upstream.
@@ -87,7 +90,8 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
             metrics_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
-            shutdown_grace: Duration::from_secs(25),
+            shutdown_grace: Duration::from_secs(20),
+            default_deadline: Duration::from_secs(60),
             max_concurrent_rpcs: 1024,
             max_manifest_size: ByteSize::mib(4),
             max_tags: 100_000,
@@ -191,6 +195,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "upstreams",
                 "at least one upstream is required",
+            ));
+        }
+        if self.default_deadline.is_zero() {
+            return Err(ConfigError::invalid(
+                "default_deadline",
+                "must be more than 0",
             ));
         }
         if self.max_concurrent_rpcs == 0 {

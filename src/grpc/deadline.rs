@@ -26,15 +26,17 @@ pub fn stamp(mut request: Request<()>) -> Result<Request<()>, Status> {
     Ok(request)
 }
 
-/// The instant by which the service must answer `request`, if the caller
-/// set a deadline.
-pub fn of<T>(request: &Request<T>) -> Option<Instant> {
-    let limit = timeout(request.metadata())?;
+/// The instant by which the service must answer `request`: the caller's
+/// deadline, or `default` after its arrival when it set none.
+pub fn of<T>(request: &Request<T>, default: Duration) -> Instant {
     let arrived = request
         .extensions()
         .get::<Arrival>()
         .map_or_else(Instant::now, |a| a.0);
-    Some(arrived + limit.saturating_sub(MARGIN))
+    match timeout(request.metadata()) {
+        Some(limit) => arrived + limit.saturating_sub(MARGIN),
+        None => arrived + default,
+    }
 }
 
 /// The caller's timeout, if it sent one (`grpc-timeout`: up to 8 digits and
@@ -60,19 +62,16 @@ pub fn timeout(metadata: &MetadataMap) -> Option<Duration> {
 /// Runs `work` until `deadline`: DEADLINE_EXCEEDED when it passes (the work
 /// is dropped, which stops its upstream requests).
 pub async fn within<T>(
-    deadline: Option<Instant>,
+    deadline: Instant,
     work: impl Future<Output = Result<T, Status>>,
 ) -> Result<T, Status> {
-    match deadline {
-        None => work.await,
-        Some(deadline) => tokio::time::timeout_at(deadline, work)
-            .await
-            .unwrap_or_else(|_| {
-                Err(Status::deadline_exceeded(
-                    "the caller's deadline passed before the upstreams answered",
-                ))
-            }),
-    }
+    tokio::time::timeout_at(deadline, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(
+                "the call's deadline passed before the upstreams answered",
+            ))
+        })
 }
 
 #[cfg(test)]
@@ -106,9 +105,9 @@ mod tests {
             Ok::<_, Status>(())
         };
         let deadline = Instant::now() + Duration::from_secs(1);
-        let err = within(Some(deadline), slow).await.unwrap_err();
+        let err = within(deadline, slow).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
-        assert!(within(None, async { Ok::<_, Status>(1) }).await.is_ok());
+        assert!(within(deadline, async { Ok::<_, Status>(1) }).await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]
@@ -118,8 +117,12 @@ mod tests {
             .metadata_mut()
             .insert("grpc-timeout", "1S".parse().unwrap());
         tokio::time::advance(Duration::from_millis(400)).await;
-        let left = of(&request).unwrap() - Instant::now();
+        let default = Duration::from_secs(60);
+        let left = of(&request, default) - Instant::now();
         assert_eq!(left, Duration::from_millis(600) - MARGIN);
-        assert!(of(&Request::new(())).is_none());
+        // No grpc-timeout: the default deadline, also from arrival.
+        let bare = stamp(Request::new(())).unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(of(&bare, default) - Instant::now(), Duration::from_secs(59));
     }
 }

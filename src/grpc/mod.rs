@@ -13,6 +13,7 @@ mod status;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt, stream};
 use tonic::service::interceptor::InterceptedService;
@@ -38,12 +39,18 @@ pub type FetchBlobStream =
 pub struct UpstreamApi {
     engine: Arc<Engine>,
     admission: Arc<Admission>,
+    default_deadline: Duration,
 }
 
 impl UpstreamApi {
-    /// The service over `engine`, admitting RPCs through `admission`.
-    pub fn new(engine: Arc<Engine>, admission: Arc<Admission>) -> Self {
-        Self { engine, admission }
+    /// The service over `engine`, admitting RPCs through `admission`;
+    /// calls without a deadline of their own get `default_deadline`.
+    pub fn new(engine: Arc<Engine>, admission: Arc<Admission>, default_deadline: Duration) -> Self {
+        Self {
+            engine,
+            admission,
+            default_deadline,
+        }
     }
 
     /// The tonic server for this service, with requests of at most
@@ -76,7 +83,7 @@ impl UpstreamApi {
     {
         async move {
             let _permit = self.admission.admit()?;
-            let limit = deadline::of(&request);
+            let limit = deadline::of(&request, self.default_deadline);
             let req = Q::try_from(request.into_inner())?;
             let engine = self.engine.clone();
             let answer = deadline::within(limit, async { Ok(work(engine, req).await?) }).await?;
@@ -131,7 +138,7 @@ impl UpstreamService for UpstreamApi {
         let stream_span = span.clone();
         async move {
             let permit = self.admission.admit()?;
-            let limit = deadline::of(&request);
+            let limit = deadline::of(&request, self.default_deadline);
             let req = BlobRequest::try_from(request.into_inner())?;
             let offset = req.range.offset;
             let blob =
