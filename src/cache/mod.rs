@@ -127,19 +127,37 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
     }
 
     /// The committed object and a reader of its bytes; `None` when it is not
-    /// stored (or was evicted a moment ago).
+    /// stored (or was evicted a moment ago). An object whose file is not the
+    /// size its record says (truncated, or damaged behind the service's
+    /// back) is evicted instead, so it is fetched again.
     pub(crate) fn open_object(&self, digest: &Digest) -> Option<(Object, Reader<E>)> {
         let object = self.store.lookup(digest)?;
         let file = std::fs::File::open(&object.path).ok()?;
+        let on_disk = file.metadata().ok()?.len();
+        if on_disk != object.size {
+            self.evict_damaged(digest, object.size, on_disk);
+            return None;
+        }
         Some((object, Reader::stored(file)))
     }
 
     /// A small committed object's bytes (a manifest) and media type, from
-    /// memory when they are there.
+    /// memory when they are there; a damaged one is evicted, as by
+    /// [`Cache::open_object`].
     pub(crate) async fn read_manifest(&self, digest: &Digest) -> Option<(MediaType, Bytes)> {
-        let media_type = self.store.lookup(digest)?.media_type?;
+        let object = self.store.lookup(digest)?;
+        let media_type = object.media_type?;
         let bytes = self.store.read_small(digest).await?;
+        if bytes.len() as u64 != object.size {
+            self.evict_damaged(digest, object.size, bytes.len() as u64);
+            return None;
+        }
         Some((media_type, bytes))
+    }
+
+    fn evict_damaged(&self, digest: &Digest, recorded: u64, found: u64) {
+        tracing::warn!(%digest, recorded, found, "stored object has the wrong size; evicting it");
+        self.store.evict(digest);
     }
 
     /// Stores a verified manifest held by `holder`.
@@ -255,6 +273,11 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
         self.tags.put(key, entry).await
     }
 
+    /// Forgets what `key` resolved to (the upstream says the tag is gone).
+    pub(crate) async fn drop_tag(&self, key: &TagKey) -> Result<(), CacheError> {
+        self.tags.remove(key).await
+    }
+
     /// True when `upstream` recently answered "not found" for `key`.
     pub(crate) fn is_not_found(&self, upstream: &str, key: &NegativeKey) -> bool {
         self.negative.contains(upstream, key)
@@ -273,5 +296,62 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
     /// Takes the lock on `key` if nobody holds it.
     pub(crate) fn try_lock(&self, key: &LockKey) -> Option<KeyGuard> {
         self.locks.try_lock(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CacheDir;
+    use crate::oci::Algorithm;
+
+    fn open(dir: &Path) -> Cache<()> {
+        Cache::open(&CacheConfig {
+            dir: CacheDir::configured(dir.to_owned()),
+            ..CacheConfig::default()
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_object_of_the_wrong_size_is_evicted_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(dir.path());
+        let holder = Holder {
+            upstream: "a".into(),
+            repository: "r".into(),
+        };
+        let media_type = MediaType::known(MediaType::OCI_MANIFEST);
+        let (blob, manifest) = (b"blob bytes".as_slice(), b"{}".as_slice());
+        let (blob_digest, manifest_digest) = (
+            Algorithm::Sha256.digest(blob),
+            Algorithm::Sha256.digest(manifest),
+        );
+        for (digest, bytes) in [(&blob_digest, blob), (&manifest_digest, manifest)] {
+            cache
+                .put_manifest(
+                    digest,
+                    Bytes::copy_from_slice(bytes),
+                    &media_type,
+                    holder.clone(),
+                )
+                .await
+                .unwrap();
+        }
+        assert!(cache.open_object(&blob_digest).is_some());
+        let objects = dir.path().join("objects/sha256");
+        std::fs::write(objects.join(blob_digest.hex()), b"blob").unwrap();
+        assert!(
+            cache.open_object(&blob_digest).is_none(),
+            "truncated: not served"
+        );
+        assert!(cache.object(&blob_digest).is_none(), "and evicted");
+        assert!(!objects.join(blob_digest.hex()).exists());
+        // A small object read from its file (no copy in memory after a
+        // restart) is checked too.
+        let reopened = open(dir.path());
+        std::fs::write(objects.join(manifest_digest.hex()), b"{} ").unwrap();
+        assert!(reopened.read_manifest(&manifest_digest).await.is_none());
+        assert!(reopened.object(&manifest_digest).is_none());
     }
 }

@@ -100,6 +100,15 @@ impl Index {
         }
     }
 
+    fn remove(&mut self, digest: &str) -> bool {
+        let Some(entry) = self.entries.remove(digest) else {
+            return false;
+        };
+        self.order.remove(&entry.tick);
+        self.total -= entry.size;
+        true
+    }
+
     fn pop_oldest(&mut self) -> Option<String> {
         let (_, digest) = self.order.pop_first()?;
         if let Some(entry) = self.entries.remove(&digest) {
@@ -290,11 +299,9 @@ impl Store {
             evicted
         };
         for d in evicted {
-            self.hot.remove(&d);
             if let Ok(d) = Digest::parse(&d) {
                 tracing::debug!(digest = %d, "evicting from cache");
-                let _ = fs::remove_file(self.meta_path(&d));
-                let _ = fs::remove_file(self.path(&d));
+                self.remove_files(&d);
             }
         }
         let meta = Meta {
@@ -316,6 +323,29 @@ impl Store {
             },
         );
         Ok(true)
+    }
+
+    /// Removes a committed object (blocking I/O): it is no longer served,
+    /// and a reader that has it open keeps reading. False when it was not
+    /// stored.
+    pub(crate) fn evict(&self, digest: &Digest) -> bool {
+        let removed = self
+            .index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(digest.as_str());
+        if removed {
+            self.remove_files(digest);
+        }
+        removed
+    }
+
+    /// Deletes an object's files (its `.meta` first, so a crash in between
+    /// leaves bytes that are never indexed) and its copy in memory.
+    fn remove_files(&self, digest: &Digest) {
+        self.hot.remove(digest.as_str());
+        let _ = fs::remove_file(self.meta_path(digest));
+        let _ = fs::remove_file(self.path(digest));
     }
 
     /// Renames the `.meta`, then the bytes, into place.

@@ -150,14 +150,39 @@ impl Tags {
     }
 }
 
+impl Tags {
+    /// Drops the entry for `key` (the tag is gone upstream), on disk and in
+    /// memory.
+    pub(crate) async fn remove(&self, key: &TagKey) -> Result<(), CacheError> {
+        let key = key.to_string();
+        let removed = self
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+        if removed.is_none() {
+            return Ok(());
+        }
+        let path = entry_path(&self.dir, &key);
+        match tokio::fs::remove_file(&path).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(CacheError::io("remove a tag entry", &path, e))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The file of the entry for a key's text.
+fn entry_path(dir: &Path, key: &str) -> PathBuf {
+    let name = Algorithm::Sha256.digest(key.as_bytes()).hex().to_owned();
+    dir.join(format!("{name}.json"))
+}
+
 /// Writes one entry atomically: a temp file renamed over the entry's file.
 fn write_entry(dir: &Path, stored: &Stored) -> Result<(), CacheError> {
-    let name = Algorithm::Sha256
-        .digest(stored.key.as_bytes())
-        .hex()
-        .to_owned();
-    let path = dir.join(format!("{name}.json"));
-    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let path = entry_path(dir, &stored.key);
+    let temp = path.with_extension(format!("{}.tmp", std::process::id()));
     let bytes = serde_json::to_vec(stored)
         .map_err(|e| CacheError::io("encode a tag entry", &path, e.into()))?;
     fs::write(&temp, bytes).map_err(|e| CacheError::io("write a tag entry", &temp, e))?;
@@ -229,5 +254,20 @@ mod tests {
             tags.get(&key("k"), fetched - MINUTE).map(|(_, f)| f),
             Some(Freshness::Fresh)
         );
+    }
+
+    #[tokio::test]
+    async fn a_removed_entry_is_gone_after_a_reload_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let tags = Arc::new(Tags::open(dir.path(), MINUTE, 10 * MINUTE).unwrap());
+        let now = SystemTime::now();
+        tags.put(&key("k"), entry(now)).await.unwrap();
+        tags.put(&key("other"), entry(now)).await.unwrap();
+        tags.remove(&key("k")).await.unwrap();
+        tags.remove(&key("never")).await.unwrap();
+        assert!(tags.get(&key("k"), now).is_none());
+        let reloaded = Tags::open(dir.path(), MINUTE, 10 * MINUTE).unwrap();
+        assert!(reloaded.get(&key("k"), now).is_none());
+        assert!(reloaded.get(&key("other"), now).is_some());
     }
 }

@@ -51,6 +51,9 @@ pub struct IssuerSettings {
     /// How many seconds before now the answers' `issued_at` lies (the JWT
     /// itself is signed now, valid for `expires_in`).
     pub issued_ago: u64,
+    /// An `expires_in` the answers claim instead of `expires_in` (the JWT
+    /// keeps `expires_in`): a hostile or broken token endpoint.
+    pub claimed_expires_in: Option<serde_json::Value>,
 }
 
 impl Default for IssuerSettings {
@@ -62,6 +65,7 @@ impl Default for IssuerSettings {
             refresh_tokens: Vec::new(),
             expires_in: 300,
             issued_ago: 0,
+            claimed_expires_in: None,
         }
     }
 }
@@ -90,6 +94,12 @@ impl IssuerSettings {
     /// Sets `expires_in`.
     pub fn expires_in(mut self, seconds: u64) -> Self {
         self.expires_in = seconds;
+        self
+    }
+
+    /// Answers claim `expires_in: value` (the JWT itself keeps its lifetime).
+    pub fn claim_expires_in(mut self, value: serde_json::Value) -> Self {
+        self.claimed_expires_in = Some(value);
         self
     }
 
@@ -453,7 +463,10 @@ async fn answer(
     axum::Json(serde_json::json!({
         "token": token,
         "access_token": token,
-        "expires_in": settings.expires_in,
+        "expires_in": settings
+            .claimed_expires_in
+            .clone()
+            .unwrap_or_else(|| settings.expires_in.into()),
         "issued_at": rfc3339(unix_now() - settings.issued_ago),
     }))
     .into_response()

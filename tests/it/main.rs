@@ -21,6 +21,7 @@ mod cache;
 mod cache_faults;
 mod fake_upstream;
 mod grpcurl;
+mod hardening;
 mod memory;
 mod registry;
 mod resilience;

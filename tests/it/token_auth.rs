@@ -301,6 +301,33 @@ async fn token_lifetime_counts_from_issued_at() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_token_lifetimes_are_clamped_not_fatal() {
+    // 2^63 seconds, and a float too large for any clock: the service must
+    // neither panic nor refuse the token; it keeps it for at most a day.
+    for claimed in [
+        serde_json::json!(9_223_372_036_854_775_808u64),
+        serde_json::json!(1e300),
+    ] {
+        let (issuer, registry, image) =
+            setup(IssuerSettings::default().claim_expires_in(claimed.clone())).await;
+        let v2 = registry.push_image(REPO, "v2").await;
+        let service = InProcess::start(&config(&registry, None)).await;
+        let mut client = service.client().await;
+        fetch_image(&mut client, "v1", &image).await;
+        let after_first = issuer.requests().len();
+        assert!(after_first >= 1, "{claimed}: no token request");
+        // The token is cached (not dropped as unusable): fetching another
+        // image of the same repository (same scope) asks for none.
+        fetch_image(&mut client, "v2", &v2).await;
+        assert_eq!(
+            issuer.requests().len(),
+            after_first,
+            "{claimed}: the token should have been cached"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_config_identitytoken_uses_the_oauth2_refresh_token_form() {
     let refresh = "refresh-6f1c0d2a9b";
     let (issuer, registry, image) =

@@ -142,6 +142,7 @@ impl Engine {
             .candidates(&req.repository, req.upstream.as_deref())?;
         let accept = media_types_or_default(&req.accept);
         let mut stale = None;
+        let mut tag_key = None;
         match &req.reference {
             Reference::Digest(digest) => {
                 if let Some(m) = self
@@ -153,7 +154,9 @@ impl Engine {
             }
             Reference::Tag(tag) => {
                 let key = TagKey::new(&req.repository, tag, req.upstream.as_deref(), &accept);
-                if let Some((entry, freshness)) = tag::entry(&self.cache, &key, &candidates) {
+                let entry = tag::entry(&self.cache, &key, &candidates);
+                tag_key = Some(key);
+                if let Some((entry, freshness)) = entry {
                     let meta = self.cache.object(&entry.digest).map(|object| ManifestMeta {
                         media_type: entry.media_type.clone(),
                         digest: entry.digest.clone(),
@@ -176,7 +179,12 @@ impl Engine {
         .await;
         match found {
             Ok((_, meta)) => Ok(Some(meta)),
-            Err(Error::NotFound(_)) => Ok(None),
+            Err(Error::NotFound(_)) => {
+                if let Some(key) = &tag_key {
+                    tag::forget(&self.cache, key).await;
+                }
+                Ok(None)
+            }
             Err(e) => match stale {
                 Some(meta) => {
                     tracing::warn!(error = %e, "every upstream failed; answering from a stale tag entry");

@@ -38,6 +38,14 @@ pub(super) fn entry(
     Some((hit, freshness))
 }
 
+/// Drops the entry of a tag every candidate says is gone: its old digest
+/// must not be served again, not even as stale.
+pub(super) async fn forget(cache: &EngineCache, key: &TagKey) {
+    if let Err(e) = cache.drop_tag(key).await {
+        tracing::warn!(error = %crate::telemetry::describe(&e), "tag entry not dropped");
+    }
+}
+
 /// Everything a tag refresh needs, owned, so it can run in the background.
 pub(super) struct TagRefresh {
     pub(super) cache: Arc<EngineCache>,
@@ -56,11 +64,19 @@ impl TagRefresh {
         let key = NegativeKey::Manifest(self.repository.clone(), reference.clone());
         let (reference, repository, accept, limits) =
             (&reference, &self.repository, &self.accept[..], self.limits);
-        let (upstream, manifest) =
-            try_in_order(&self.cache, &self.candidates, &key, |upstream| async move {
-                get_manifest(&upstream, limits, repository, reference, accept).await
-            })
-            .await?;
+        let found = try_in_order(&self.cache, &self.candidates, &key, |upstream| async move {
+            get_manifest(&upstream, limits, repository, reference, accept).await
+        })
+        .await;
+        let (upstream, manifest) = match found {
+            Ok(found) => found,
+            Err(e) => {
+                if matches!(e, Error::NotFound(_)) {
+                    forget(&self.cache, &self.key).await;
+                }
+                return Err(e);
+            }
+        };
         if store_manifest(&self.cache, &manifest, &upstream, repository).await {
             let entry = TagEntry {
                 digest: manifest.digest.to_string(),
