@@ -73,6 +73,11 @@ pub struct Config {
     pub default_deadline: Duration,
     /// Concurrent RPCs beyond which new ones are refused.
     pub max_concurrent_rpcs: usize,
+    /// A FetchBlob stream whose caller reads nothing this long is ended.
+    #[serde(with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
+    /// Concurrent streams one HTTP/2 connection may hold.
+    pub max_streams_per_connection: u32,
     /// Largest manifest the service reads from an upstream.
     pub max_manifest_size: ByteSize,
     /// Most tags the service reads for one repository.
@@ -93,6 +98,8 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(20),
             default_deadline: Duration::from_secs(60),
             max_concurrent_rpcs: 1024,
+            stream_idle_timeout: Duration::from_secs(60),
+            max_streams_per_connection: 256,
             max_manifest_size: ByteSize::mib(4),
             max_tags: 100_000,
             log_format: LogFormat::Text,
@@ -129,6 +136,8 @@ pub struct CacheConfig {
     /// How long a "not found" is remembered.
     #[serde(with = "humantime_serde")]
     pub negative_ttl: Duration,
+    /// Rate of the background re-hash of stored objects; zero turns it off.
+    pub scrub_rate: Rate,
 }
 
 impl Default for CacheConfig {
@@ -139,6 +148,7 @@ impl Default for CacheConfig {
             tag_ttl: Duration::from_secs(60),
             stale_if_error: Duration::from_secs(24 * 3600),
             negative_ttl: Duration::from_secs(30),
+            scrub_rate: Rate(16 * 1024 * 1024),
         }
     }
 }
@@ -201,6 +211,18 @@ impl Config {
             return Err(ConfigError::invalid(
                 "default_deadline",
                 "must be more than 0",
+            ));
+        }
+        if self.stream_idle_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "stream_idle_timeout",
+                "must be more than 0",
+            ));
+        }
+        if self.max_streams_per_connection == 0 {
+            return Err(ConfigError::invalid(
+                "max_streams_per_connection",
+                "must be at least 1",
             ));
         }
         if self.max_concurrent_rpcs == 0 {
@@ -278,6 +300,17 @@ mod tests {
     }
 
     #[test]
+    fn hardening_keys_have_their_defaults_and_zero_turns_scrubbing_off() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.stream_idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.max_streams_per_connection, 256);
+        assert_eq!(c.cache.scrub_rate, Rate(16 * 1024 * 1024));
+        assert_eq!(c.upstreams[0].hedge_after, Duration::from_secs(2));
+        let off = Config::parse("[cache]\nscrub_rate = \"0\"").unwrap();
+        assert_eq!(off.cache.scrub_rate, Rate(0));
+    }
+
+    #[test]
     fn errors_name_the_field() {
         assert!(error_of("lisen = \"x\"").contains("lisen"));
         assert!(error_of("[cache]\ntag_ttl = \"soon\"").contains("tag_ttl"));
@@ -295,6 +328,8 @@ mod tests {
         assert!(missing.contains("one of password_file or password_env is required"));
         assert!(error_of(&up("[upstreams.auth]\ntype = \"magic\"")).contains("magic"));
         assert!(error_of(&up("min_rate = \"fast\"")).contains("min_rate"));
+        assert!(error_of("[cache]\nscrub_rate = \"1\"").contains("cache.scrub_rate"));
+        assert!(error_of("stream_idle_timeout = \"0s\"").contains("stream_idle_timeout"));
         assert!(error_of("upstreams = []").contains("upstreams"));
     }
 

@@ -57,6 +57,10 @@ pub struct UpstreamConfig {
     /// How long the circuit stays open before a probe.
     #[serde(default = "default_circuit_cooldown", with = "humantime_serde")]
     pub circuit_cooldown: Duration,
+    /// No answer from this upstream by then: the next candidate is asked too,
+    /// and the first good answer wins.
+    #[serde(default = "default_hedge_after", with = "humantime_serde")]
+    pub hedge_after: Duration,
     /// Most requests (hence connections) open to this upstream at once; a
     /// blob download holds one for its whole body.
     #[serde(default = "default_max_connections")]
@@ -103,6 +107,9 @@ fn default_circuit_failures() -> u32 {
 fn default_max_connections() -> usize {
     32
 }
+fn default_hedge_after() -> Duration {
+    Duration::from_secs(2)
+}
 fn default_circuit_cooldown() -> Duration {
     Duration::from_secs(30)
 }
@@ -125,6 +132,7 @@ impl UpstreamConfig {
             retry_max_delay: default_retry_max_delay(),
             circuit_failures: default_circuit_failures(),
             circuit_cooldown: default_circuit_cooldown(),
+            hedge_after: default_hedge_after(),
             max_connections: default_max_connections(),
             realm_hosts: Vec::new(),
             proxy: None,
@@ -145,7 +153,7 @@ impl UpstreamConfig {
     }
 }
 
-/// A byte rate such as `64KiB/s`.
+/// A byte rate such as `64KiB/s` (or `0`, for "none").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate(pub u64);
 
@@ -153,6 +161,9 @@ impl FromStr for Rate {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim() == "0" {
+            return Ok(Rate(0));
+        }
         let size = s
             .trim()
             .strip_suffix("/s")
