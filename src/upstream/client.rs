@@ -58,6 +58,7 @@ pub struct Upstream {
     pub(super) retries: u32,
     pub(super) retry_max_delay: Duration,
     pub(super) min_rate: u64,
+    pub(super) hedge_after: Duration,
     pub(super) circuit: Circuit,
     /// Permits for requests in flight (see [`ConnectionPermit`]).
     pub(super) connections: Arc<Semaphore>,
@@ -196,6 +197,7 @@ impl Upstream {
             retries: config.retries,
             retry_max_delay: config.retry_max_delay,
             min_rate: config.min_rate.0,
+            hedge_after: config.hedge_after,
             circuit: Circuit::new(config.circuit_failures, config.circuit_cooldown),
             connections: Arc::new(Semaphore::new(config.max_connections)),
             max_connections: config.max_connections,
@@ -246,6 +248,12 @@ impl Upstream {
     /// Slowest acceptable body rate, bytes per second.
     pub fn min_rate(&self) -> u64 {
         self.min_rate
+    }
+
+    /// How long to wait for this upstream's answer before asking the next
+    /// candidate too.
+    pub fn hedge_after(&self) -> Duration {
+        self.hedge_after
     }
 
     /// The upstream's circuit breaker.
