@@ -12,7 +12,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::config::Config;
-use crate::grpc::{Admission, UpstreamApi};
+use crate::grpc::{Admission, Limits, UpstreamApi, health_reporter};
 use crate::pb;
 use crate::upstream::{BuildError, Engine};
 
@@ -52,8 +52,10 @@ pub fn preflight(config: &Config) -> Result<(), AppError> {
 /// Serves until `shutdown` resolves. Then, in order: health turns
 /// NOT_SERVING (so load balancers stop sending), new calls are refused with
 /// UNAVAILABLE while health still answers, calls in flight get up to
-/// `shutdown_grace` to finish, and the server stops; streams still running
-/// after the grace period are cut.
+/// `shutdown_grace` to finish, health Watch calls end, and the server stops;
+/// streams still running after the grace period are cut. One connection
+/// holds at most `max_streams_per_connection` calls at once, and a FetchBlob
+/// stream unread for `stream_idle_timeout` is ended.
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -63,10 +65,10 @@ pub async fn run(
     tracing::info!(dir = %config.cache.dir.display(), why = %config.cache.dir.describe(), "cache");
     let admission = Arc::new(Admission::new(config.max_concurrent_rpcs));
     let grace = config.shutdown_grace;
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status(pb::SERVICE_NAME, ServingStatus::Serving)
-        .await;
+    let (health, health_service) = health_reporter();
+    for service in ["", pb::SERVICE_NAME] {
+        health.set_service_status(service, ServingStatus::Serving);
+    }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -88,27 +90,31 @@ pub async fn run(
             "shutting down: health NOT_SERVING, refusing new calls, draining"
         );
         for service in ["", pb::SERVICE_NAME] {
-            health
-                .set_service_status(service, ServingStatus::NotServing)
-                .await;
+            health.set_service_status(service, ServingStatus::NotServing);
         }
         gate.start_draining();
         if tokio::time::timeout(grace, gate.drained()).await.is_err() {
             tracing::warn!("grace period over with calls still running");
         }
+        // Health Watch calls never end by themselves; end them so their
+        // connections can close.
+        health.close();
     };
     // Nagle's algorithm would hold small answers (a manifest) for the peer's
     // delayed ACK: ~40 ms per call. The incoming stream sets TCP_NODELAY on
     // each accepted socket (Server::tcp_nodelay does not apply to it).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // One connection cannot hold every admission permit: HTTP/2's
+    // SETTINGS_MAX_CONCURRENT_STREAMS caps its calls in flight.
     let server = Server::builder()
+        .max_concurrent_streams(Some(config.max_streams_per_connection))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(health_service)
+        .add_service(health_service.max_decoding_message_size(REQUEST_LIMIT))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            UpstreamApi::new(engine.clone(), admission, config.default_deadline)
+            UpstreamApi::new(engine.clone(), admission, Limits::from(&config))
                 .into_server(REQUEST_LIMIT),
         )
         .serve_with_incoming_shutdown(incoming, drain);

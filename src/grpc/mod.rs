@@ -2,12 +2,16 @@
 //! and the request's fields, `upstream` once chosen), passes admission
 //! (concurrency limit, shutdown), converts its request to a checked engine
 //! request (INVALID_ARGUMENT naming the field on failure), makes one engine
-//! call bounded by the caller's deadline, and converts the answer back. No
-//! rules live here.
+//! call bounded by the caller's deadline, and converts the answer back. A
+//! FetchBlob stream is also bounded by the idle rule (`idle`): a caller that
+//! reads nothing for `stream_idle_timeout` gets DEADLINE_EXCEEDED. No rules
+//! live here.
 
 mod admission;
 mod convert;
 mod deadline;
+mod health;
+mod idle;
 mod status;
 
 use std::future::Future;
@@ -21,7 +25,9 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span, field};
 
 pub use admission::Admission;
+pub use health::health_reporter;
 
+use crate::config::Config;
 use crate::pb;
 use crate::pb::upstream_service_server::{UpstreamService, UpstreamServiceServer};
 use crate::upstream::{BlobRequest, Engine, Error, ManifestRequest, TagsRequest};
@@ -34,22 +40,40 @@ pub type Stamp = fn(Request<()>) -> Result<Request<()>, Status>;
 pub type FetchBlobStream =
     Pin<Box<dyn Stream<Item = Result<pb::FetchBlobResponse, Status>> + Send>>;
 
+/// The time bounds of calls.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The deadline of a call that sends no `grpc-timeout`.
+    pub default_deadline: Duration,
+    /// How long a FetchBlob stream may go unread before it is ended.
+    pub stream_idle_timeout: Duration,
+}
+
+impl From<&Config> for Limits {
+    fn from(config: &Config) -> Self {
+        Self {
+            default_deadline: config.default_deadline,
+            stream_idle_timeout: config.stream_idle_timeout,
+        }
+    }
+}
+
 /// The `oci.upstream.v1.UpstreamService` implementation.
 #[derive(Debug, Clone)]
 pub struct UpstreamApi {
     engine: Arc<Engine>,
     admission: Arc<Admission>,
-    default_deadline: Duration,
+    limits: Limits,
 }
 
 impl UpstreamApi {
-    /// The service over `engine`, admitting RPCs through `admission`;
-    /// calls without a deadline of their own get `default_deadline`.
-    pub fn new(engine: Arc<Engine>, admission: Arc<Admission>, default_deadline: Duration) -> Self {
+    /// The service over `engine`, admitting RPCs through `admission`,
+    /// bounded by `limits`.
+    pub fn new(engine: Arc<Engine>, admission: Arc<Admission>, limits: Limits) -> Self {
         Self {
             engine,
             admission,
-            default_deadline,
+            limits,
         }
     }
 
@@ -83,7 +107,7 @@ impl UpstreamApi {
     {
         async move {
             let _permit = self.admission.admit()?;
-            let limit = deadline::of(&request, self.default_deadline);
+            let limit = deadline::of(&request, self.limits.default_deadline);
             let req = Q::try_from(request.into_inner())?;
             let engine = self.engine.clone();
             let answer = deadline::within(limit, async { Ok(work(engine, req).await?) }).await?;
@@ -138,7 +162,7 @@ impl UpstreamService for UpstreamApi {
         let stream_span = span.clone();
         async move {
             let permit = self.admission.admit()?;
-            let limit = deadline::of(&request, self.default_deadline);
+            let limit = deadline::of(&request, self.limits.default_deadline);
             let req = BlobRequest::try_from(request.into_inner())?;
             let offset = req.range.offset;
             let blob =
@@ -148,14 +172,18 @@ impl UpstreamService for UpstreamApi {
                 offset: i64::try_from(offset).unwrap_or(i64::MAX),
                 ..Default::default()
             };
-            let data = blob.chunks.map(move |item| {
-                // The permit is released when the stream ends or is dropped.
-                let _held = &permit;
-                let _entered = stream_span.enter();
+            let messages = stream::once(async { Ok(first) }).chain(blob.chunks.map(|item| {
                 item.map(|chunk| convert::blob_data(chunk.offset, chunk.data))
                     .map_err(Status::from)
-            });
-            let stream: FetchBlobStream = Box::pin(stream::once(async { Ok(first) }).chain(data));
+            }));
+            // The permit is released when the stream ends, its caller
+            // leaves, or the caller has read nothing for the idle timeout.
+            let stream: FetchBlobStream = Box::pin(idle::bounded(
+                messages,
+                self.limits.stream_idle_timeout,
+                permit,
+                stream_span,
+            ));
             Ok(Response::new(stream))
         }
         .instrument(span)
