@@ -16,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use url::Url;
 
 use super::auth::{Authorization, Credentials};
+use super::egress::{Guard, redirect_allowed, refused_address, same_origin};
 use super::error::Fault;
 use super::http::{ReadError, describe, read_limited};
 use super::realm::realm_allowed;
@@ -27,6 +28,15 @@ use crate::oci::Repository;
 
 /// Redirects followed for one request.
 const MAX_REDIRECTS: usize = 10;
+
+/// The statuses followed as redirects (`Location` names the next URL).
+const REDIRECTS: [StatusCode; 5] = [
+    StatusCode::MOVED_PERMANENTLY,
+    StatusCode::FOUND,
+    StatusCode::SEE_OTHER,
+    StatusCode::TEMPORARY_REDIRECT,
+    StatusCode::PERMANENT_REDIRECT,
+];
 
 /// A request to an upstream, before authentication.
 #[derive(Debug, Clone)]
@@ -64,6 +74,10 @@ pub struct Upstream {
     pub(super) connections: Arc<Semaphore>,
     pub(super) max_connections: usize,
     pub(super) realm_hosts: Vec<String>,
+    /// Where requests may connect; the DNS resolver of both clients.
+    pub(super) guard: Guard,
+    /// For registry requests; follows no redirect by itself (see
+    /// [`Upstream::execute`]).
     pub(super) http: reqwest::Client,
     /// For token requests: follows only redirects that the realm policy allows.
     pub(super) token_http: reqwest::Client,
@@ -146,6 +160,7 @@ impl Upstream {
             })?,
             None => Vec::new(),
         };
+        let guard = Guard::new(&config.url, config.proxy.as_ref());
         let client = |redirect| {
             let builder = extra_roots.iter().cloned().fold(
                 reqwest::Client::builder(),
@@ -155,6 +170,7 @@ impl Upstream {
                 .connect_timeout(config.connect_timeout)
                 .read_timeout(config.timeout)
                 .redirect(redirect)
+                .dns_resolver(Arc::new(guard.clone()))
                 .user_agent(concat!("oci-upstream/", env!("CARGO_PKG_VERSION")))
                 .pool_idle_timeout(Duration::from_secs(90));
             let builder = match &config.proxy {
@@ -173,7 +189,7 @@ impl Upstream {
                 source,
             })
         };
-        let http = client(reqwest::redirect::Policy::limited(MAX_REDIRECTS))?;
+        let http = client(reqwest::redirect::Policy::none())?;
         let (base, hosts) = (config.url.clone(), realm_hosts.clone());
         let token_http = client(reqwest::redirect::Policy::custom(move |attempt| {
             if attempt.previous().len() >= MAX_REDIRECTS {
@@ -202,6 +218,7 @@ impl Upstream {
             connections: Arc::new(Semaphore::new(config.max_connections)),
             max_connections: config.max_connections,
             realm_hosts,
+            guard,
             http,
             token_http,
             credentials: Credentials::from_config(&config.auth),
@@ -303,14 +320,59 @@ impl Upstream {
         }
     }
 
+    /// Sends `req` once with `auth`, following redirects by
+    /// [`redirect_allowed`]: `Authorization` goes only to the request's own
+    /// origin (scheme, host and port), and never again once a hop left it.
+    /// The whole chain gets the upstream's `timeout` to response headers.
     pub(super) async fn execute(
         &self,
         req: &Request,
         auth: Option<&Authorization>,
     ) -> Result<reqwest::Response, Fault> {
+        let follow = async {
+            let mut url = req.url.clone();
+            let mut auth = auth;
+            for _ in 0..=MAX_REDIRECTS {
+                let sent = self.request_to(req, &url, auth).send().await;
+                let response = sent.map_err(|e| self.send_fault(&req.what, &req.url, &url, e))?;
+                let Some(next) = redirect_target(&response, &url) else {
+                    return Ok(response);
+                };
+                redirect_allowed(&url, &next, self.guard.upstream_is_internal()).map_err(
+                    |why| {
+                        Fault::unavailable(format!(
+                            "upstream `{}` redirected the request for {} to {}, which is refused: {why}",
+                            self.name,
+                            req.what,
+                            next.origin().ascii_serialization()
+                        ))
+                    },
+                )?;
+                if !same_origin(&next, &req.url) {
+                    auth = None;
+                }
+                url = next;
+            }
+            Err(Fault::unavailable(format!(
+                "upstream `{}` redirected the request for {} more than {MAX_REDIRECTS} times",
+                self.name, req.what
+            )))
+        };
+        tokio::time::timeout(self.timeout, follow)
+            .await
+            .unwrap_or_else(|_| Err(self.timeout_fault(&req.what)))
+    }
+
+    /// One request of [`Upstream::execute`]'s chain, to `url`.
+    fn request_to(
+        &self,
+        req: &Request,
+        url: &Url,
+        auth: Option<&Authorization>,
+    ) -> reqwest::RequestBuilder {
         let mut builder = self
             .http
-            .request(req.method.clone(), req.url.clone())
+            .request(req.method.clone(), url.clone())
             .header("Docker-Distribution-API-Version", "registry/2.0")
             .header(ACCEPT_ENCODING, "identity");
         if let Some(accept) = &req.accept {
@@ -322,7 +384,7 @@ impl Upstream {
         if let Some(auth) = auth {
             builder = builder.header(AUTHORIZATION, auth.header());
         }
-        self.timed(&req.what, builder.send()).await
+        builder
     }
 
     /// Awaits response headers within the upstream's timeout.
@@ -333,30 +395,52 @@ impl Upstream {
     ) -> Result<reqwest::Response, Fault> {
         match tokio::time::timeout(self.timeout, send).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) if e.is_redirect() => Err(Fault::unavailable(format!(
+            Ok(Err(e)) => Err(self.send_fault(what, &self.base, &self.base, e)),
+            Err(_) => Err(self.timeout_fault(what)),
+        }
+    }
+
+    /// The fault of a request to `url` (a hop of a request for `first`)
+    /// that got no answer. A redirect target's URL is not shown: it may
+    /// carry a signature.
+    fn send_fault(&self, what: &str, first: &Url, url: &Url, e: reqwest::Error) -> Fault {
+        if let Some(refused) = refused_address(&e) {
+            return Fault::unavailable(format!(
+                "upstream `{}`: the request for {what} was refused: {refused}",
+                self.name
+            ));
+        }
+        if e.is_redirect() {
+            return Fault::unavailable(format!(
                 "upstream `{}` redirected the request for {what} where it may not go: {}",
                 self.name,
                 describe(&e)
-            ))),
-            Ok(Err(e)) => {
-                let fault = Fault::unavailable(format!(
-                    "upstream `{}` could not be reached for {what}: {}",
-                    self.name,
-                    describe(&e)
-                ));
-                // Refused or reset before an answer: worth another try. A
-                // timeout already spent its time.
-                Err(if e.is_timeout() {
-                    fault
-                } else {
-                    fault.retryable()
-                })
-            }
-            Err(_) => Err(Fault::unavailable(format!(
-                "upstream `{}` did not answer for {what} within {:?}",
-                self.name, self.timeout
-            ))),
+            ));
         }
+        let timeout = e.is_timeout();
+        let detail = if same_origin(url, first) {
+            describe(&e)
+        } else {
+            format!(
+                "{} (redirected to {})",
+                describe(&e.without_url()),
+                url.origin().ascii_serialization()
+            )
+        };
+        let fault = Fault::unavailable(format!(
+            "upstream `{}` could not be reached for {what}: {detail}",
+            self.name
+        ));
+        // Refused or reset before an answer: worth another try. A timeout
+        // already spent its time.
+        if timeout { fault } else { fault.retryable() }
+    }
+
+    fn timeout_fault(&self, what: &str) -> Fault {
+        Fault::unavailable(format!(
+            "upstream `{}` did not answer for {what} within {:?}",
+            self.name, self.timeout
+        ))
     }
 
     pub(super) fn read_fault(&self, what: &str, e: ReadError) -> Fault {
@@ -391,6 +475,17 @@ impl Upstream {
 /// (and its body, e.g. a blob download) is.
 #[derive(Debug, Clone)]
 struct ConnectionPermit(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+
+/// The next URL of a redirect answer, resolved against `current`; `None`
+/// for other answers and for a redirect without a usable `Location` (which
+/// is then the answer).
+fn redirect_target(response: &reqwest::Response, current: &Url) -> Option<Url> {
+    if !REDIRECTS.contains(&response.status()) {
+        return None;
+    }
+    let location = response.headers().get(reqwest::header::LOCATION)?;
+    current.join(location.to_str().ok()?).ok()
+}
 
 /// 429 and the 5xx answers that mean "try again".
 fn is_retryable_status(status: StatusCode) -> bool {

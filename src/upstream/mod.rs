@@ -23,6 +23,7 @@ mod blob;
 mod challenge;
 mod client;
 mod distribution;
+mod egress;
 mod error;
 mod failover;
 mod http;

@@ -1,15 +1,17 @@
 //! Where credentials may go: the token-realm policy. A realm must be the
 //! upstream's own host, share its registrable domain (by the Public Suffix
 //! List) or be listed in `realm_hosts`; https unless the upstream itself is
-//! http; and never a loopback, private or link-local address (literal or
-//! resolved) unless the upstream is one, so a hostile upstream cannot aim
-//! our requests or credentials elsewhere.
+//! http; and never an internal address (by [`super::egress`]'s one
+//! classification; literal or resolved, here and again when connecting)
+//! unless the upstream is one, so a hostile upstream cannot aim our
+//! requests or credentials elsewhere.
 
 use std::net::IpAddr;
 
 use url::Url;
 
 use super::client::Upstream;
+use super::egress::{is_internal_host as is_internal, is_internal_ip};
 use super::error::Fault;
 
 impl Upstream {
@@ -25,13 +27,13 @@ impl Upstream {
         };
         realm_allowed(&self.base, &self.realm_hosts, realm).map_err(refuse)?;
         let base_host = self.base.host_str().unwrap_or_default();
-        if is_internal(base_host) || is_internal_resolved(base_host).await {
+        if self.guard.upstream_is_internal() || is_internal_resolved(base_host).await {
             return Ok(());
         }
         let host = realm.host_str().unwrap_or_default();
         if is_internal_resolved(host).await {
             return Err(refuse(
-                "its host resolves to a loopback, private or link-local address",
+                "its host resolves to a loopback, private, link-local or otherwise internal address",
             ));
         }
         Ok(())
@@ -61,7 +63,7 @@ pub(crate) fn realm_allowed(
     let realm_host = realm_host.to_ascii_lowercase();
     let base_host = base_host.to_ascii_lowercase();
     if is_internal(&realm_host) && !is_internal(&base_host) {
-        return Err("it is a loopback, private or link-local address");
+        return Err("it is a loopback, private, link-local or otherwise internal address");
     }
     let allowed = realm_host == base_host
         || realm_hosts.contains(&realm_host)
@@ -74,34 +76,15 @@ pub(crate) fn realm_allowed(
     }
 }
 
-/// True when `host` (a DNS name) resolves to any internal address. Names that
-/// do not resolve are not internal (the request will fail on its own).
+/// True when `host` (a URL host) is internal or, as a DNS name, resolves
+/// to any internal address. Names that do not resolve are not internal (the
+/// request will fail on its own).
 async fn is_internal_resolved(host: &str) -> bool {
-    if host.parse::<IpAddr>().is_ok() || host.starts_with('[') {
+    if is_internal(host) || host.parse::<IpAddr>().is_ok() || host.starts_with('[') {
         return is_internal(host);
     }
     match tokio::net::lookup_host((host, 0)).await {
-        Ok(addrs) => addrs.into_iter().any(|a| is_internal(&a.ip().to_string())),
-        Err(_) => false,
-    }
-}
-
-/// True for loopback, private, link-local and unspecified IP literals, and
-/// `localhost`.
-fn is_internal(host: &str) -> bool {
-    if host == "localhost" || host.ends_with(".localhost") {
-        return true;
-    }
-    match host.trim_matches(['[', ']']).parse::<IpAddr>() {
-        Ok(IpAddr::V4(ip)) => {
-            ip.is_loopback() || ip.is_private() || ip.is_link_local() || ip.is_unspecified()
-        }
-        Ok(IpAddr::V6(ip)) => {
-            ip.is_loopback()
-                || ip.is_unspecified()
-                || (ip.segments()[0] & 0xfe00) == 0xfc00
-                || (ip.segments()[0] & 0xffc0) == 0xfe80
-        }
+        Ok(mut addrs) => addrs.any(|a| is_internal_ip(a.ip())),
         Err(_) => false,
     }
 }
