@@ -2,7 +2,13 @@
 //! so the engine reads the whole list, following same-origin `Link` pages,
 //! sorts it, and pages it itself: walking with `next_last` visits every tag
 //! exactly once, in lexical order.
+//!
+//! A hostile upstream cannot make the read endless or unbounded: the whole
+//! list (every page) is capped in tags (`max_tags`) and in bytes
+//! ([`TAG_BYTES_PER_TAG`] per allowed tag), paging stops at a `Link` to a
+//! page already read, and every tag must match the tag grammar.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -10,12 +16,28 @@ use serde::Deserialize;
 use super::client::Upstream;
 use super::distribution::{fault_from_response, next_link, tags_request};
 use super::failover::try_in_order;
+use super::http::{ReadError, read_limited};
 use super::{Engine, Error, Fault, Source};
 use crate::cache::NegativeKey;
 use crate::oci::{Repository, Tag};
 
 /// Most bytes read for one page of a tag list.
 const TAG_PAGE_LIMIT: usize = 16 * 1024 * 1024;
+
+/// Bytes of tag list allowed per tag of `max_tags`, over all pages: a tag
+/// is at most 128 characters, and its JSON (quotes, comma, whitespace) and
+/// each page's envelope fit twice over.
+pub(crate) const TAG_BYTES_PER_TAG: usize = 256;
+
+/// Tag-list bytes allowed however small `max_tags` is (one envelope).
+const TAG_BYTES_FLOOR: usize = 64 * 1024;
+
+/// Most bytes read for a whole tag list when at most `max_tags` tags are.
+fn tag_list_limit(max_tags: usize) -> usize {
+    max_tags
+        .saturating_mul(TAG_BYTES_PER_TAG)
+        .saturating_add(TAG_BYTES_FLOOR)
+}
 
 /// A request for a page of tags.
 #[derive(Debug, Clone)]
@@ -76,10 +98,14 @@ impl Engine {
         upstream: &Arc<Upstream>,
         repository: &Repository,
     ) -> Result<Vec<String>, Fault> {
+        let max_bytes = tag_list_limit(self.limits.max_tags);
+        let mut read_bytes = 0;
         let mut tags = Vec::new();
+        let mut fetched = HashSet::new();
         let mut next = None;
         loop {
             let request = tags_request(upstream, repository, next.take());
+            fetched.insert(request.url.clone());
             let response = upstream.send(&request).await?;
             if !response.status().is_success() {
                 return Err(fault_from_response(upstream, &request.what, response).await);
@@ -91,9 +117,21 @@ impl Engine {
                     request.what
                 ))
             })?;
-            let body = upstream
-                .read_body(response, TAG_PAGE_LIMIT, &request.what)
-                .await?;
+            let left = max_bytes - read_bytes;
+            let body = match read_limited(response, left.min(TAG_PAGE_LIMIT)).await {
+                Err(ReadError::TooLarge(_)) if left <= TAG_PAGE_LIMIT => {
+                    return Err(Fault::unavailable(format!(
+                        "upstream `{}` sent more than {max_bytes} bytes over {} pages of {} \
+                         (the cap is {TAG_BYTES_PER_TAG} bytes per tag of max_tags, {})",
+                        upstream.name(),
+                        fetched.len(),
+                        request.what,
+                        self.limits.max_tags
+                    )));
+                }
+                read => read.map_err(|e| upstream.read_fault(&request.what, e))?,
+            };
+            read_bytes += body.len();
             let list: TagList = serde_json::from_slice(&body).map_err(|e| {
                 Fault::unavailable(format!(
                     "upstream `{}` sent an unusable tag list for {}: {e}",
@@ -102,6 +140,13 @@ impl Engine {
                 ))
             })?;
             let page = list.tags.unwrap_or_default();
+            if let Some(Err(e)) = page.iter().map(|t| Tag::parse(t)).find(Result::is_err) {
+                return Err(Fault::unavailable(format!(
+                    "upstream `{}` sent an invalid tag in {}: {e}",
+                    upstream.name(),
+                    request.what
+                )));
+            }
             let empty_page = page.is_empty();
             tags.extend(page);
             if tags.len() > self.limits.max_tags {
@@ -113,8 +158,13 @@ impl Engine {
                 )));
             }
             match link {
-                // A page without tags that points onward would loop forever.
-                Some(url) if !empty_page => next = Some(url),
+                // A page without tags that points onward, or a link back to
+                // a page already read, would loop forever.
+                Some(url) if !empty_page && !fetched.contains(&url) => next = Some(url),
+                Some(url) if !empty_page => {
+                    tracing::debug!(upstream = upstream.name(), link = %url.path(), "tag list Link points to a page already read; stopping");
+                    return Ok(tags);
+                }
                 _ => return Ok(tags),
             }
         }
