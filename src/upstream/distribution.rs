@@ -11,7 +11,7 @@ use super::client::{Request, Upstream};
 use super::error::{Fault, FaultKind};
 use super::http::read_prefix;
 use super::resilience::retry_after;
-use crate::oci::{Digest, MediaType, Reference, Repository};
+use crate::oci::{Digest, MediaType, ParseError, Reference, Repository};
 
 /// Most bytes of an error body read for a message.
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
@@ -201,10 +201,39 @@ pub(crate) fn media_types_or_default(accept: &[MediaType]) -> Vec<MediaType> {
     }
 }
 
-/// The `Docker-Content-Digest` header, when present and valid.
-pub(crate) fn header_digest(headers: &reqwest::header::HeaderMap) -> Option<Digest> {
-    let value = headers.get("Docker-Content-Digest")?.to_str().ok()?;
-    Digest::parse(value.trim()).ok()
+/// The `Docker-Content-Digest` header: `Ok(None)` when absent, an error
+/// (saying why, with the value shortened and escaped) when it is not a
+/// valid digest. What an invalid one means depends on the request: see
+/// [`header_digest_for`].
+pub(crate) fn header_digest(headers: &HeaderMap) -> Result<Option<Digest>, ParseError> {
+    let Some(value) = headers.get("Docker-Content-Digest") else {
+        return Ok(None);
+    };
+    let text = String::from_utf8_lossy(value.as_bytes());
+    Digest::parse(text.trim()).map(Some)
+}
+
+/// The `Docker-Content-Digest` of an answer for `reference`. An invalid one
+/// is an upstream fault when a digest was asked for (the upstream does not
+/// speak the protocol; the next one is tried), and ignored (logged at debug)
+/// for a tag, whose digest is computed from the bytes anyway.
+pub(crate) fn header_digest_for(
+    upstream: &Upstream,
+    what: &str,
+    reference: &Reference,
+    headers: &HeaderMap,
+) -> Result<Option<Digest>, Fault> {
+    match header_digest(headers) {
+        Ok(digest) => Ok(digest),
+        Err(e) if reference.digest().is_some() => Err(Fault::unavailable(format!(
+            "upstream `{}` answered for {what} with an invalid Docker-Content-Digest: {e}",
+            upstream.name()
+        ))),
+        Err(e) => {
+            tracing::debug!(upstream = upstream.name(), %what, error = %e, "ignoring an invalid Docker-Content-Digest");
+            Ok(None)
+        }
+    }
 }
 
 /// The `Content-Type` without parameters, lowercased.
@@ -233,6 +262,29 @@ mod tests {
             &headers,
             &Url::parse("https://r.example/v2/a/tags/list").unwrap(),
         )
+    }
+
+    #[test]
+    fn docker_content_digest_header() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let headers = |value: &[u8]| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                "Docker-Content-Digest",
+                HeaderValue::from_bytes(value).unwrap(),
+            );
+            headers
+        };
+        assert_eq!(header_digest(&HeaderMap::new()), Ok(None));
+        assert_eq!(
+            header_digest(&headers(format!(" {digest} ").as_bytes()))
+                .unwrap()
+                .map(|d| d.to_string()),
+            Some(digest)
+        );
+        for bad in [&b"sha256:abc"[..], b"md5:0000", b"", b"sha256:\xff\xfe"] {
+            assert!(header_digest(&headers(bad)).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

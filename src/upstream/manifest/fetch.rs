@@ -1,7 +1,8 @@
 //! One upstream's answer for a manifest: GET (bytes read within the size
 //! cap, digest checked against the reference and `Docker-Content-Digest`,
-//! media type inspected) and HEAD (falling back to GET when the headers do
-//! not say enough).
+//! media type inspected), HEAD (falling back to GET when the headers do
+//! not say enough), and a HEAD that only asks for the digest (for tag
+//! refreshes, which must not spend a GET when nothing changed).
 
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use reqwest::Method;
 
 use super::super::client::Upstream;
 use super::super::distribution::{
-    content_type, fault_from_response, header_digest, manifest_request,
+    content_type, fault_from_response, header_digest_for, manifest_request,
 };
 use super::super::http::content_length;
 use super::super::{Fault, Limits, Source};
@@ -66,7 +67,7 @@ pub(super) async fn get_manifest(
     if !response.status().is_success() {
         return Err(fault_from_response(upstream, &request.what, response).await);
     }
-    let header = header_digest(response.headers());
+    let header = header_digest_for(upstream, &request.what, reference, response.headers())?;
     let content_type = content_type(response.headers());
     let bytes = upstream
         .read_body(response, limits.max_manifest, &request.what)
@@ -106,7 +107,7 @@ pub(super) async fn head_manifest_at(
         return Err(fault_from_response(upstream, &request.what, response).await);
     }
     let headers = response.headers();
-    let digest = header_digest(headers);
+    let digest = header_digest_for(upstream, &request.what, reference, headers)?;
     let size = content_length(headers);
     let media_type = MediaType::parse(&content_type(headers)).ok();
     if let (Some(expected), Some(digest)) = (reference.digest(), &digest) {
@@ -134,4 +135,21 @@ pub(super) async fn head_manifest_at(
                 .map(ManifestMeta::from)
         }
     }
+}
+
+/// The digest a HEAD for `reference` reports (`Docker-Content-Digest`), or
+/// `None` when the upstream did not send a usable one. Never falls back to
+/// GET: registries count manifest GETs (not HEADs) against pull limits.
+pub(super) async fn head_digest(
+    upstream: &Arc<Upstream>,
+    repository: &Repository,
+    reference: &Reference,
+    accept: &[MediaType],
+) -> Result<Option<Digest>, Fault> {
+    let request = manifest_request(upstream, Method::HEAD, repository, reference, accept);
+    let response = upstream.send(&request).await?;
+    if !response.status().is_success() {
+        return Err(fault_from_response(upstream, &request.what, response).await);
+    }
+    header_digest_for(upstream, &request.what, reference, response.headers())
 }
