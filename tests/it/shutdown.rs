@@ -6,7 +6,10 @@
 //! streams, they are cut (never ended as if complete) and the process still
 //! exits 0, within the grace period plus a bounded margin. The slow streams
 //! come from the trickling upstream of `common::faulty`, paced above the
-//! service's `min_rate` so that only the shutdown can end them early.
+//! service's `min_rate` so that only the shutdown can end them early. A
+//! stream its caller never reads and a download still running do not hold
+//! the exit past `shutdown_grace` + 5 s (Kubernetes' default 30 s grace fits
+//! the default 20 s).
 
 use crate::common;
 
@@ -16,7 +19,7 @@ use bytes::Bytes;
 use common::Spawned;
 use common::config::{ServiceConfig, Upstream};
 use common::content::{OCI_MANIFEST, image_manifest, random_blob, sha256_digest};
-use common::faulty::{Act, Cut, FaultyServer, manifest_path};
+use common::faulty::{Act, Cut, FaultyServer, blob_path, manifest_path};
 use common::rpc::{BlobStream, Client, blob_request, bounded, manifest_request};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -275,4 +278,70 @@ async fn streams_outlasting_a_short_grace_are_cut_and_the_process_exits_zero() {
         );
     }
     assert_eq!(up.bodies_completed(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_stalled_stream_and_a_running_download_exits_within_grace_plus_5s() {
+    let up = FaultyServer::start().await;
+    // The stalled stream: served at once, more than HTTP/2 flow control
+    // lets the service send to a caller that reads nothing (2 MiB per
+    // stream, 5 MiB per connection in tonic's client), so it never ends
+    // by itself.
+    let stalled_digest = up.put_blob(REPO, random_blob(300, 8 * MIB));
+    up.script(&blob_path(REPO, &stalled_digest), [Act::Serve]);
+    // The running download: 256 KiB/s, four times min_rate, 32 s per blob.
+    // (Seeds 300 and 301 would give the same bytes: XorShift::new sets bit 0.)
+    let running_digest = up.put_blob(REPO, random_blob(302, 8 * MIB));
+    assert_ne!(stalled_digest, running_digest, "two different blobs");
+    up.script_all([Act::Trickle {
+        fast: Cut::Bytes(0),
+        bytes: 64 * KIB,
+        every: Duration::from_millis(250),
+    }]);
+    let grace = Duration::from_secs(3);
+    let mut service = Spawned::start(&config("3s", &up.url()));
+
+    // Opened and never read: the caller holds the stream.
+    let mut stalled_client = service.client().await;
+    let stalled = BlobStream::open(&mut stalled_client, blob_request(REPO, &stalled_digest))
+        .await
+        .expect("the stalled FetchBlob opens");
+    let (running, active) = start_stream(&service.client().await, &running_digest);
+    bounded(active)
+        .await
+        .expect("the running stream delivers data");
+
+    service.terminate();
+    let terminated = Instant::now();
+    let limit = grace + SLACK;
+    let status = tokio::task::block_in_place(|| service.wait_exit(limit)).unwrap_or_else(|| {
+        panic!(
+            "still running {limit:?} after SIGTERM with a {grace:?} grace; log:\n{}",
+            service.logs()
+        )
+    });
+    let exited = terminated.elapsed();
+    eprintln!("exited {exited:?} after SIGTERM (grace {grace:?})");
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        service.logs()
+    );
+    assert!(exited <= limit, "exited after {exited:?}, bound {limit:?}");
+
+    // The download was still running: its stream was cut, not completed.
+    let outcome = bounded(running).await.expect("stream task");
+    assert!(
+        outcome.error.is_some(),
+        "the cut stream ends with an error ({} bytes); upstream requests {:?}; log:\n{}",
+        outcome.data.len(),
+        up.requests(),
+        service.logs()
+    );
+    assert_eq!(
+        up.bodies_completed(),
+        1,
+        "only the stalled blob's body was sent whole"
+    );
+    drop(stalled);
 }
