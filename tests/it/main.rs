@@ -23,6 +23,7 @@ mod edge;
 mod fake_upstream;
 mod grpcurl;
 mod hardening;
+mod hostile;
 mod memory;
 mod registry;
 mod resilience;
