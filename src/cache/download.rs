@@ -49,6 +49,8 @@ pub(crate) struct Download<E> {
     /// The upstream and repository it comes from.
     pub(crate) holder: Holder,
     progress: watch::Sender<Progress<E>>,
+    /// How many callers are reading it (see [`Download::readers`]).
+    readers: watch::Sender<usize>,
     /// The last batches published, with their offsets, so readers keeping up
     /// with the download take them from memory instead of the file.
     recent: Mutex<VecDeque<(u64, Bytes)>>,
@@ -69,6 +71,7 @@ impl<E: Clone> Download<E> {
             size,
             holder,
             progress,
+            readers: watch::Sender::new(0),
             recent: Mutex::new(VecDeque::with_capacity(RECENT_BATCHES)),
         }
     }
@@ -114,6 +117,24 @@ impl<E: Clone> Download<E> {
     /// True once every byte arrived and the digest passed.
     pub(crate) fn is_verified(&self) -> bool {
         matches!(self.progress.borrow().state, State::Verified)
+    }
+}
+
+impl<E> Download<E> {
+    /// Follows how many callers are reading the download, so the download
+    /// can tell when nobody waits for it any more.
+    pub(crate) fn readers(&self) -> watch::Receiver<usize> {
+        self.readers.subscribe()
+    }
+
+    /// A caller started reading.
+    pub(super) fn add_reader(&self) {
+        self.readers.send_modify(|n| *n += 1);
+    }
+
+    /// A caller stopped reading.
+    pub(super) fn remove_reader(&self) {
+        self.readers.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 

@@ -16,6 +16,7 @@ pub(crate) mod keys;
 mod locks;
 mod negative;
 mod read;
+mod scrub;
 mod store;
 mod tags;
 mod writer;
@@ -32,6 +33,7 @@ use crate::oci::{Digest, MediaType, Verifier};
 pub(crate) use download::{Download, Progress, State, complete};
 pub(crate) use keys::{LockKey, NegativeKey, TagKey};
 pub(crate) use locks::KeyGuard;
+pub(crate) use negative::Absence;
 pub(crate) use read::Reader;
 pub(crate) use store::{Holder, Object};
 pub(crate) use tags::{Freshness, TagEntry};
@@ -278,14 +280,15 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
         self.tags.remove(key).await
     }
 
-    /// True when `upstream` recently answered "not found" for `key`.
-    pub(crate) fn is_not_found(&self, upstream: &str, key: &NegativeKey) -> bool {
-        self.negative.contains(upstream, key)
+    /// Why `upstream` is remembered as not having `key` (it answered "not
+    /// found", or sent bytes that failed verification), if it is.
+    pub(crate) fn absence(&self, upstream: &str, key: &NegativeKey) -> Option<Absence> {
+        self.negative.get(upstream, key)
     }
 
-    /// Remembers that `upstream` answered "not found" for `key`.
-    pub(crate) fn remember_not_found(&self, upstream: &str, key: &NegativeKey) {
-        self.negative.insert(upstream, key);
+    /// Remembers, for `negative_ttl`, that `upstream` does not have `key`.
+    pub(crate) fn remember_absence(&self, upstream: &str, key: &NegativeKey, absence: Absence) {
+        self.negative.insert(upstream, key, absence);
     }
 
     /// Waits for the lock on `key`.

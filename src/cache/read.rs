@@ -27,8 +27,10 @@ impl<E: Clone> Reader<E> {
         }
     }
 
-    /// A reader of a download's temp file and recent batches.
+    /// A reader of a download's temp file and recent batches; counted among
+    /// the download's readers until dropped.
     pub(super) fn following(file: File, download: Arc<Download<E>>) -> Self {
+        download.add_reader();
         Self {
             file: Arc::new(file),
             download: Some(download),
@@ -42,6 +44,14 @@ impl<E: Clone> Reader<E> {
             return Ok(recent);
         }
         read_at(&self.file, position, len).await
+    }
+}
+
+impl<E> Drop for Reader<E> {
+    fn drop(&mut self) {
+        if let Some(download) = &self.download {
+            download.remove_reader();
+        }
     }
 }
 

@@ -240,8 +240,17 @@ impl Store {
 
     /// The committed object, marking it used.
     pub(crate) fn lookup(&self, digest: &Digest) -> Option<Object> {
-        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        index.touch(digest.as_str());
+        self.index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .touch(digest.as_str());
+        self.lookup_quietly(digest)
+    }
+
+    /// The committed object, without marking it used (the scrubber's
+    /// reads must not look like demand to the LRU).
+    pub(crate) fn lookup_quietly(&self, digest: &Digest) -> Option<Object> {
+        let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
         let entry = index.entries.get(digest.as_str())?;
         Some(Object {
             size: entry.size,
@@ -252,6 +261,16 @@ impl Store {
             holders: entry.holders.clone(),
             path: self.path(digest),
         })
+    }
+
+    /// The digests of every committed object, oldest use first.
+    pub(crate) fn digests(&self) -> Vec<Digest> {
+        let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        index
+            .order
+            .values()
+            .filter_map(|d| Digest::parse(d).ok())
+            .collect()
     }
 
     /// A new temp file for a download.

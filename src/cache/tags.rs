@@ -15,6 +15,10 @@ use super::CacheError;
 use super::keys::TagKey;
 use crate::oci::Algorithm;
 
+/// Most tag entries kept (one per repository, tag and `Accept` asked),
+/// however many names callers try.
+const MAX_ENTRIES: usize = 50_000;
+
 /// What a tag resolved to, and when.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub(crate) struct TagEntry {
@@ -65,6 +69,8 @@ pub(crate) struct Tags {
     dir: PathBuf,
     ttl: Duration,
     stale_if_error: Duration,
+    /// Most entries kept; the oldest go first.
+    max_entries: usize,
     /// By the key's text, which is also what the file name is derived from.
     entries: Mutex<HashMap<String, TagEntry>>,
 }
@@ -99,6 +105,7 @@ impl Tags {
             dir: dir.to_owned(),
             ttl,
             stale_if_error,
+            max_entries: MAX_ENTRIES,
             entries: Mutex::new(entries),
         })
     }
@@ -138,16 +145,47 @@ impl Tags {
             key: key.clone(),
             entry: entry.clone(),
         };
+        let evicted = {
+            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            let evicted = if entries.contains_key(&key) {
+                Vec::new()
+            } else {
+                make_room(&mut entries, self.max_entries)
+            };
+            entries.insert(key, entry);
+            evicted
+        };
         let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || write_entry(&dir, &stored))
-            .await
-            .map_err(CacheError::task)??;
-        self.entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, entry);
-        Ok(())
+        tokio::task::spawn_blocking(move || {
+            for key in &evicted {
+                let _ = fs::remove_file(entry_path(&dir, key));
+            }
+            write_entry(&dir, &stored)
+        })
+        .await
+        .map_err(CacheError::task)?
     }
+}
+
+/// Entries evicted at once when the store is full: a slice of the oldest,
+/// so one scan pays for many inserts.
+const EVICT_FRACTION: usize = 100;
+
+/// When `entries` holds `max` already, removes the oldest hundredth (by
+/// when they were fetched) and returns their keys.
+fn make_room(entries: &mut HashMap<String, TagEntry>, max: usize) -> Vec<String> {
+    if entries.len() < max {
+        return Vec::new();
+    }
+    let count = (max / EVICT_FRACTION).max(1);
+    let mut by_age: Vec<(u64, &String)> =
+        entries.iter().map(|(k, e)| (e.fetched_at_ms, k)).collect();
+    by_age.select_nth_unstable(count - 1);
+    let oldest: Vec<String> = by_age[..count].iter().map(|(_, k)| (*k).clone()).collect();
+    for key in &oldest {
+        entries.remove(key);
+    }
+    oldest
 }
 
 impl Tags {
@@ -269,5 +307,32 @@ mod tests {
         let reloaded = Tags::open(dir.path(), MINUTE, 10 * MINUTE).unwrap();
         assert!(reloaded.get(&key("k"), now).is_none());
         assert!(reloaded.get(&key("other"), now).is_some());
+    }
+
+    #[tokio::test]
+    async fn entries_stay_bounded_and_the_oldest_go_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tags = Tags::open(dir.path(), MINUTE, 10 * MINUTE).unwrap();
+        tags.max_entries = 200;
+        let tags = Arc::new(tags);
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        for i in 0..1000u64 {
+            let key = key(&format!("t{i}"));
+            tags.put(&key, entry(start + Duration::from_secs(i)))
+                .await
+                .unwrap();
+        }
+        let now = start + Duration::from_secs(1000);
+        let kept = (0..1000)
+            .filter(|i| tags.get(&key(&format!("t{i}")), now).is_some())
+            .count();
+        assert!(kept <= 200, "{kept} entries kept");
+        assert!(tags.get(&key("t999"), now).is_some(), "the newest stays");
+        assert!(tags.get(&key("t0"), now).is_none(), "the oldest went");
+        let files = std::fs::read_dir(dir.path()).unwrap().count();
+        assert!(files <= 200, "{files} files on disk");
+        // Rewriting an existing key evicts nothing.
+        tags.put(&key("t999"), entry(now)).await.unwrap();
+        assert!(tags.get(&key("t998"), now).is_some());
     }
 }

@@ -78,7 +78,14 @@ async fn forward<T, S, H>(
             Ok(Err(_)) => return,
             Err(_) => break,
         };
-        match source.next().await {
+        // A caller that leaves while the engine has nothing for it (a slow
+        // upstream) must be noticed too: the engine's reader then stops, and
+        // a download nobody waits for can be given up.
+        let item = tokio::select! {
+            item = source.next() => item,
+            () = tx.closed() => return,
+        };
+        match item {
             Some(item) => room.send(item),
             None => return,
         }

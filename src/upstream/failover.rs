@@ -1,20 +1,30 @@
 //! Failover: tries a request's candidate upstreams in priority order,
-//! skipping those whose circuit is open or that recently answered "not
-//! found", and folds every failure into the request's final error.
+//! skipping those whose circuit is open or that are remembered as not
+//! having the content, hedging when one is slow to answer, and folds every
+//! failure into the request's final error.
 
 use std::future::Future;
+use std::pin::pin;
 use std::sync::Arc;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 
 use super::EngineCache;
 use super::client::Upstream;
 use super::error::{Error, Fault, FaultKind, Faults};
-use crate::cache::NegativeKey;
+use crate::cache::{Absence, NegativeKey};
 
-/// Tries `attempt` on each candidate in order and returns the first success
+/// Tries `attempt` on the candidates in order and returns the first success
 /// with the upstream that gave it; when all fail, the error their faults add
-/// up to. A "not found" is remembered per (upstream, `key`) for the negative
-/// TTL, and a remembered one skips the upstream. The upstream that answers
-/// is recorded in the current span.
+/// up to. When the candidate asked last has not answered within its
+/// `hedge_after`, the next one is asked too, and the first good answer wins.
+/// A "not found" (or content that failed verification, see
+/// [`remember_corrupt`]) is remembered per (upstream, `key`) for the
+/// negative TTL, and a remembered one skips the upstream. An attempt given
+/// up before it answered (another won, or the caller left) counts as a
+/// failure of its upstream. The upstream that answers is recorded in the
+/// current span.
 pub(crate) async fn try_in_order<T, F, Fut>(
     cache: &EngineCache,
     candidates: &[Arc<Upstream>],
@@ -26,39 +36,121 @@ where
     Fut: Future<Output = Result<T, Fault>>,
 {
     let mut faults = Faults::default();
-    for upstream in candidates {
-        if !upstream.circuit().allow() {
-            faults.push(circuit_open(upstream));
-            continue;
-        }
-        if cache.is_not_found(upstream.name(), key) {
-            faults.push(Fault::new(
-                FaultKind::NotFound,
-                format!(
-                    "upstream `{}` answered \"not found\" for {key} recently",
-                    upstream.name()
-                ),
-            ));
-            continue;
-        }
-        match attempt(upstream.clone()).await {
-            Ok(value) => {
-                upstream.circuit().record_success();
-                tracing::Span::current().record("upstream", upstream.name());
-                return Ok((upstream.clone(), value));
-            }
-            Err(fault) => {
-                tracing::debug!(upstream = upstream.name(), %fault, "upstream failed; trying the next");
-                record_fault(upstream, &fault);
-                if fault.is_not_found() {
-                    cache.remember_not_found(upstream.name(), key);
+    let mut next = candidates.iter();
+    let mut running = FuturesUnordered::new();
+    let mut hedge_after = None;
+    loop {
+        if running.is_empty() || hedge_after.is_none() {
+            // Start the next candidate that may be asked, if any.
+            match next_eligible(cache, &mut next, key, &mut faults) {
+                Some(upstream) => {
+                    hedge_after = Some(upstream.hedge_after());
+                    running.push(watched(upstream.clone(), attempt(upstream.clone())));
                 }
-                faults.push(fault);
+                None if running.is_empty() => break,
+                None => {}
+            }
+        }
+        let hedge_delay = hedge_after.filter(|_| next.len() > 0);
+        let hedge = async move {
+            match hedge_delay {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            Some((upstream, outcome)) = running.next() => match outcome {
+                Ok(value) => {
+                    upstream.circuit().record_success();
+                    tracing::Span::current().record("upstream", upstream.name());
+                    return Ok((upstream, value));
+                }
+                Err(fault) => {
+                    tracing::debug!(upstream = upstream.name(), %fault, "upstream failed; trying the next");
+                    record_fault(&upstream, &fault);
+                    match fault.kind() {
+                        FaultKind::NotFound => {
+                            cache.remember_absence(upstream.name(), key, Absence::NotFound);
+                        }
+                        FaultKind::Integrity => remember_corrupt(cache, &upstream, key),
+                        _ => {}
+                    }
+                    faults.push(fault);
+                    hedge_after = None;
+                }
+            },
+            () = hedge => {
+                tracing::debug!("no answer yet; asking the next upstream too");
+                hedge_after = None;
             }
         }
     }
     // Logged once, where the request ends (the gRPC edge).
     Err(faults.into_error())
+}
+
+/// The next candidate that may be asked; those skipped (circuit open, or
+/// remembered as not having `key`) leave their fault in `faults`.
+fn next_eligible<'a>(
+    cache: &EngineCache,
+    candidates: &mut std::slice::Iter<'a, Arc<Upstream>>,
+    key: &NegativeKey,
+    faults: &mut Faults,
+) -> Option<&'a Arc<Upstream>> {
+    for upstream in candidates.by_ref() {
+        if !upstream.circuit().allow() {
+            faults.push(circuit_open(upstream));
+            continue;
+        }
+        if let Some(absence) = cache.absence(upstream.name(), key) {
+            let (kind, said) = match absence {
+                Absence::NotFound => (FaultKind::NotFound, "answered \"not found\" for"),
+                Absence::Corrupt => (
+                    FaultKind::Integrity,
+                    "sent bytes that failed verification for",
+                ),
+            };
+            faults.push(Fault::new(
+                kind,
+                format!("upstream `{}` {said} {key} recently", upstream.name()),
+            ));
+            continue;
+        }
+        return Some(upstream);
+    }
+    None
+}
+
+/// Runs one attempt; if it is dropped before it answered, its upstream's
+/// circuit counts a failure (a hung upstream must not look healthy because
+/// its callers keep giving up first).
+async fn watched<T>(
+    upstream: Arc<Upstream>,
+    attempt: impl Future<Output = Result<T, Fault>>,
+) -> (Arc<Upstream>, Result<T, Fault>) {
+    let mut guard = Unanswered(Some(upstream));
+    let outcome = pin!(attempt).await;
+    let upstream = guard.0.take().expect("set until the attempt answers");
+    (upstream, outcome)
+}
+
+/// Held while an attempt runs; dropped with the upstream still in it means
+/// the attempt was given up unanswered.
+struct Unanswered(Option<Arc<Upstream>>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(upstream) = &self.0 {
+            tracing::debug!(
+                upstream = upstream.name(),
+                "attempt given up before it answered"
+            );
+            upstream.circuit().record_failure(&format!(
+                "upstream `{}` did not answer in time",
+                upstream.name()
+            ));
+        }
+    }
 }
 
 /// Counts a fault for the upstream's circuit breaker: a failure when the
@@ -69,6 +161,12 @@ pub(crate) fn record_fault(upstream: &Upstream, fault: &Fault) {
     } else {
         upstream.circuit().record_success();
     }
+}
+
+/// Remembers that `upstream` sent bytes for `key` that failed verification,
+/// so a retry goes to the next upstream for the negative TTL.
+pub(crate) fn remember_corrupt(cache: &EngineCache, upstream: &Upstream, key: &NegativeKey) {
+    cache.remember_absence(upstream.name(), key, Absence::Corrupt);
 }
 
 /// The fault of an upstream skipped because its circuit is open, carrying

@@ -128,16 +128,25 @@ impl Engine {
             .map(|(i, u)| Upstream::new(u, i))
             .collect::<Result<Vec<_>, _>>()
             .map_err(BuildFailure::from)?;
+        let cache = Arc::new(Cache::open(&config.cache).map_err(BuildFailure::from)?);
+        let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
+        let scrub_rate = config.cache.scrub_rate.0;
+        match tokio::runtime::Handle::try_current() {
+            Ok(_) if scrub_rate > 0 => {
+                tasks.spawn(cache.clone().scrub(scrub_rate, stop.clone()));
+            }
+            _ => tracing::debug!("the store is not scrubbed (scrub_rate 0, or no runtime)"),
+        }
         Ok(Self {
             router: Router::new(upstreams),
-            cache: Arc::new(Cache::open(&config.cache).map_err(BuildFailure::from)?),
+            cache,
             limits: Limits {
                 max_manifest: usize::try_from(config.max_manifest_size.as_u64())
                     .unwrap_or(usize::MAX),
                 max_tags: config.max_tags,
             },
-            tasks: TaskTracker::new(),
-            stop: CancellationToken::new(),
+            tasks,
+            stop,
         })
     }
 

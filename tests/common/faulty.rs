@@ -10,7 +10,7 @@
 //!
 //! It counts accepted connections, records every request (method, path,
 //! `Range` start, the act applied) and counts connections the client closed
-//! while held, and bodies sent to the end. Every loop is bounded (by the
+//! while held (by a hang, a stall or a trickle), and bodies sent to the end. Every loop is bounded (by the
 //! body, by [`MAX_HOLD`], or by the client going away), and everything
 //! stops when the server is dropped.
 //!
@@ -801,6 +801,8 @@ async fn answer(
                 }
                 tokio::time::sleep(every).await;
                 if !write_body(stream, shared, piece).await {
+                    // The client went away during the trickle.
+                    shared.peer_closed.fetch_add(1, Ordering::SeqCst);
                     return false;
                 }
             }

@@ -9,15 +9,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use reqwest::{Method, StatusCode};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::super::client::Upstream;
 use super::super::distribution::{blob_request, fault_from_response};
 use super::super::error::{Faults, Internal};
-use super::super::failover::{circuit_open, record_fault};
+use super::super::failover::{circuit_open, record_fault, remember_corrupt};
 use super::super::http::{content_length, describe};
 use super::super::{EngineCache, Error, Fault};
-use crate::cache::{Download, DownloadWriter, Written};
+use super::rate::{RateWindow, Verdict};
+use crate::cache::{Download, DownloadWriter, NegativeKey, Written};
 use crate::oci::{Digest, Repository};
 
 /// Asks one upstream for the blob (`GET`, or `HEAD` to learn whether it
@@ -57,7 +59,7 @@ pub(crate) async fn fill(
 ) {
     let digest = &resume.digest;
     let received = tokio::select! {
-        received = write_verified(&download, writer, response, upstream, &resume) => received,
+        received = write_verified(&cache, &download, writer, response, upstream, &resume) => received,
         () = stop.cancelled() => Err(Error::from(Internal::ShuttingDown)),
     };
     match received {
@@ -78,16 +80,17 @@ pub(crate) struct Resume {
 
 /// Bytes gathered from the upstream before they are handed to the writer.
 const FLUSH_SIZE: usize = 256 * 1024;
-/// Longest a body may run below the upstream's `min_rate` before it counts
-/// as stalled.
-const RATE_WINDOW: Duration = Duration::from_secs(10);
 /// Resumes (HTTP Range requests) of one download before giving up.
 const MAX_RESUMES: u32 = 3;
+/// How often a body's rate is judged while no bytes arrive.
+const RATE_TICK: Duration = Duration::from_secs(1);
 
 /// Hands the blob to `writer`, which hashes it as it goes, resuming with
-/// Range requests (same upstream first, then the others) when a connection
-/// breaks or stalls, and verifies the digest over the whole blob.
+/// Range requests when a connection breaks or stalls, and verifies the
+/// digest over the whole blob. An upstream whose bytes fail verification is
+/// remembered as not holding the blob, so a retry goes elsewhere.
 async fn write_verified(
+    cache: &EngineCache,
     download: &Download<Error>,
     writer: DownloadWriter,
     mut response: reqwest::Response,
@@ -104,13 +107,21 @@ async fn write_verified(
     };
     let mut resumes = 0;
     let integrity = |upstream: &Upstream, detail: String| {
+        remember_corrupt(
+            cache,
+            upstream,
+            &NegativeKey::Blob(resume.repository.clone(), digest.clone()),
+        );
         Error::from_fault(Fault::integrity(format!(
             "upstream `{}` sent {what} with {detail}",
             upstream.name()
         )))
     };
     loop {
-        match body.pump(size, &mut response, &upstream, &what).await? {
+        let (fault, elsewhere_first) = match body
+            .pump(download, &mut response, &upstream, &what)
+            .await?
+        {
             BodyEnd::Complete if body.received == size => break,
             BodyEnd::Complete => {
                 return Err(integrity(
@@ -124,22 +135,30 @@ async fn write_verified(
                     "more bytes than its Content-Length".to_owned(),
                 ));
             }
-            BodyEnd::Broken(fault) => {
-                if resumes == MAX_RESUMES {
-                    return Err(Error::from_fault(fault));
-                }
-                resumes += 1;
-                tracing::info!(%fault, received = body.received, size, "blob transfer broke off; resuming");
-                // Frees its connection slot before the resume takes one.
-                drop(response);
-                (upstream, response, body.skip) = reopen(&upstream, resume, body.received, size)
-                    .await
-                    .map_err(|mut faults| {
-                        faults.push(fault);
-                        faults.into_error()
-                    })?;
+            // Nobody waits for these bytes and they come too slowly: no work
+            // for nobody, and no resume.
+            BodyEnd::Abandoned(fault) => {
+                tracing::info!(%fault, received = body.received, size, "blob download abandoned: no caller left");
+                return Err(Error::from_fault(fault));
             }
+            BodyEnd::Broken(fault) => (fault, false),
+            // A slow upstream stays slow: ask the others first.
+            BodyEnd::Stalled(fault) => (fault, true),
+        };
+        if resumes == MAX_RESUMES {
+            return Err(Error::from_fault(fault));
         }
+        resumes += 1;
+        tracing::info!(%fault, received = body.received, size, "blob transfer broke off; resuming");
+        // Frees its connection slot before the resume takes one.
+        drop(response);
+        (upstream, response, body.skip) =
+            reopen(&upstream, elsewhere_first, resume, body.received, size)
+                .await
+                .map_err(|mut faults| {
+                    faults.push(fault);
+                    faults.into_error()
+                })?;
     }
     let (written, verifier) = body.writer.finish().await?;
     let computed = verifier.finish();
@@ -168,27 +187,59 @@ enum BodyEnd {
     Complete,
     /// The upstream sent more bytes than the blob's size.
     TooLong,
-    /// The connection broke or stalled after some bytes; resume from there.
+    /// The connection broke after some bytes; resume from there, on the
+    /// same upstream first.
     Broken(Fault),
+    /// The body came slower than `min_rate`; resume elsewhere first.
+    Stalled(Fault),
+    /// Nobody reads the download any more, and the body is slower than
+    /// `min_rate`: give it up.
+    Abandoned(Fault),
 }
 
 impl Body {
     /// Moves one connection's body to the writer in batches. A transport
-    /// error, an idle timeout or a rate below `min_rate` over
-    /// [`RATE_WINDOW`] ends it as broken.
+    /// error or an idle timeout ends it as broken; a rate below `min_rate`
+    /// over the last [`super::rate::RATE_WINDOW`] as stalled, or, when no caller reads
+    /// the download any more, as abandoned (at once if it is already below
+    /// `min_rate` when the last caller leaves).
     async fn pump(
         &mut self,
-        size: u64,
+        download: &Download<Error>,
         response: &mut reqwest::Response,
         upstream: &Upstream,
         what: &str,
     ) -> Result<BodyEnd, Error> {
+        let size = download.size;
+        let min_rate = upstream.min_rate();
+        let slow = || {
+            Fault::unavailable(format!(
+                "upstream `{}` sent {what} slower than min_rate ({min_rate} B/s)",
+                upstream.name(),
+            ))
+        };
         let mut batch = Batch::default();
-        let mut window_start = tokio::time::Instant::now();
-        let mut window_bytes: u64 = 0;
-        let min_in_window = upstream.min_rate().saturating_mul(RATE_WINDOW.as_secs());
+        let mut rate = RateWindow::new(Instant::now());
+        let mut readers = download.readers();
+        let mut tick = tokio::time::interval(RATE_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let end = loop {
-            let mut chunk = match response.chunk().await {
+            let now = Instant::now();
+            let nobody = *readers.borrow_and_update() == 0;
+            match rate.verdict(now, min_rate) {
+                Verdict::Slow if nobody => break BodyEnd::Abandoned(slow()),
+                Verdict::Slow => break BodyEnd::Stalled(slow()),
+                Verdict::Early if nobody && rate.slow_so_far(now, min_rate) => {
+                    break BodyEnd::Abandoned(slow());
+                }
+                Verdict::Early | Verdict::Fast => {}
+            }
+            let next = tokio::select! {
+                next = response.chunk() => next,
+                _ = tick.tick() => continue,
+                _ = readers.changed() => continue,
+            };
+            let mut chunk = match next {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => break BodyEnd::Complete,
                 Err(e) => {
@@ -200,18 +251,7 @@ impl Body {
                     )));
                 }
             };
-            window_bytes += chunk.len() as u64;
-            if window_start.elapsed() >= RATE_WINDOW {
-                if window_bytes < min_in_window {
-                    break BodyEnd::Broken(Fault::unavailable(format!(
-                        "upstream `{}` sent blob bytes slower than min_rate ({} B/s)",
-                        upstream.name(),
-                        upstream.min_rate()
-                    )));
-                }
-                window_start = tokio::time::Instant::now();
-                window_bytes = 0;
-            }
+            rate.add(Instant::now(), chunk.len() as u64);
             if self.skip > 0 {
                 let n = self.skip.min(chunk.len() as u64);
                 self.skip -= n;
@@ -234,22 +274,27 @@ impl Body {
     }
 }
 
-/// Opens the rest of the blob from byte `from`: the same upstream first,
-/// then the route's others. Returns the response and how many leading bytes
-/// to skip (an upstream that ignores Range sends the whole blob).
+/// Opens the rest of the blob from byte `from` on the route's upstreams:
+/// the current one first, or last when `elsewhere_first` (it was too slow).
+/// Returns the response and how many leading bytes to skip (an upstream
+/// that ignores Range sends the whole blob).
 async fn reopen(
     current: &Arc<Upstream>,
+    elsewhere_first: bool,
     resume: &Resume,
     from: u64,
     size: u64,
 ) -> Result<(Arc<Upstream>, reqwest::Response, u64), Faults> {
     let mut faults = Faults::default();
-    let order = std::iter::once(current).chain(
-        resume
-            .candidates
-            .iter()
-            .filter(|c| !Arc::ptr_eq(c, current)),
-    );
+    let others = resume
+        .candidates
+        .iter()
+        .filter(|c| !Arc::ptr_eq(c, current));
+    let order: Vec<&Arc<Upstream>> = if elsewhere_first {
+        others.chain(std::iter::once(current)).collect()
+    } else {
+        std::iter::once(current).chain(others).collect()
+    };
     for upstream in order {
         if !upstream.circuit().allow() {
             faults.push(circuit_open(upstream));

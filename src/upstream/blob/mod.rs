@@ -14,6 +14,7 @@
 //! the cache for the others.
 
 mod download;
+mod rate;
 mod reader;
 
 use std::sync::Arc;

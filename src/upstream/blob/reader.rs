@@ -63,9 +63,16 @@ pub(crate) async fn read_range(
             let _ = tx.send(Err(Internal::LostDownload.into())).await;
             return;
         }
-        if progress.changed().await.is_err() {
-            // The download is gone; its final state is in the last value.
-            closed = true;
+        tokio::select! {
+            changed = progress.changed() => {
+                if changed.is_err() {
+                    // The download is gone; its final state is in the last value.
+                    closed = true;
+                }
+            }
+            // The caller went away while waiting for bytes: stop reading,
+            // so the download knows nobody waits for it.
+            () = tx.closed() => return,
         }
     }
     if let Some(last) = held {
