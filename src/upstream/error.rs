@@ -158,7 +158,7 @@ impl fmt::Display for Faults {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The request named an upstream that is not configured.
-    #[error("unknown upstream `{0}`")]
+    #[error("upstream: unknown upstream `{0}` (not in the configuration)")]
     UnknownUpstream(String),
     /// No enabled upstream's rules admit the repository.
     #[error("no enabled upstream's repository rules admit `{0}`")]
