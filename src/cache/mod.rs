@@ -12,6 +12,7 @@
 //! blocking pool, never on the async threads.
 
 pub(crate) mod download;
+mod index;
 pub(crate) mod keys;
 mod locks;
 mod negative;

@@ -15,7 +15,6 @@
 //! eviction; a reader keeps its open file across eviction (unlinking does not
 //! disturb open descriptors).
 
-use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -26,6 +25,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::CacheError;
+use super::index::{Entry, Index};
 use crate::oci::{Digest, MediaType};
 
 /// An upstream and the repository name on it that is known to hold an object.
@@ -57,65 +57,6 @@ pub(crate) struct Object {
     pub(crate) holders: Vec<Holder>,
     /// Where the bytes are.
     pub(super) path: PathBuf,
-}
-
-#[derive(Debug)]
-struct Entry {
-    size: u64,
-    media_type: Option<String>,
-    holders: Vec<Holder>,
-    tick: u64,
-}
-
-#[derive(Debug, Default)]
-struct Index {
-    entries: HashMap<String, Entry>,
-    /// Use order: tick → digest, oldest first.
-    order: BTreeMap<u64, String>,
-    tick: u64,
-    total: u64,
-    /// Bytes of commits under way (room made, not yet indexed).
-    reserved: u64,
-}
-
-impl Index {
-    fn touch(&mut self, digest: &str) {
-        self.tick += 1;
-        let tick = self.tick;
-        if let Some(entry) = self.entries.get_mut(digest) {
-            self.order.remove(&entry.tick);
-            entry.tick = tick;
-            self.order.insert(tick, digest.to_owned());
-        }
-    }
-
-    fn insert(&mut self, digest: String, mut entry: Entry) {
-        self.tick += 1;
-        entry.tick = self.tick;
-        self.total += entry.size;
-        self.order.insert(entry.tick, digest.clone());
-        if let Some(old) = self.entries.insert(digest, entry) {
-            self.order.remove(&old.tick);
-            self.total -= old.size;
-        }
-    }
-
-    fn remove(&mut self, digest: &str) -> bool {
-        let Some(entry) = self.entries.remove(digest) else {
-            return false;
-        };
-        self.order.remove(&entry.tick);
-        self.total -= entry.size;
-        true
-    }
-
-    fn pop_oldest(&mut self) -> Option<String> {
-        let (_, digest) = self.order.pop_first()?;
-        if let Some(entry) = self.entries.remove(&digest) {
-            self.total -= entry.size;
-        }
-        Some(digest)
-    }
 }
 
 /// Bytes of small objects (manifests) kept in memory as well.

@@ -31,6 +31,7 @@ mod manifest;
 mod realm;
 mod resilience;
 mod routing;
+mod setup;
 mod tags;
 mod token;
 
@@ -51,8 +52,9 @@ pub use tags::{TagPage, TagsRequest};
 
 use crate::cache::{Cache, CacheError};
 use crate::config::Config;
-use client::{ClientError, Upstream};
+use client::Upstream;
 use routing::Router;
+use setup::ClientError;
 
 /// The cache as the engine uses it: downloads fail with engine errors.
 type EngineCache = Cache<Error>;
