@@ -157,7 +157,7 @@ impl Store {
                 digest,
                 Entry {
                     size: meta.size,
-                    media_type: meta.media_type,
+                    media_type: Entry::media_type(meta.media_type),
                     holders: meta.holders,
                     tick: 0,
                 },
@@ -277,7 +277,7 @@ impl Store {
             digest.to_string(),
             Entry {
                 size,
-                media_type: meta.media_type,
+                media_type: Entry::media_type(meta.media_type),
                 holders: meta.holders,
                 tick: 0,
             },
@@ -362,7 +362,7 @@ impl Store {
             entry.holders.push(holder);
             Meta {
                 size: entry.size,
-                media_type: entry.media_type.clone(),
+                media_type: entry.media_type.as_deref().map(str::to_owned),
                 holders: entry.holders.clone(),
             }
         };

@@ -36,6 +36,16 @@ impl MediaType {
         Self::DOCKER_MANIFEST_LIST,
     ];
 
+    /// Every manifest type the service knows by name.
+    pub const KNOWN: [&'static str; 6] = [
+        Self::OCI_MANIFEST,
+        Self::OCI_INDEX,
+        Self::DOCKER_MANIFEST,
+        Self::DOCKER_MANIFEST_LIST,
+        Self::DOCKER_SCHEMA1,
+        Self::DOCKER_SCHEMA1_SIGNED,
+    ];
+
     /// Parses and validates a media type.
     pub fn parse(s: &str) -> Result<Self, ParseError> {
         const RULE: &str = "media type must be type/subtype of letters, digits and !#$&^_.+-";
