@@ -41,8 +41,7 @@ struct Plan {
 
 impl Plan {
     fn from_env() -> Plan {
-        let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
-            || !std::env::args().any(|a| a == "--bench");
+        let quick = common::bench_quick();
         if quick {
             Plan {
                 size: 16 * MIB,

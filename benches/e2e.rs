@@ -125,8 +125,7 @@ impl Plan {
         };
         // `cargo test` runs this binary without `--bench` (unlike `cargo
         // bench`): then the quick mode, so CI exercises it every time.
-        let quick = env("BENCH_QUICK").is_some_and(|v| v != "0")
-            || !std::env::args().any(|a| a == "--bench");
+        let quick = common::bench_quick();
         let runs = parse("BENCH_RUNS", if quick { 1.0 } else { 5.0 }).max(1.0) as usize;
         let groups = env("BENCH_GROUPS")
             .unwrap_or_else(|| "blob,pulls,manifests,memory".into())

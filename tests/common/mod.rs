@@ -98,6 +98,15 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// True when a benchmark should run its quick mode: `BENCH_QUICK` is set
+/// (and not `0`), or it runs under `cargo test`, which, unlike `cargo
+/// bench`, passes no `--bench` flag (so CI runs every benchmark quickly).
+#[allow(dead_code, reason = "used by the benchmarks, not the tests")]
+pub fn bench_quick() -> bool {
+    std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
+        || !std::env::args().any(|a| a == "--bench")
+}
+
 /// Appends a child's stdout and stderr, line by line, to `log`.
 pub fn capture_output(child: &mut Child, log: &Arc<Mutex<String>>) {
     drop(capture_output_lines(child, log));
