@@ -1,5 +1,6 @@
-//! The gRPC service adapter. Each RPC runs in a span of its own (`method`
-//! and the request's fields, `upstream` once chosen), passes admission
+//! The gRPC service adapter. Each RPC runs in a span of its own (`method`,
+//! `request_id` and the request's fields, `upstream` once chosen), answers
+//! with its request id in the metadata (`request_id`), passes admission
 //! (concurrency limit, shutdown), converts its request to a checked engine
 //! request (INVALID_ARGUMENT naming the field on failure), makes one engine
 //! call bounded by the caller's deadline, and converts the answer back. A
@@ -12,6 +13,7 @@ mod convert;
 mod deadline;
 mod health;
 mod idle;
+mod request_id;
 mod status;
 
 use std::future::Future;
@@ -32,6 +34,7 @@ use crate::pb;
 use crate::pb::upstream_service_server::{UpstreamService, UpstreamServiceServer};
 use crate::upstream::{BlobRequest, Engine, Error, ManifestRequest, TagsRequest};
 use convert::{HeadBlob, InvalidField};
+use request_id::RequestId;
 
 /// The interceptor that stamps calls with their arrival time.
 pub type Stamp = fn(Request<()>) -> Result<Request<()>, Status>;
@@ -96,7 +99,7 @@ impl UpstreamApi {
     /// `work` within the caller's deadline, and its answer, all in `span`.
     async fn unary<P, Q, T, F, Fut>(
         &self,
-        span: Span,
+        (span, id): (Span, RequestId),
         request: Request<P>,
         work: F,
     ) -> Result<Response<T>, Status>
@@ -105,7 +108,7 @@ impl UpstreamApi {
         F: FnOnce(Arc<Engine>, Q) -> Fut,
         Fut: Future<Output = Result<T, Error>>,
     {
-        async move {
+        let answer = async move {
             let _permit = self.admission.admit()?;
             let limit = deadline::of(&request, self.limits.default_deadline);
             let req = Q::try_from(request.into_inner())?;
@@ -114,15 +117,25 @@ impl UpstreamApi {
             Ok(Response::new(answer))
         }
         .instrument(span)
-        .await
+        .await;
+        id.stamp(answer)
     }
 }
 
-/// The span of one RPC. `upstream` is recorded once the engine chose one.
+/// The span and request id of one RPC. `upstream` is recorded once the
+/// engine chose one.
 macro_rules! rpc_span {
-    ($method:literal, $($field:tt)*) => {
-        tracing::info_span!("rpc", method = $method, $($field)*, upstream = field::Empty)
-    };
+    ($request:expr, $method:literal, $($field:tt)*) => {{
+        let id = RequestId::of($request.metadata());
+        let span = tracing::info_span!(
+            "rpc",
+            method = $method,
+            request_id = %id.as_str(),
+            $($field)*,
+            upstream = field::Empty
+        );
+        (span, id)
+    }};
 }
 
 #[tonic::async_trait]
@@ -132,7 +145,7 @@ impl UpstreamService for UpstreamApi {
         request: Request<pb::FetchManifestRequest>,
     ) -> Result<Response<pb::FetchManifestResponse>, Status> {
         let r = request.get_ref();
-        let span = rpc_span!("FetchManifest", repository = %r.repository, reference = %r.reference);
+        let span = rpc_span!(request, "FetchManifest", repository = %r.repository, reference = %r.reference);
         self.unary(span, request, |engine, req: ManifestRequest| async move {
             engine.fetch_manifest(req).await.map(Into::into)
         })
@@ -144,7 +157,7 @@ impl UpstreamService for UpstreamApi {
         request: Request<pb::HeadManifestRequest>,
     ) -> Result<Response<pb::HeadManifestResponse>, Status> {
         let r = request.get_ref();
-        let span = rpc_span!("HeadManifest", repository = %r.repository, reference = %r.reference);
+        let span = rpc_span!(request, "HeadManifest", repository = %r.repository, reference = %r.reference);
         self.unary(span, request, |engine, req: ManifestRequest| async move {
             engine.head_manifest(req).await.map(Into::into)
         })
@@ -158,9 +171,10 @@ impl UpstreamService for UpstreamApi {
         request: Request<pb::FetchBlobRequest>,
     ) -> Result<Response<Self::FetchBlobStream>, Status> {
         let r = request.get_ref();
-        let span = rpc_span!("FetchBlob", repository = %r.repository, digest = %r.digest);
+        let (span, id) =
+            rpc_span!(request, "FetchBlob", repository = %r.repository, digest = %r.digest);
         let stream_span = span.clone();
-        async move {
+        let answer = async move {
             let permit = self.admission.admit()?;
             let limit = deadline::of(&request, self.limits.default_deadline);
             let req = BlobRequest::try_from(request.into_inner())?;
@@ -187,7 +201,8 @@ impl UpstreamService for UpstreamApi {
             Ok(Response::new(stream))
         }
         .instrument(span)
-        .await
+        .await;
+        id.stamp(answer)
     }
 
     async fn head_blob(
@@ -195,7 +210,7 @@ impl UpstreamService for UpstreamApi {
         request: Request<pb::HeadBlobRequest>,
     ) -> Result<Response<pb::HeadBlobResponse>, Status> {
         let r = request.get_ref();
-        let span = rpc_span!("HeadBlob", repository = %r.repository, digest = %r.digest);
+        let span = rpc_span!(request, "HeadBlob", repository = %r.repository, digest = %r.digest);
         self.unary(span, request, |engine, req: HeadBlob| async move {
             engine
                 .head_blob(&req.repository, &req.digest, req.upstream.as_deref())
@@ -210,7 +225,7 @@ impl UpstreamService for UpstreamApi {
         request: Request<pb::FetchTagsRequest>,
     ) -> Result<Response<pb::FetchTagsResponse>, Status> {
         let r = request.get_ref();
-        let span = rpc_span!("FetchTags", repository = %r.repository);
+        let span = rpc_span!(request, "FetchTags", repository = %r.repository);
         let name = r.repository.clone();
         self.unary(span, request, |engine, req: TagsRequest| async move {
             let page = engine.fetch_tags(req).await?;

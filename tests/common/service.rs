@@ -321,8 +321,16 @@ pub fn proc_status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
 }
 
-/// Extracts `name=value` from a text log line (value up to whitespace).
+/// Extracts `name=value` from a text log line (value up to whitespace), or
+/// the field `name` of a JSON log line.
 fn field(line: &str, name: &str) -> Option<String> {
+    // A JSON line (`log_format = "json"`): the field of the event.
+    if let Ok(event) = serde_json::from_str::<serde_json::Value>(line) {
+        return event
+            .pointer(&format!("/fields/{name}"))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned);
+    }
     let start = line.find(&format!("{name}="))? + name.len() + 1;
     let rest = &line[start..];
     Some(

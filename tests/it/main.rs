@@ -25,6 +25,7 @@ mod grpcurl;
 mod hardening;
 mod hostile;
 mod memory;
+mod operations;
 mod registry;
 mod resilience;
 mod shutdown;
