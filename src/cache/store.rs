@@ -181,17 +181,19 @@ impl Store {
 
     /// The committed object, marking it used.
     pub(crate) fn lookup(&self, digest: &Digest) -> Option<Object> {
-        self.index
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .touch(digest.as_str());
-        self.lookup_quietly(digest)
+        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        index.touch(digest.as_str());
+        self.object(&index, digest)
     }
 
     /// The committed object, without marking it used (the scrubber's
     /// reads must not look like demand to the LRU).
     pub(crate) fn lookup_quietly(&self, digest: &Digest) -> Option<Object> {
         let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        self.object(&index, digest)
+    }
+
+    fn object(&self, index: &Index, digest: &Digest) -> Option<Object> {
         let entry = index.entries.get(digest.as_str())?;
         Some(Object {
             size: entry.size,
