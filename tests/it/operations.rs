@@ -103,6 +103,9 @@ async fn json_log_lines_of_an_rpc_carry_its_request_id() {
         .await
         .expect_err("no such tag");
     assert_eq!(status.code(), Code::NotFound);
+    // The log is read from the process's stderr by a thread: the RPC's
+    // lines may arrive a moment after its answer.
+    let _ = common::eventually(|| service.logs().contains("find-me-in-the-log")).await;
     let logs = service.logs();
     let mut lines_with_id = 0;
     for line in logs.lines().filter(|l| l.trim_start().starts_with('{')) {
