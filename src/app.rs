@@ -1,18 +1,22 @@
 //! Wiring: builds the engine, the gRPC services (ours, health, reflection v1
-//! and v1alpha) and serves them on a bound listener until `shutdown`
-//! resolves. Tests run exactly this on `127.0.0.1:0`.
+//! and v1alpha) and serves them on bound listeners ([`Listeners`]: gRPC, and
+//! `/metrics` and the plaintext health port when configured) until
+//! `shutdown` resolves. Tests run exactly this on `127.0.0.1:0`.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::config::Config;
-use crate::grpc::{Admission, Limits, UpstreamApi, health_reporter};
+use crate::grpc::{AdminApi, Admission, Limits, MetricsLayer, UpstreamApi, health_reporter};
+use crate::metrics::endpoint;
 use crate::pb;
 use crate::upstream::{BuildError, Engine};
 
@@ -42,6 +46,65 @@ pub enum AppError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// The descriptor sets of every service served: for reflection, and for
+/// the method table of the gRPC metrics.
+const DESCRIPTOR_SETS: [&[u8]; 4] = [
+    pb::FILE_DESCRIPTOR_SET,
+    tonic_health::pb::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+];
+
+/// A listener that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {key} = {addr}: {source}")]
+pub struct BindError {
+    /// The config key.
+    pub key: &'static str,
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Why.
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// The sockets the service serves on, bound before it starts, so a port
+/// that is taken stops the start with a message naming its key.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC (`listen`).
+    pub grpc: TcpListener,
+    /// Prometheus `GET /metrics` (`metrics_listen`), when served.
+    pub metrics: Option<TcpListener>,
+    /// Plaintext `grpc.health.v1` only (`health_listen`), when served.
+    pub health: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses of `config`.
+    pub async fn bind(config: &Config) -> Result<Self, BindError> {
+        async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, BindError> {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| BindError { key, addr, source })
+        }
+        let grpc = bind("listen", config.listen).await?;
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(bind("metrics_listen", addr).await?),
+            None => None,
+        };
+        let health = match config.health_listen {
+            Some(addr) => Some(bind("health_listen", addr).await?),
+            None => None,
+        };
+        Ok(Self {
+            grpc,
+            metrics,
+            health,
+        })
+    }
+}
+
 /// Runs every check `run` would run on `config` before it serves, without
 /// binding or opening the cache: what `check-config` reports, and what
 /// `serve` checks before it binds.
@@ -58,7 +121,7 @@ pub fn preflight(config: &Config) -> Result<(), AppError> {
 /// stream unread for `stream_idle_timeout` is ended.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
     let engine = Arc::new(Engine::new(&config)?);
@@ -66,18 +129,65 @@ pub async fn run(
     let admission = Arc::new(Admission::new(config.max_concurrent_rpcs));
     let grace = config.shutdown_grace;
     let (health, health_service) = health_reporter();
-    for service in ["", pb::SERVICE_NAME] {
+    for service in ["", pb::SERVICE_NAME, pb::ADMIN_SERVICE_NAME] {
         health.set_service_status(service, ServingStatus::Serving);
     }
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    // Reflection describes itself; it is given the others.
+    let reflection = || {
+        DESCRIPTOR_SETS[..2]
+            .iter()
+            .fold(tonic_reflection::server::Builder::configure(), |b, set| {
+                b.register_encoded_file_descriptor_set(set)
+            })
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    // Calls are counted only while someone can read the counts.
+    let served_sets: &[&[u8]] = if listeners.metrics.is_some() {
+        &DESCRIPTOR_SETS
+    } else {
+        &[]
+    };
+    let metered = MetricsLayer::new(&engine.metrics().grpc, served_sets);
+    // The side ports stop with the main one.
+    let side_ports = CancellationToken::new();
+    let _stop_side_ports = side_ports.clone().drop_guard();
+    if let Some(listener) = listeners.metrics {
+        tracing::info!(addr = %listener.local_addr()?, "serving metrics");
+        let scraped = engine.clone();
+        let render: endpoint::Render = Arc::new(move || {
+            scraped.observe();
+            scraped.metrics().render()
+        });
+        let stop = side_ports.clone();
+        tokio::spawn(async move {
+            if let Err(e) = endpoint::serve(listener, render, stop.cancelled_owned()).await {
+                tracing::error!(error = %e, "the metrics endpoint failed");
+            }
+        });
+    }
+    if let Some(listener) = listeners.health {
+        tracing::info!(addr = %listener.local_addr()?, "serving health (plaintext)");
+        let stop = side_ports.clone();
+        let server = Server::builder()
+            .layer(metered.clone())
+            .add_service(
+                health_service
+                    .clone()
+                    .max_decoding_message_size(REQUEST_LIMIT),
+            )
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                stop.cancelled_owned(),
+            );
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "the health port failed");
+            }
+        });
+    }
 
+    let listener = listeners.grpc;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, upstreams = config.upstreams.len(), "serving gRPC");
     let (began, mut has_begun) = tokio::sync::watch::channel(false);
@@ -89,7 +199,7 @@ pub async fn run(
             ?grace,
             "shutting down: health NOT_SERVING, refusing new calls, draining"
         );
-        for service in ["", pb::SERVICE_NAME] {
+        for service in ["", pb::SERVICE_NAME, pb::ADMIN_SERVICE_NAME] {
             health.set_service_status(service, ServingStatus::NotServing);
         }
         gate.start_draining();
@@ -107,6 +217,7 @@ pub async fn run(
     // One connection cannot hold every admission permit: HTTP/2's
     // SETTINGS_MAX_CONCURRENT_STREAMS caps its calls in flight.
     let server = Server::builder()
+        .layer(metered)
         .max_concurrent_streams(Some(config.max_streams_per_connection))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -117,6 +228,7 @@ pub async fn run(
             UpstreamApi::new(engine.clone(), admission, Limits::from(&config))
                 .into_server(REQUEST_LIMIT),
         )
+        .add_service(AdminApi::new(engine.clone()).into_server(REQUEST_LIMIT))
         .serve_with_incoming_shutdown(incoming, drain);
     // After the grace period, connections that still hold calls are closed.
     let deadline = async move {

@@ -1,8 +1,11 @@
-//! Repository globs for routing rules. Written here rather than taken from a
+//! Repository globs, and [`Rules`] (include globs minus exclude globs), for
+//! upstream routing and caller access. Globs are written here rather than taken from a
 //! glob crate because the semantics are part of the contract and differ from
 //! file-system globs: `*` matches within one path segment, and `**` matches
 //! one or more whole segments (never zero), so `test/**` matches `test/a` and
 //! `test/a/b` but not `test`.
+
+use crate::oci::Repository;
 
 /// One segment of a glob.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +89,38 @@ fn match_segment(pattern: &[u8], text: &[u8]) -> bool {
         Some((b'*', rest)) => (0..=text.len()).any(|n| match_segment(rest, &text[n..])),
         Some((b'?', rest)) => !text.is_empty() && match_segment(rest, &text[1..]),
         Some((c, rest)) => text.first() == Some(c) && match_segment(rest, &text[1..]),
+    }
+}
+
+/// Which repositories a set of rules admits: those matching an `include`
+/// glob and no `exclude` glob (an upstream's routing, a caller's access).
+#[derive(Debug, Clone)]
+pub(crate) struct Rules {
+    include: Vec<Glob>,
+    exclude: Vec<Glob>,
+}
+
+impl Rules {
+    /// Rules admitting what matches an `include` glob and no `exclude` glob.
+    pub(crate) fn new(include: Vec<Glob>, exclude: Vec<Glob>) -> Self {
+        Self { include, exclude }
+    }
+
+    /// The include globs.
+    pub(crate) fn include(&self) -> &[Glob] {
+        &self.include
+    }
+
+    /// The exclude globs.
+    pub(crate) fn exclude(&self) -> &[Glob] {
+        &self.exclude
+    }
+
+    /// True when the rules admit `repository`.
+    pub(crate) fn admits(&self, repository: &Repository) -> bool {
+        let name = repository.as_str();
+        self.include.iter().any(|g| g.matches(name))
+            && !self.exclude.iter().any(|g| g.matches(name))
     }
 }
 

@@ -29,6 +29,7 @@ pub(crate) mod cache;
 pub mod config;
 pub(crate) mod glob;
 pub(crate) mod grpc;
+pub mod metrics;
 pub(crate) mod oci;
 pub mod pb;
 pub(crate) mod secret;

@@ -54,7 +54,9 @@ fn main() -> ExitCode {
                         config.upstreams.len(),
                         if config.upstreams.len() == 1 { "" } else { "s" },
                         config.listen,
-                        config.metrics_listen,
+                        config
+                            .metrics_listen
+                            .map_or_else(|| "none".to_owned(), |a| a.to_string()),
                         config.cache.dir.display(),
                         config.cache.dir.describe(),
                     );
@@ -97,14 +99,14 @@ fn serve(config: Config) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        let listeners = match oci_upstream::app::Listeners::bind(&config).await {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!(listen = %config.listen, error = %e, "cannot bind");
+                tracing::error!(error = %oci_upstream::telemetry::describe(&e), "cannot start");
                 return ExitCode::FAILURE;
             }
         };
-        match oci_upstream::app::run(config, listener, oci_upstream::shutdown::signal()).await {
+        match oci_upstream::app::run(config, listeners, oci_upstream::shutdown::signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %oci_upstream::telemetry::describe(&e), "server failed");

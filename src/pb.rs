@@ -6,9 +6,13 @@
 
 tonic::include_proto!("oci.upstream.v1");
 
-/// The encoded `FileDescriptorSet` of `upstream.proto`, for server reflection.
+/// The encoded `FileDescriptorSet` of `upstream.proto` and `admin.proto` (with
+/// their imports), for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/upstream_descriptor.bin"));
 
 /// Fully qualified name of the service, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "oci.upstream.v1.UpstreamService";
+
+/// Fully qualified name of the admin service.
+pub const ADMIN_SERVICE_NAME: &str = "oci.upstream.v1.AdminService";

@@ -164,6 +164,11 @@ impl<E> Downloads<E> {
             .cloned()
     }
 
+    /// Downloads under way.
+    pub(crate) fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Registers a download of `digest`.
     pub(super) fn insert(&self, digest: Digest, download: Arc<Download<E>>) {
         self.map

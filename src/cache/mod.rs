@@ -29,6 +29,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 use crate::config::CacheConfig;
+use crate::metrics::Metrics;
 use crate::oci::{Digest, MediaType, Verifier};
 
 pub(crate) use download::{Download, Progress, State, complete};
@@ -99,16 +100,34 @@ pub(crate) struct Cache<E> {
     negative: Negative,
     locks: KeyLocks,
     downloads: Downloads<E>,
+    metrics: Arc<Metrics>,
+}
+
+/// The state of the cache, as the admin API and the gauges show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Usage {
+    /// Committed objects.
+    pub(crate) objects: u64,
+    /// Their bytes.
+    pub(crate) bytes: u64,
+    /// The size bound.
+    pub(crate) max_bytes: u64,
+    /// Tag entries.
+    pub(crate) tags: u64,
+    /// Downloads under way.
+    pub(crate) downloads: u64,
 }
 
 impl<E: Clone + Send + Sync + 'static> Cache<E> {
     /// Opens (creating if needed) the cache under `config.dir`. Leftovers of
     /// interrupted downloads are deleted; committed objects are indexed.
-    pub(crate) fn open(config: &CacheConfig) -> Result<Self, CacheError> {
+    /// Counts into `metrics`.
+    pub(crate) fn open(config: &CacheConfig, metrics: Arc<Metrics>) -> Result<Self, CacheError> {
         let store = Store::open(
             &config.dir.join("objects"),
             &config.dir.join("tmp"),
             config.max_size.as_u64(),
+            metrics.clone(),
         )?;
         let tags = Tags::open(
             &config.dir.join("tags"),
@@ -121,7 +140,41 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
             negative: Negative::new(config.negative_ttl),
             locks: KeyLocks::default(),
             downloads: Downloads::default(),
+            metrics,
         })
+    }
+
+    /// What the cache holds now.
+    pub(crate) fn usage(&self) -> Usage {
+        let (bytes, objects) = self.store.usage();
+        Usage {
+            objects,
+            bytes,
+            max_bytes: self.store.max_size(),
+            tags: self.tags.len() as u64,
+            downloads: self.downloads.len() as u64,
+        }
+    }
+
+    /// Counts a failed backend operation, passing the result on.
+    fn counted<T>(&self, operation: &str, result: Result<T, CacheError>) -> Result<T, CacheError> {
+        if result.is_err() {
+            self.metrics.backend_error("disk", operation);
+        }
+        result
+    }
+
+    /// Removes the object `digest` (an operator's request) and the tag
+    /// entries that name it; a reader that has it open keeps reading. False
+    /// when it was not stored.
+    pub(crate) async fn evict(&self, digest: &Digest) -> Result<bool, CacheError> {
+        let (store, key) = (self.store.clone(), digest.clone());
+        let removed = tokio::task::spawn_blocking(move || store.evict(&key))
+            .await
+            .map_err(CacheError::task)?;
+        let dropped = self.counted("tag", self.tags.remove_naming(digest).await)?;
+        tracing::info!(%digest, removed, tags = dropped, "evicted on request");
+        Ok(removed || dropped > 0)
     }
 
     /// The committed object, marking it used.
@@ -172,10 +225,12 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
         holder: Holder,
     ) -> Result<(), CacheError> {
         let (store, digest, media_type) = (self.store.clone(), digest.clone(), media_type.clone());
-        tokio::task::spawn_blocking(move || store.put(&digest, bytes, &media_type, holder))
-            .await
-            .map_err(CacheError::task)?
-            .map(drop)
+        let put =
+            tokio::task::spawn_blocking(move || store.put(&digest, bytes, &media_type, holder))
+                .await
+                .map_err(CacheError::task)
+                .and_then(|r| r.map(drop));
+        self.counted("write", put)
     }
 
     /// Records that `holder` holds the committed object `digest`.
@@ -185,9 +240,11 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
         holder: Holder,
     ) -> Result<(), CacheError> {
         let (store, digest) = (self.store.clone(), digest.clone());
-        tokio::task::spawn_blocking(move || store.add_holder(&digest, holder))
+        let added = tokio::task::spawn_blocking(move || store.add_holder(&digest, holder))
             .await
-            .map_err(CacheError::task)?
+            .map_err(CacheError::task)
+            .and_then(|r| r);
+        self.counted("write", added)
     }
 
     /// The download of `digest` under way, if any.
@@ -198,7 +255,8 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
     /// A reader of a download under way.
     pub(crate) fn join(&self, download: &Arc<Download<E>>) -> Result<Reader<E>, CacheError> {
         let file = std::fs::File::open(&download.path)
-            .map_err(|e| CacheError::io("open a download", &download.path, e))?;
+            .map_err(|e| CacheError::io("open a download", &download.path, e));
+        let file = self.counted("read", file)?;
         Ok(Reader::following(file, download.clone()))
     }
 
@@ -212,7 +270,7 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
         holder: Holder,
         verifier: Verifier,
     ) -> Result<(Arc<Download<E>>, DownloadWriter), CacheError> {
-        let (path, file) = self.store.temp_file()?;
+        let (path, file) = self.counted("write", self.store.temp_file())?;
         let download = Arc::new(Download::new(path, size, holder));
         let writer = DownloadWriter::start(file, verifier, download.clone());
         self.downloads.insert(digest.clone(), download.clone());
@@ -250,7 +308,7 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
             let _ = tokio::fs::remove_file(&download.path).await;
         }
         self.downloads.remove(digest, download);
-        committed.map(drop)
+        self.counted("commit", committed).map(drop)
     }
 
     /// Ends a failed download: its readers end with `error`, and its file
@@ -273,12 +331,12 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
 
     /// Records what `key` resolved to.
     pub(crate) async fn put_tag(&self, key: &TagKey, entry: TagEntry) -> Result<(), CacheError> {
-        self.tags.put(key, entry).await
+        self.counted("tag", self.tags.put(key, entry).await)
     }
 
     /// Forgets what `key` resolved to (the upstream says the tag is gone).
     pub(crate) async fn drop_tag(&self, key: &TagKey) -> Result<(), CacheError> {
-        self.tags.remove(key).await
+        self.counted("tag", self.tags.remove(key).await)
     }
 
     /// Why `upstream` is remembered as not having `key` (it answered "not
@@ -310,10 +368,13 @@ mod tests {
     use crate::oci::Algorithm;
 
     fn open(dir: &Path) -> Cache<()> {
-        Cache::open(&CacheConfig {
-            dir: CacheDir::configured(dir.to_owned()),
-            ..CacheConfig::default()
-        })
+        Cache::open(
+            &CacheConfig {
+                dir: CacheDir::configured(dir.to_owned()),
+                ..CacheConfig::default()
+            },
+            Arc::default(),
+        )
         .unwrap()
     }
 

@@ -131,10 +131,13 @@ mod tests {
     #[tokio::test]
     async fn a_pass_evicts_objects_whose_bytes_changed_and_keeps_the_rest() {
         let dir = tempfile::tempdir().unwrap();
-        let cache: Cache<()> = Cache::open(&CacheConfig {
-            dir: CacheDir::configured(dir.path().to_owned()),
-            ..CacheConfig::default()
-        })
+        let cache: Cache<()> = Cache::open(
+            &CacheConfig {
+                dir: CacheDir::configured(dir.path().to_owned()),
+                ..CacheConfig::default()
+            },
+            Default::default(),
+        )
         .unwrap();
         let holder = Holder {
             upstream: "a".into(),

@@ -18,14 +18,15 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::CacheError;
 use super::index::{Entry, Index};
+use crate::metrics::Metrics;
 use crate::oci::{Digest, MediaType};
 
 /// An upstream and the repository name on it that is known to hold an object.
@@ -81,13 +82,20 @@ pub(crate) struct Store {
     counter: AtomicU64,
     /// Manifests in memory, so warm manifest requests touch no file.
     hot: quick_cache::sync::Cache<String, Bytes, ByLength>,
+    /// Stored bytes and evictions are counted here.
+    metrics: Arc<Metrics>,
 }
 
 impl Store {
     /// Opens the store: creates the directories, deletes leftovers of
     /// interrupted downloads and indexes committed objects (oldest modified
     /// first, as the best guess at use order).
-    pub(crate) fn open(objects: &Path, tmp: &Path, max_size: u64) -> Result<Self, CacheError> {
+    pub(crate) fn open(
+        objects: &Path,
+        tmp: &Path,
+        max_size: u64,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, CacheError> {
         fs::create_dir_all(objects).map_err(|e| CacheError::io("access the store", objects, e))?;
         if tmp.exists() {
             fs::remove_dir_all(tmp).map_err(|e| CacheError::io("access the store", tmp, e))?;
@@ -100,6 +108,7 @@ impl Store {
             index: Mutex::new(Index::default()),
             counter: AtomicU64::new(0),
             hot: quick_cache::sync::Cache::with_weighter(4096, HOT_BYTES, ByLength),
+            metrics,
         };
         store.scan()?;
         Ok(store)
@@ -260,6 +269,7 @@ impl Store {
             index.reserved += size;
             evicted
         };
+        self.metrics.evicted(evicted.len() as u64);
         for d in evicted {
             if let Ok(d) = Digest::parse(&d) {
                 tracing::debug!(digest = %d, "evicting from cache");
@@ -275,6 +285,7 @@ impl Store {
         let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
         index.reserved -= size;
         placed?;
+        self.metrics.stored(size);
         index.insert(
             digest.to_string(),
             Entry {
@@ -297,6 +308,7 @@ impl Store {
             .unwrap_or_else(|e| e.into_inner())
             .remove(digest.as_str());
         if removed {
+            self.metrics.evicted(1);
             self.remove_files(digest);
         }
         removed
@@ -381,10 +393,15 @@ impl Store {
         fs::rename(&temp, &path).map_err(|e| CacheError::io("access the store", &path, e))
     }
 
-    /// Bytes of committed objects.
-    #[cfg(test)]
-    pub(crate) fn total_size(&self) -> u64 {
-        self.index.lock().unwrap_or_else(|e| e.into_inner()).total
+    /// Bytes and number of committed objects.
+    pub(crate) fn usage(&self) -> (u64, u64) {
+        let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        (index.total, index.entries.len() as u64)
+    }
+
+    /// The store's size bound.
+    pub(crate) fn max_size(&self) -> u64 {
+        self.max_size
     }
 }
 
@@ -417,7 +434,7 @@ mod tests {
     fn survives_reopen_and_cleans_leftovers() {
         let dir = tempfile::tempdir().unwrap();
         let (objects, tmp) = (dir.path().join("objects"), dir.path().join("tmp"));
-        let store = Store::open(&objects, &tmp, 1 << 20).unwrap();
+        let store = Store::open(&objects, &tmp, 1 << 20, Arc::default()).unwrap();
         let digest = put(&store, b"hello");
         let (leftover, _) = store.temp_file().unwrap();
         // A data file with no .meta, as after a crash mid-commit.
@@ -425,7 +442,7 @@ mod tests {
         std::fs::write(store.path(&orphan), b"orphan").unwrap();
         drop(store);
 
-        let store = Store::open(&objects, &tmp, 1 << 20).unwrap();
+        let store = Store::open(&objects, &tmp, 1 << 20, Arc::default()).unwrap();
         let object = store.lookup(&digest).unwrap();
         assert_eq!(object.size, 5);
         assert_eq!(object.holders, [holder()]);
@@ -437,7 +454,14 @@ mod tests {
     #[test]
     fn evicts_least_recently_used() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("o"), &dir.path().join("t"), 10).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::open(
+            &dir.path().join("o"),
+            &dir.path().join("t"),
+            10,
+            metrics.clone(),
+        )
+        .unwrap();
         let a = put(&store, b"aaaa");
         let b = put(&store, b"bbbb");
         assert!(store.lookup(&a).is_some()); // a is now newer than b
@@ -445,7 +469,16 @@ mod tests {
         assert!(store.lookup(&b).is_none(), "b was least recently used");
         assert!(!store.path(&b).exists());
         assert!(store.lookup(&a).is_some() && store.lookup(&c).is_some());
-        assert!(store.total_size() <= 10);
+        assert!(store.usage().0 <= 10);
+        let text = String::from_utf8(metrics.render().1).unwrap();
+        assert!(
+            text.contains("oci_upstream_cache_evictions_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("oci_upstream_cache_stored_bytes_total 12"),
+            "{text}"
+        );
         // Larger than the whole store: not kept.
         let big = Algorithm::Sha256.digest(&[0u8; 11]);
         assert!(
@@ -465,7 +498,7 @@ mod tests {
     fn holders_accumulate_and_persist() {
         let dir = tempfile::tempdir().unwrap();
         let (objects, tmp) = (dir.path().join("objects"), dir.path().join("tmp"));
-        let store = Store::open(&objects, &tmp, 1 << 20).unwrap();
+        let store = Store::open(&objects, &tmp, 1 << 20, Arc::default()).unwrap();
         let digest = put(&store, b"x");
         let other = Holder {
             upstream: "b".into(),
@@ -474,7 +507,7 @@ mod tests {
         store.add_holder(&digest, other.clone()).unwrap();
         store.add_holder(&digest, other.clone()).unwrap();
         drop(store);
-        let store = Store::open(&objects, &tmp, 1 << 20).unwrap();
+        let store = Store::open(&objects, &tmp, 1 << 20, Arc::default()).unwrap();
         assert_eq!(store.lookup(&digest).unwrap().holders, [holder(), other]);
     }
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::CacheError;
 use super::keys::TagKey;
-use crate::oci::Algorithm;
+use crate::oci::{Algorithm, Digest};
 
 /// Most tag entries kept (one per repository, tag and `Accept` asked),
 /// however many names callers try.
@@ -208,6 +208,43 @@ impl Tags {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Drops every entry that names `digest`, on disk and in memory; how
+    /// many there were.
+    pub(crate) async fn remove_naming(&self, digest: &Digest) -> Result<usize, CacheError> {
+        let keys: Vec<String> = {
+            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            let keys: Vec<String> = entries
+                .iter()
+                .filter(|(_, e)| e.digest == digest.as_str())
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in &keys {
+                entries.remove(key);
+            }
+            keys
+        };
+        let (dir, count) = (self.dir.clone(), keys.len());
+        tokio::task::spawn_blocking(move || {
+            for key in &keys {
+                let path = entry_path(&dir, key);
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(CacheError::io("remove a tag entry", &path, e));
+                    }
+                    _ => {}
+                }
+            }
+            Ok(count)
+        })
+        .await
+        .map_err(CacheError::task)?
+    }
+
+    /// Entries held.
+    pub(crate) fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 

@@ -63,8 +63,13 @@ impl ConfigError {
 pub struct Config {
     /// gRPC listen address.
     pub listen: SocketAddr,
-    /// Prometheus `/metrics` listen address.
-    pub metrics_listen: SocketAddr,
+    /// Prometheus `/metrics` listen address; `""` (`None`) turns it off.
+    #[serde(deserialize_with = "optional_address")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// A plaintext port serving only `grpc.health.v1` (for probes that
+    /// cannot do TLS); `""` (`None`, the default) for none.
+    #[serde(deserialize_with = "optional_address")]
+    pub health_listen: Option<SocketAddr>,
     /// How long in-flight streams may drain after SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -94,7 +99,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
-            metrics_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            metrics_listen: Some(SocketAddr::from(([0, 0, 0, 0], 9090))),
+            health_listen: None,
             shutdown_grace: Duration::from_secs(20),
             default_deadline: Duration::from_secs(60),
             max_concurrent_rpcs: 1024,
@@ -107,6 +113,21 @@ impl Default for Config {
             upstreams: vec![UpstreamConfig::docker_hub()],
         }
     }
+}
+
+/// A listen address, or `""` for none.
+fn optional_address<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{e} (got {text:?}; an address such as \"0.0.0.0:9090\", or \"\" for none)"
+        ))
+    })
 }
 
 /// How log lines are written.
@@ -331,6 +352,17 @@ mod tests {
         assert!(error_of("[cache]\nscrub_rate = \"1\"").contains("cache.scrub_rate"));
         assert!(error_of("stream_idle_timeout = \"0s\"").contains("stream_idle_timeout"));
         assert!(error_of("upstreams = []").contains("upstreams"));
+    }
+
+    #[test]
+    fn listeners_are_addresses_or_empty_for_none() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
+        assert_eq!(c.health_listen, None);
+        let c = Config::parse("metrics_listen = \"\"\nhealth_listen = \"127.0.0.1:8081\"").unwrap();
+        assert_eq!(c.metrics_listen, None);
+        assert_eq!(c.health_listen, Some("127.0.0.1:8081".parse().unwrap()));
+        assert!(error_of("metrics_listen = \"nine\"").contains("metrics_listen"));
     }
 
     #[test]

@@ -83,7 +83,7 @@ pub struct UpstreamConfig {
 fn yes() -> bool {
     true
 }
-fn all_repositories() -> Vec<Glob> {
+pub(super) fn all_repositories() -> Vec<Glob> {
     vec![Glob::parse("**").expect("`**` is a valid glob")]
 }
 fn default_connect_timeout() -> Duration {
@@ -275,7 +275,7 @@ impl TryFrom<RawAuth> for AuthConfig {
 }
 
 /// The one source of a secret: `{what}_file` or `{what}_env`.
-fn secret_source(
+pub(super) fn secret_source(
     file: Option<PathBuf>,
     env: Option<String>,
     what: &str,

@@ -6,8 +6,8 @@ use crate::oci::{
 };
 use crate::pb;
 use crate::upstream::{
-    BlobInfo, BlobMeta, BlobRange, BlobRequest, Manifest, ManifestMeta, ManifestRequest, Source,
-    TagPage, TagsRequest,
+    BlobInfo, BlobMeta, BlobRange, BlobRequest, CacheStats, CircuitPhase, Manifest, ManifestMeta,
+    ManifestRequest, Source, TagPage, TagsRequest, UpstreamStatus,
 };
 
 /// A request field that failed validation.
@@ -235,6 +235,60 @@ pub fn blob_data(offset: u64, data: bytes::Bytes) -> pb::FetchBlobResponse {
         data,
         offset: int64(offset),
     }
+}
+
+impl From<CircuitPhase> for pb::CircuitState {
+    fn from(phase: CircuitPhase) -> Self {
+        match phase {
+            CircuitPhase::Closed => Self::Closed,
+            CircuitPhase::HalfOpen => Self::HalfOpen,
+            CircuitPhase::Open => Self::Open,
+        }
+    }
+}
+
+impl From<UpstreamStatus> for pb::UpstreamStatus {
+    fn from(u: UpstreamStatus) -> Self {
+        let c = u.circuit;
+        let (last_error, last_error_time) = match c.last_failure {
+            Some((why, when)) => (why, Some(prost_types::Timestamp::from(when))),
+            None => (String::new(), None),
+        };
+        Self {
+            name: u.name,
+            url: u.url,
+            priority: u.priority,
+            enabled: u.enabled,
+            repositories: u.repositories,
+            exclude: u.exclude,
+            auth_type: u.auth_type.to_owned(),
+            circuit: pb::CircuitState::from(c.phase) as i32,
+            consecutive_failures: int64(c.consecutive_failures),
+            last_error,
+            last_error_time,
+            requests: int64(c.requests),
+            failures: int64(c.failures),
+        }
+    }
+}
+
+impl From<CacheStats> for pb::GetCacheStatsResponse {
+    fn from(s: CacheStats) -> Self {
+        Self {
+            objects: int64(s.objects),
+            bytes: int64(s.bytes),
+            max_bytes: int64(s.max_bytes),
+            tags: int64(s.tags),
+            downloads_in_flight: int64(s.downloads_in_flight),
+            hits: int64(s.hits),
+            misses: int64(s.misses),
+        }
+    }
+}
+
+/// The digest of an EvictObject request.
+pub fn evict_digest(r: &pb::EvictObjectRequest) -> Result<Digest, InvalidField> {
+    parsed("digest", Digest::parse(&r.digest))
 }
 
 #[cfg(test)]

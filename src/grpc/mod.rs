@@ -8,11 +8,29 @@
 //! reads nothing for `stream_idle_timeout` gets DEADLINE_EXCEEDED. No rules
 //! live here.
 
+/// The span and request id of one RPC (`upstream` is recorded once the
+/// engine chose one).
+macro_rules! rpc_span {
+    ($request:expr, $method:literal $(, $($field:tt)+)?) => {{
+        let id = RequestId::of($request.metadata());
+        let span = tracing::info_span!(
+            "rpc",
+            method = $method,
+            request_id = %id.as_str(),
+            $($($field)+,)?
+            upstream = field::Empty
+        );
+        (span, id)
+    }};
+}
+
+mod admin;
 mod admission;
 mod convert;
 mod deadline;
 mod health;
 mod idle;
+mod metrics;
 mod request_id;
 mod status;
 
@@ -26,8 +44,10 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span, field};
 
+pub use admin::AdminApi;
 pub use admission::Admission;
 pub use health::health_reporter;
+pub use metrics::MetricsLayer;
 
 use crate::config::Config;
 use crate::pb;
@@ -120,22 +140,6 @@ impl UpstreamApi {
         .await;
         id.stamp(answer)
     }
-}
-
-/// The span and request id of one RPC. `upstream` is recorded once the
-/// engine chose one.
-macro_rules! rpc_span {
-    ($request:expr, $method:literal, $($field:tt)*) => {{
-        let id = RequestId::of($request.metadata());
-        let span = tracing::info_span!(
-            "rpc",
-            method = $method,
-            request_id = %id.as_str(),
-            $($field)*,
-            upstream = field::Empty
-        );
-        (span, id)
-    }};
 }
 
 #[tonic::async_trait]

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use reqwest::header::{ACCEPT, ACCEPT_ENCODING, AUTHORIZATION, HeaderValue};
 use reqwest::{Method, StatusCode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use url::Url;
 
 use super::auth::{Authorization, Credentials};
@@ -20,10 +21,11 @@ use super::error::Fault;
 use super::http::{ReadError, describe, read_limited};
 use super::realm::realm_allowed;
 use super::resilience::{Circuit, backoff, retry_after};
-use super::routing::RouteRules;
 use super::setup::{ClientError, read_ca_file};
 use super::token::TokenCache;
 use crate::config::UpstreamConfig;
+use crate::glob::Rules;
+use crate::metrics::{Metrics, Operation};
 use crate::oci::Repository;
 
 /// Redirects followed for one request.
@@ -53,6 +55,8 @@ pub struct Request {
     pub scope: String,
     /// What is asked for, for messages: "manifest `library/nginx:1.27`".
     pub what: String,
+    /// What it is for, in the metrics.
+    pub operation: Operation,
 }
 
 /// One configured upstream registry.
@@ -62,7 +66,7 @@ pub struct Upstream {
     pub(super) base: Url,
     pub(super) priority: i64,
     pub(super) enabled: bool,
-    pub(super) rules: RouteRules,
+    pub(super) rules: Rules,
     pub(super) library_prefix: bool,
     pub(super) timeout: Duration,
     pub(super) retries: u32,
@@ -82,15 +86,24 @@ pub struct Upstream {
     /// For token requests: follows only redirects that the realm policy allows.
     pub(super) token_http: reqwest::Client,
     pub(super) credentials: Credentials,
+    /// The configured auth `type`, for operators.
+    pub(super) auth_type: &'static str,
     pub(super) tokens: TokenCache,
     /// Set once the upstream asked for Basic auth, so later requests send it
     /// up front instead of collecting a 401 each time.
     pub(super) basic_first: AtomicBool,
+    /// Requests are counted here.
+    pub(super) metrics: Arc<Metrics>,
 }
 
 impl Upstream {
-    /// Builds the upstream at `position` in the config file.
-    pub fn new(config: &UpstreamConfig, position: usize) -> Result<Self, ClientError> {
+    /// Builds the upstream at `position` in the config file, counting its
+    /// requests into `metrics`.
+    pub fn new(
+        config: &UpstreamConfig,
+        position: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ClientError> {
         let realm_hosts: Vec<String> = config
             .realm_hosts
             .iter()
@@ -151,7 +164,7 @@ impl Upstream {
             base: config.url.clone(),
             priority: config.priority.unwrap_or(position as i64),
             enabled: config.enabled,
-            rules: RouteRules::new(config.repositories.clone(), config.exclude.clone()),
+            rules: Rules::new(config.repositories.clone(), config.exclude.clone()),
             library_prefix: config.library_prefix(),
             timeout: config.timeout,
             retries: config.retries,
@@ -166,8 +179,10 @@ impl Upstream {
             http,
             token_http,
             credentials: Credentials::from_config(&config.auth),
+            auth_type: config.auth.kind(),
             tokens: TokenCache::default(),
             basic_first: AtomicBool::new(false),
+            metrics,
         })
     }
 
@@ -187,7 +202,7 @@ impl Upstream {
     }
 
     /// Which repositories this upstream serves.
-    pub fn rules(&self) -> &RouteRules {
+    pub fn rules(&self) -> &Rules {
         &self.rules
     }
 
@@ -199,6 +214,11 @@ impl Upstream {
         } else {
             repository.as_str().to_owned()
         }
+    }
+
+    /// The configured auth `type` (`anonymous`, `basic`, ...).
+    pub fn auth_type(&self) -> &'static str {
+        self.auth_type
     }
 
     /// The upstream's base URL.
@@ -302,9 +322,28 @@ impl Upstream {
                 self.name, req.what
             )))
         };
-        tokio::time::timeout(self.timeout, follow)
+        let started = Instant::now();
+        let answer = tokio::time::timeout(self.timeout, follow)
             .await
-            .unwrap_or_else(|_| Err(self.timeout_fault(&req.what)))
+            .unwrap_or_else(|_| Err(self.timeout_fault(&req.what)));
+        self.count(req.operation, answer.as_ref().ok(), started);
+        answer
+    }
+
+    /// Counts a request (with its redirects) that got `answer` after the
+    /// time since `started`.
+    pub(super) fn count(
+        &self,
+        operation: Operation,
+        answer: Option<&reqwest::Response>,
+        started: Instant,
+    ) {
+        self.metrics.registry_request(
+            &self.name,
+            operation,
+            answer.map(|r| r.status().as_u16()),
+            started.elapsed().as_secs_f64(),
+        );
     }
 
     /// One request of [`Upstream::execute`]'s chain, to `url`.
@@ -444,7 +483,7 @@ pub(super) mod tests {
         let mut config = UpstreamConfig::docker_hub();
         config.url = Url::parse(url).unwrap();
         config.realm_hosts = realm_hosts.iter().map(|s| s.to_string()).collect();
-        Upstream::new(&config, 0).unwrap()
+        Upstream::new(&config, 0, Arc::default()).unwrap()
     }
 
     #[test]

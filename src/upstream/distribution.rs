@@ -11,6 +11,7 @@ use super::client::{Request, Upstream};
 use super::error::{Fault, FaultKind};
 use super::http::read_prefix;
 use super::resilience::retry_after;
+use crate::metrics::Operation;
 use crate::oci::{Digest, MediaType, ParseError, Reference, Repository};
 
 /// Most bytes of an error body read for a message.
@@ -47,6 +48,7 @@ pub fn manifest_request(
         range: None,
         scope: pull_scope(upstream, repository),
         what: format!("manifest `{}`", display_ref(repository, reference)),
+        operation: Operation::Manifest,
     }
 }
 
@@ -64,6 +66,7 @@ pub fn blob_request(
         range: None,
         scope: pull_scope(upstream, repository),
         what: format!("blob `{repository}@{digest}`"),
+        operation: Operation::Blob,
     }
 }
 
@@ -76,6 +79,7 @@ pub fn tags_request(upstream: &Upstream, repository: &Repository, url: Option<Ur
         range: None,
         scope: pull_scope(upstream, repository),
         what: format!("tags of `{repository}`"),
+        operation: Operation::Tags,
     }
 }
 

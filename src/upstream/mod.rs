@@ -18,6 +18,7 @@
 //! [`resilience`] for backoff and circuit breaking, and [`distribution`]
 //! for the OCI URLs, headers and error envelope.
 
+mod admin;
 mod auth;
 mod blob;
 mod challenge;
@@ -41,6 +42,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use admin::{CacheStats, UpstreamStatus};
 pub use blob::{BlobInfo, BlobMeta, BlobRange, BlobRequest};
 #[cfg(not(test))]
 use error::Fault;
@@ -48,10 +50,12 @@ pub use error::{Error, Internal};
 #[cfg(test)]
 pub(crate) use error::{Fault, FaultKind, Faults};
 pub use manifest::{Manifest, ManifestMeta, ManifestRequest};
+pub use resilience::CircuitPhase;
 pub use tags::{TagPage, TagsRequest};
 
 use crate::cache::{Cache, CacheError};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use client::Upstream;
 use routing::Router;
 use setup::ClientError;
@@ -103,6 +107,7 @@ pub struct Engine {
     tasks: TaskTracker,
     /// Stops background work that has not reached a result yet.
     stop: CancellationToken,
+    metrics: Arc<Metrics>,
 }
 
 /// Why the engine could not be built from a configuration.
@@ -122,15 +127,18 @@ enum BuildFailure {
 
 impl Engine {
     /// Builds the engine from a validated configuration, opening the cache.
+    /// It counts into a [`Metrics`] registry of its own ([`Engine::metrics`]).
     pub fn new(config: &Config) -> Result<Self, BuildError> {
+        let metrics = Arc::new(Metrics::new());
         let upstreams = config
             .upstreams
             .iter()
             .enumerate()
-            .map(|(i, u)| Upstream::new(u, i))
+            .map(|(i, u)| Upstream::new(u, i, metrics.clone()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(BuildFailure::from)?;
-        let cache = Arc::new(Cache::open(&config.cache).map_err(BuildFailure::from)?);
+        let cache =
+            Arc::new(Cache::open(&config.cache, metrics.clone()).map_err(BuildFailure::from)?);
         let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
         let scrub_rate = config.cache.scrub_rate.0;
         match tokio::runtime::Handle::try_current() {
@@ -149,7 +157,25 @@ impl Engine {
             },
             tasks,
             stop,
+            metrics,
         })
+    }
+
+    /// The engine's metrics, for the gRPC layer and the `/metrics` endpoint.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Sets the gauges that mirror state (cache size and objects, downloads
+    /// in flight, each upstream's circuit); run before each scrape.
+    pub fn observe(&self) {
+        let usage = self.cache.usage();
+        self.metrics
+            .cache_state(usage.bytes, usage.objects, usage.downloads as usize);
+        for upstream in self.router.upstreams() {
+            self.metrics
+                .circuit(upstream.name(), upstream.circuit().status().phase.gauge());
+        }
     }
 
     /// Checks what [`Engine::new`] needs from outside the config (each
@@ -158,7 +184,7 @@ impl Engine {
     /// whose start-up cleans up after a previous process.
     pub fn preflight(config: &Config) -> Result<(), BuildError> {
         for (i, upstream) in config.upstreams.iter().enumerate() {
-            Upstream::new(upstream, i).map_err(BuildFailure::from)?;
+            Upstream::new(upstream, i, Arc::default()).map_err(BuildFailure::from)?;
         }
         if !crate::config::dir_is_usable(&config.cache.dir) {
             return Err(BuildFailure::CacheDir(config.cache.dir.to_path_buf()).into());

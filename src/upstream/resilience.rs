@@ -3,6 +3,7 @@
 //! circuit breaker.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{HeaderMap, RETRY_AFTER};
@@ -54,6 +55,44 @@ enum CircuitState {
     },
 }
 
+/// The phase of a circuit, as operators see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitPhase {
+    /// Requests flow.
+    Closed,
+    /// One probe may go (or is out).
+    HalfOpen,
+    /// Requests are refused until the cooldown ends.
+    Open,
+}
+
+impl CircuitPhase {
+    /// The value of `oci_upstream_circuit_state`: 0 closed, 1 half-open,
+    /// 2 open.
+    pub fn gauge(self) -> i64 {
+        match self {
+            Self::Closed => 0,
+            Self::HalfOpen => 1,
+            Self::Open => 2,
+        }
+    }
+}
+
+/// A circuit's state and history, for the admin API and the gauges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CircuitStatus {
+    /// Its phase.
+    pub phase: CircuitPhase,
+    /// Failures since the last success.
+    pub consecutive_failures: u64,
+    /// The last failure and when it was recorded.
+    pub last_failure: Option<(String, SystemTime)>,
+    /// Requests whose outcome was recorded.
+    pub requests: u64,
+    /// Of those, the failures.
+    pub failures: u64,
+}
+
 /// A circuit breaker: opens after `threshold` consecutive failures, refuses
 /// requests for `cooldown`, then lets one probe through; the probe's success
 /// closes it, its failure opens it again, and a probe that never reports
@@ -64,7 +103,11 @@ pub struct Circuit {
     cooldown: Duration,
     state: Mutex<CircuitState>,
     /// The last failure recorded, so a skipped upstream can say why.
-    last_failure: Mutex<Option<String>>,
+    last_failure: Mutex<Option<(String, SystemTime)>>,
+    requests: AtomicU64,
+    failures: AtomicU64,
+    /// Failures since the last success.
+    streak: AtomicU64,
 }
 
 impl Circuit {
@@ -75,6 +118,31 @@ impl Circuit {
             cooldown,
             state: Mutex::new(CircuitState::Closed { failures: 0 }),
             last_failure: Mutex::new(None),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            streak: AtomicU64::new(0),
+        }
+    }
+
+    /// The phase, the failure streak and the counts, now.
+    pub fn status(&self) -> CircuitStatus {
+        let phase = match *self.state.lock().unwrap_or_else(|e| e.into_inner()) {
+            CircuitState::Closed { .. } => CircuitPhase::Closed,
+            // Its next request is the probe.
+            CircuitState::Open { until } if Instant::now() >= until => CircuitPhase::HalfOpen,
+            CircuitState::Open { .. } => CircuitPhase::Open,
+            CircuitState::HalfOpen { .. } => CircuitPhase::HalfOpen,
+        };
+        CircuitStatus {
+            phase,
+            consecutive_failures: self.streak.load(Ordering::Relaxed),
+            last_failure: self
+                .last_failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            requests: self.requests.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
         }
     }
 
@@ -101,18 +169,25 @@ impl Circuit {
         self.last_failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .as_ref()
+            .map(|(why, _)| why.clone())
     }
 
     /// The upstream answered (any answer that is not its own failure).
     pub fn record_success(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.streak.store(0, Ordering::Relaxed);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         *state = CircuitState::Closed { failures: 0 };
     }
 
     /// The upstream failed a request (after its retries), as `why` says.
     pub fn record_failure(&self, why: &str) {
-        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_owned());
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.streak.fetch_add(1, Ordering::Relaxed);
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((why.to_owned(), SystemTime::now()));
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let open = CircuitState::Open {
             until: Instant::now() + self.cooldown,

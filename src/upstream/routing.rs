@@ -5,29 +5,7 @@ use std::sync::Arc;
 use super::client::Upstream;
 use super::error::Error;
 use crate::cache::Holder;
-use crate::glob::Glob;
 use crate::oci::Repository;
-
-/// An upstream's repository rules: include globs, minus exclude globs.
-#[derive(Debug, Clone)]
-pub(crate) struct RouteRules {
-    include: Vec<Glob>,
-    exclude: Vec<Glob>,
-}
-
-impl RouteRules {
-    /// Rules admitting what matches an `include` glob and no `exclude` glob.
-    pub(crate) fn new(include: Vec<Glob>, exclude: Vec<Glob>) -> Self {
-        Self { include, exclude }
-    }
-
-    /// True when the rules admit `repository`.
-    pub(crate) fn admits(&self, repository: &Repository) -> bool {
-        let name = repository.as_str();
-        self.include.iter().any(|g| g.matches(name))
-            && !self.exclude.iter().any(|g| g.matches(name))
-    }
-}
 
 /// The configured upstreams, sorted by priority (ties keep file order).
 #[derive(Debug)]
@@ -43,6 +21,11 @@ impl Router {
         Self {
             upstreams: upstreams.into_iter().map(Arc::new).collect(),
         }
+    }
+
+    /// Every upstream, by priority.
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.upstreams
     }
 
     /// The upstreams to try for `repository`, in order. With `only`, just that
@@ -113,7 +96,7 @@ mod tests {
                 .upstreams
                 .iter()
                 .enumerate()
-                .map(|(i, u)| Upstream::new(u, i).unwrap())
+                .map(|(i, u)| Upstream::new(u, i, Default::default()).unwrap())
                 .collect(),
         )
     }

@@ -72,7 +72,7 @@ mod tests {
         }
         let mut config = UpstreamConfig::docker_hub();
         config.ca_file = Some(path);
-        Upstream::new(&config, 0).map_err(|e| e.to_string())
+        Upstream::new(&config, 0, Default::default()).map_err(|e| e.to_string())
     }
 
     #[test]

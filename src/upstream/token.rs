@@ -20,6 +20,7 @@ use super::challenge::Challenge;
 use super::client::Upstream;
 use super::error::{Fault, FaultKind};
 use super::http::read_limited;
+use crate::metrics::Operation;
 use crate::secret::Secret;
 
 /// Most bytes read from a token endpoint's answer.
@@ -166,7 +167,11 @@ impl Upstream {
         };
         let service = challenge.param("service");
         self.tokens
-            .get_or_fetch(scope, || self.fetch_token(realm, service, scope))
+            .get_or_fetch(scope, || async move {
+                let fetched = self.fetch_token(realm, service, scope).await;
+                self.metrics.token_request(&self.name, fetched.is_ok());
+                fetched
+            })
             .await
     }
 
@@ -226,7 +231,10 @@ impl Upstream {
         let what = format!("a token for `{scope}`");
         let builder = self.token_request(realm, service, scope)?;
         let builder = builder.header(ACCEPT_ENCODING, "identity");
-        let response = self.timed(&what, builder.send()).await?;
+        let started = Instant::now();
+        let response = self.timed(&what, builder.send()).await;
+        self.count(Operation::Token, response.as_ref().ok(), started);
+        let response = response?;
         let status = response.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(Fault::new(

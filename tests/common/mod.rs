@@ -29,6 +29,8 @@ pub mod counting_proxy;
 pub mod distribution;
 pub mod fake;
 pub mod faulty;
+pub mod grpcurl;
+pub mod metrics;
 pub mod recording;
 pub mod rpc;
 pub mod service;
@@ -61,6 +63,22 @@ pub async fn eventually(check: impl FnMut() -> bool) -> bool {
 pub async fn eventually_within(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     let until = tokio::time::Instant::now() + limit;
     while !check() {
+        if tokio::time::Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+    true
+}
+
+/// As [`eventually`], for a check that is itself asynchronous (an RPC).
+pub async fn eventually_async<F, Fut>(mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + POLL_BOUND;
+    while !check().await {
         if tokio::time::Instant::now() >= until {
             return false;
         }

@@ -45,6 +45,12 @@ async fn connect(addr: SocketAddr, what: &str, why: impl FnOnce() -> String) -> 
 pub struct InProcess {
     /// The address its gRPC listener is bound to.
     pub addr: SocketAddr,
+    /// Its `/metrics` listener (the config's `metrics_listen` unless `""`),
+    /// bound to an ephemeral port.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Its plaintext health listener (when the config has `health_listen`),
+    /// bound to an ephemeral port.
+    pub health_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     failure: Arc<Mutex<Option<String>>>,
@@ -73,18 +79,36 @@ impl InProcess {
             (key == "OCI_UPSTREAM_CACHE_DIR").then(|| cache.clone())
         })
         .unwrap_or_else(|e| panic!("the test's service config is invalid: {e}\n{config_toml}"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind an ephemeral port on loopback");
-        let addr = listener
-            .local_addr()
-            .expect("a bound listener has an address");
+        let ephemeral = || async {
+            tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind an ephemeral port on loopback")
+        };
+        let address =
+            |l: &tokio::net::TcpListener| l.local_addr().expect("a bound listener has an address");
+        let listener = ephemeral().await;
+        let addr = address(&listener);
+        let metrics = match config.metrics_listen {
+            Some(_) => Some(ephemeral().await),
+            None => None,
+        };
+        let health = match config.health_listen {
+            Some(_) => Some(ephemeral().await),
+            None => None,
+        };
+        let (metrics_addr, health_addr) =
+            (metrics.as_ref().map(address), health.as_ref().map(address));
+        let listeners = oci_upstream::app::Listeners {
+            grpc: listener,
+            metrics,
+            health,
+        };
         let (shutdown, stop) = oneshot::channel::<()>();
         let failure = Arc::new(Mutex::new(None));
         let task = tokio::spawn({
             let failure = failure.clone();
             async move {
-                let result = oci_upstream::app::run(config, listener, async {
+                let result = oci_upstream::app::run(config, listeners, async {
                     let _ = stop.await;
                 })
                 .await;
@@ -95,6 +119,8 @@ impl InProcess {
         });
         InProcess {
             addr,
+            metrics_addr,
+            health_addr,
             shutdown: Some(shutdown),
             task: Some(task),
             failure,
@@ -159,14 +185,17 @@ pub struct Spawned {
     child: Child,
     /// The address the service's gRPC listener is bound to.
     pub addr: SocketAddr,
+    /// Its `/metrics` listener, unless the config turned it off.
+    pub metrics_addr: Option<SocketAddr>,
     log: Arc<Mutex<String>>,
     dir: tempfile::TempDir,
 }
 
 impl Spawned {
     /// Writes `config_toml` to a file and starts `oci-upstream serve --config
-    /// FILE` listening on `127.0.0.1:0`, with its cache in a fresh temp dir
-    /// and `RUST_LOG=oci_upstream=debug,info`.
+    /// FILE` listening on `127.0.0.1:0` (and `/metrics` on another ephemeral
+    /// port unless the config sets `metrics_listen`), with its cache in a
+    /// fresh temp dir and `RUST_LOG=oci_upstream=debug,info`.
     pub fn start(config_toml: &str) -> Spawned {
         Self::start_with_env(config_toml, &[])
     }
@@ -176,7 +205,14 @@ impl Spawned {
     pub fn start_with_env(config_toml: &str, env: &[(&str, &str)]) -> Spawned {
         let dir = tempfile::tempdir().expect("temp dir for the service");
         let config = dir.path().join("config.toml");
-        std::fs::write(&config, config_toml).expect("write service config");
+        let config_toml = if config_toml.contains("metrics_listen") {
+            config_toml.to_owned()
+        } else {
+            // The root table comes first, so a line on top belongs to it.
+            format!("metrics_listen = \"127.0.0.1:0\"\n{config_toml}")
+        };
+        let metrics_off = config_toml.contains("metrics_listen = \"\"");
+        std::fs::write(&config, &config_toml).expect("write service config");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_oci-upstream"));
         cmd.arg("serve")
             .arg("--config")
@@ -195,9 +231,15 @@ impl Spawned {
         let log = Arc::new(Mutex::new(String::new()));
         let lines = super::capture_output_lines(&mut child, &log);
         let deadline = Instant::now() + START_TIMEOUT;
+        let mut metrics_addr = None;
         let addr = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match lines.recv_timeout(left) {
+                // Logged before `serving gRPC`.
+                Ok(line) if line.contains("serving metrics") => {
+                    metrics_addr = field(&line, "addr")
+                        .map(|a| a.parse::<SocketAddr>().expect("metrics address in the log"));
+                }
                 Ok(line) if line.contains("serving gRPC") => {
                     if let Some(addr) = field(&line, "addr") {
                         break addr.parse().expect("listening address in the log");
@@ -215,9 +257,15 @@ impl Spawned {
                 }
             }
         };
+        assert!(
+            metrics_off || metrics_addr.is_some(),
+            "oci-upstream did not log `serving metrics addr=...` before `serving gRPC`; log:\n{}",
+            log.lock().expect("log lock")
+        );
         Spawned {
             child,
             addr,
+            metrics_addr,
             log,
             dir,
         }

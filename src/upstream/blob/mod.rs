@@ -29,6 +29,7 @@ use super::failover::try_in_order;
 use super::routing::{holder_for, known_holder};
 use super::{Engine, Error, Source};
 use crate::cache::{Download, LockKey, NegativeKey, Progress, Reader, complete};
+use crate::metrics::{ByteSource, LookupKind, LookupResult};
 use crate::oci::{Digest, Repository};
 use download::{Resume, fill, open_blob};
 use reader::read_range;
@@ -147,7 +148,17 @@ impl Engine {
             .candidates(&req.repository, req.upstream.as_deref())?;
         let origin = self
             .blob_origin(&candidates, &req.repository, &req.digest)
-            .await?;
+            .await;
+        let hit = origin.as_ref().is_ok_and(|o| o.cache_hit);
+        self.metrics.lookup(
+            LookupKind::Blob,
+            if hit {
+                LookupResult::Hit
+            } else {
+                LookupResult::Miss
+            },
+        );
+        let origin = origin?;
         let size = origin.size;
         let BlobRange { offset, length } = req.range;
         if offset > size {
@@ -164,7 +175,18 @@ impl Engine {
         };
         tracing::debug!(cache_hit = source.cache_hit, upstream = %source.upstream, size, "streaming blob");
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-        tokio::spawn(read_range(origin.reader, origin.progress, offset, end, tx));
+        let served = self.metrics.bytes_served(if source.cache_hit {
+            ByteSource::Cache
+        } else {
+            ByteSource::Upstream
+        });
+        tokio::spawn(read_range(
+            origin.reader,
+            origin.progress,
+            (offset, end),
+            tx,
+            served,
+        ));
         Ok(BlobStream {
             info: BlobInfo {
                 digest: req.digest,
@@ -191,18 +213,23 @@ impl Engine {
             size,
             source: Source::cached(holder.name()),
         };
+        let hit = |meta| {
+            self.metrics.lookup(LookupKind::Blob, LookupResult::Hit);
+            Ok(Some(meta))
+        };
         if let Some(object) = self.cache.object(digest) {
             if let Some(holder) = known_holder(&candidates, repository, &object.holders) {
-                return Ok(Some(cached(object.size, holder)));
+                return hit(cached(object.size, holder));
             }
         }
         // Verified and on its way into the store.
         if let Some(download) = self.cache.download(digest).filter(|d| d.is_verified()) {
             let holders = std::slice::from_ref(&download.holder);
             if let Some(holder) = known_holder(&candidates, repository, holders) {
-                return Ok(Some(cached(download.size, holder)));
+                return hit(cached(download.size, holder));
             }
         }
+        self.metrics.lookup(LookupKind::Blob, LookupResult::Miss);
         match self.head_blob_in(&candidates, repository, digest).await {
             Ok((upstream, meta)) => {
                 self.cache
@@ -257,6 +284,7 @@ impl Engine {
     /// Reads a download's bytes as they arrive.
     fn join(&self, download: &Arc<Download<Error>>, upstream: &str) -> Option<Origin> {
         let reader = self.cache.join(download).ok()?;
+        self.metrics.download_joined();
         Some(Origin::following(reader, download, upstream))
     }
 

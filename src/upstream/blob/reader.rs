@@ -4,6 +4,7 @@
 //! verified, so a caller never holds a complete-looking range of a wrong
 //! blob.
 
+use prometheus::IntCounter;
 use tokio::sync::{mpsc, watch};
 
 use super::super::error::Internal;
@@ -12,13 +13,14 @@ use crate::cache::{Progress, Reader, State};
 use crate::upstream::Error;
 
 /// A reader task: follows `progress` and forwards bytes `[start, end)` from
-/// `reader`, holding the last message back until the blob is verified.
+/// `reader`, holding the last message back until the blob is verified, and
+/// counting what it hands on into `served`.
 pub(crate) async fn read_range(
     mut reader: Reader<Error>,
     mut progress: watch::Receiver<Progress<Error>>,
-    start: u64,
-    end: u64,
+    (start, end): (u64, u64),
     tx: mpsc::Sender<Result<BlobChunk, Error>>,
+    served: IntCounter,
 ) {
     let mut position = start;
     let mut held: Option<BlobChunk> = None;
@@ -51,9 +53,11 @@ pub(crate) async fn read_range(
             };
             position += len as u64;
             if let Some(previous) = held.replace(chunk) {
+                let len = previous.data.len() as u64;
                 if tx.send(Ok(previous)).await.is_err() {
                     return; // the caller went away
                 }
+                served.inc_by(len);
             }
         }
         if matches!(state, State::Verified) && position >= end {
@@ -76,7 +80,10 @@ pub(crate) async fn read_range(
         }
     }
     if let Some(last) = held {
-        let _ = tx.send(Ok(last)).await;
+        let len = last.data.len() as u64;
+        if tx.send(Ok(last)).await.is_ok() {
+            served.inc_by(len);
+        }
     }
 }
 
@@ -96,10 +103,13 @@ mod tests {
     async fn a_reader_far_behind_the_writer_gets_every_byte_from_memory_or_file() {
         const BATCH: usize = 64 * 1024;
         let dir = tempfile::tempdir().unwrap();
-        let cache: Cache<Error> = Cache::open(&CacheConfig {
-            dir: crate::config::CacheDir::configured(dir.path().to_owned()),
-            ..CacheConfig::default()
-        })
+        let cache: Cache<Error> = Cache::open(
+            &CacheConfig {
+                dir: crate::config::CacheDir::configured(dir.path().to_owned()),
+                ..CacheConfig::default()
+            },
+            Default::default(),
+        )
         .unwrap();
         let data: Vec<u8> = (0..40 * BATCH as u32 + 123)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -121,9 +131,9 @@ mod tests {
         let reader = tokio::spawn(read_range(
             cache.join(&download).unwrap(),
             download.subscribe(),
-            0,
-            data.len() as u64,
+            (0, data.len() as u64),
             tx,
+            IntCounter::new("served", "bytes").unwrap(),
         ));
         for batch in data.chunks(BATCH) {
             writer

@@ -18,6 +18,7 @@ use super::failover::try_in_order;
 use super::routing::{holder_for, known_holder};
 use super::{Engine, EngineCache, Error, Fault, Source};
 use crate::cache::{Freshness, LockKey, NegativeKey, TagKey};
+use crate::metrics::{LookupKind, LookupResult};
 use crate::oci::manifest::select_platform;
 use crate::oci::{Digest, MediaType, Platform, Reference, Repository};
 use fetch::{get_manifest, head_manifest_at};
@@ -149,8 +150,11 @@ impl Engine {
                     .cached_manifest(&candidates, &req.repository, digest)
                     .await
                 {
+                    self.metrics.lookup(LookupKind::Manifest, LookupResult::Hit);
                     return Ok(Some(m.into()));
                 }
+                self.metrics
+                    .lookup(LookupKind::Manifest, LookupResult::Miss);
             }
             Reference::Tag(tag) => {
                 let key = TagKey::new(&req.repository, tag, req.upstream.as_deref(), &accept);
@@ -164,11 +168,15 @@ impl Engine {
                         source: Source::cached(&entry.upstream),
                     });
                     match freshness {
-                        Freshness::Fresh if meta.is_some() => return Ok(meta),
+                        Freshness::Fresh if meta.is_some() => {
+                            self.metrics.lookup(LookupKind::Tag, LookupResult::Hit);
+                            return Ok(meta);
+                        }
                         Freshness::Fresh | Freshness::Stale => stale = meta,
                         Freshness::Expired => {}
                     }
                 }
+                self.metrics.lookup(LookupKind::Tag, LookupResult::Miss);
             }
         }
         let key = NegativeKey::Manifest(req.repository.clone(), req.reference.clone());
@@ -215,12 +223,16 @@ impl Engine {
         accept: &[MediaType],
     ) -> Result<Manifest, Error> {
         if let Some(m) = self.cached_manifest(candidates, repository, digest).await {
+            self.metrics.lookup(LookupKind::Manifest, LookupResult::Hit);
             return Ok(m);
         }
         let _guard = self.cache.lock(&LockKey::Manifest(digest.clone())).await;
         if let Some(m) = self.cached_manifest(candidates, repository, digest).await {
+            self.metrics.lookup(LookupKind::Manifest, LookupResult::Hit);
             return Ok(m);
         }
+        self.metrics
+            .lookup(LookupKind::Manifest, LookupResult::Miss);
         let reference = Reference::Digest(digest.clone());
         let key = NegativeKey::Manifest(repository.clone(), reference.clone());
         let reference = &reference;
@@ -256,7 +268,10 @@ impl Engine {
             if freshness != Freshness::Expired {
                 if let Some(m) = read_stored(&self.cache, &entry.digest, &entry.upstream).await {
                     if freshness == Freshness::Stale {
+                        self.metrics.lookup(LookupKind::Tag, LookupResult::Stale);
                         self.spawn_background(refresh.in_background());
+                    } else {
+                        self.metrics.lookup(LookupKind::Tag, LookupResult::Hit);
                     }
                     return Ok(m);
                 }
@@ -265,9 +280,11 @@ impl Engine {
         let _guard = self.cache.lock(&LockKey::Tag(refresh.key.clone())).await;
         if let Some((entry, Freshness::Fresh)) = tag::entry(&self.cache, &refresh.key, candidates) {
             if let Some(m) = read_stored(&self.cache, &entry.digest, &entry.upstream).await {
+                self.metrics.lookup(LookupKind::Tag, LookupResult::Hit);
                 return Ok(m);
             }
         }
+        self.metrics.lookup(LookupKind::Tag, LookupResult::Miss);
         refresh.run().await
     }
 }
