@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
@@ -18,6 +19,7 @@ use crate::config::Config;
 use crate::grpc::{AdminApi, Admission, Limits, MetricsLayer, UpstreamApi, health_reporter};
 use crate::metrics::endpoint;
 use crate::pb;
+use crate::tls::{ServerTls, TlsError};
 use crate::upstream::{BuildError, Engine};
 
 /// Largest request message accepted (requests are a few strings).
@@ -35,6 +37,9 @@ pub enum AppError {
     /// The engine could not be built.
     #[error(transparent)]
     Build(#[from] BuildError),
+    /// The `[tls]` files cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// Reflection could not load the descriptor sets.
     #[error("server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -107,9 +112,13 @@ impl Listeners {
 
 /// Runs every check `run` would run on `config` before it serves, without
 /// binding or opening the cache: what `check-config` reports, and what
-/// `serve` checks before it binds.
+/// `serve` checks before it binds (the `[tls]` files included).
 pub fn preflight(config: &Config) -> Result<(), AppError> {
-    Ok(Engine::preflight(config)?)
+    Engine::preflight(config)?;
+    if let Some(tls) = &config.tls {
+        ServerTls::load(tls)?;
+    }
+    Ok(())
 }
 
 /// Serves until `shutdown` resolves. Then, in order: health turns
@@ -118,12 +127,14 @@ pub fn preflight(config: &Config) -> Result<(), AppError> {
 /// `shutdown_grace` to finish, health Watch calls end, and the server stops;
 /// streams still running after the grace period are cut. One connection
 /// holds at most `max_streams_per_connection` calls at once, and a FetchBlob
-/// stream unread for `stream_idle_timeout` is ended.
+/// stream unread for `stream_idle_timeout` is ended. With `[tls]`, gRPC is
+/// served over TLS whose certificate is reloaded when its files change.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
+    let tls = config.tls.as_ref().map(ServerTls::load).transpose()?;
     let engine = Arc::new(Engine::new(&config)?);
     tracing::info!(dir = %config.cache.dir.display(), why = %config.cache.dir.describe(), "cache");
     let admission = Arc::new(Admission::new(config.max_concurrent_rpcs));
@@ -189,7 +200,13 @@ pub async fn run(
 
     let listener = listeners.grpc;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, upstreams = config.upstreams.len(), "serving gRPC");
+    tracing::info!(
+        %addr,
+        upstreams = config.upstreams.len(),
+        tls = tls.is_some(),
+        mtls = tls.as_ref().is_some_and(ServerTls::requires_client_certificate),
+        "serving gRPC"
+    );
     let (began, mut has_begun) = tokio::sync::watch::channel(false);
     let gate = admission.clone();
     let drain = async move {
@@ -210,13 +227,9 @@ pub async fn run(
         // connections can close.
         health.close();
     };
-    // Nagle's algorithm would hold small answers (a manifest) for the peer's
-    // delayed ACK: ~40 ms per call. The incoming stream sets TCP_NODELAY on
-    // each accepted socket (Server::tcp_nodelay does not apply to it).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     // One connection cannot hold every admission permit: HTTP/2's
     // SETTINGS_MAX_CONCURRENT_STREAMS caps its calls in flight.
-    let server = Server::builder()
+    let router = Server::builder()
         .layer(metered)
         .max_concurrent_streams(Some(config.max_streams_per_connection))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -228,8 +241,19 @@ pub async fn run(
             UpstreamApi::new(engine.clone(), admission, Limits::from(&config))
                 .into_server(REQUEST_LIMIT),
         )
-        .add_service(AdminApi::new(engine.clone()).into_server(REQUEST_LIMIT))
-        .serve_with_incoming_shutdown(incoming, drain);
+        .add_service(AdminApi::new(engine.clone()).into_server(REQUEST_LIMIT));
+    // Nagle's algorithm would hold small answers (a manifest) for the peer's
+    // delayed ACK: ~40 ms per call. The incoming stream sets TCP_NODELAY on
+    // each accepted socket (Server::tcp_nodelay does not apply to it).
+    let server = match tls {
+        None => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            router.serve_with_incoming_shutdown(incoming, drain).boxed()
+        }
+        Some(tls) => router
+            .serve_with_incoming_shutdown(tls.incoming(listener), drain)
+            .boxed(),
+    };
     // After the grace period, connections that still hold calls are closed.
     let deadline = async move {
         let _ = has_begun.wait_for(|b| *b).await;

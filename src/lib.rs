@@ -18,6 +18,8 @@
 //! - [`pb`]: generated protobuf code and the descriptor set.
 //! - [`app`]: wiring and serving; [`shutdown`]: signals; [`telemetry`]:
 //!   logging.
+//! - `tls`: TLS on the gRPC port (certificate reload, client certificates
+//!   for mTLS, the identities a client certificate names).
 //! - `glob`, `secret`: repository globs and secrets that cannot be printed.
 
 #![forbid(unsafe_code)]
@@ -35,4 +37,5 @@ pub mod pb;
 pub(crate) mod secret;
 pub mod shutdown;
 pub mod telemetry;
+pub(crate) mod tls;
 pub(crate) mod upstream;

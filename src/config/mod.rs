@@ -3,6 +3,7 @@
 //! keys are errors; a bad value fails with a message naming the field.
 
 mod cache_dir;
+mod tls;
 mod upstream;
 
 use std::collections::HashSet;
@@ -15,6 +16,7 @@ use serde::Deserialize;
 
 pub use cache_dir::CacheDir;
 pub(crate) use cache_dir::dir_is_usable;
+pub use tls::TlsConfig;
 pub use upstream::{AuthConfig, Rate, UpstreamConfig};
 
 /// Environment variable naming the config file when `--config` is absent.
@@ -91,6 +93,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The cache.
     pub cache: CacheConfig,
+    /// TLS on the gRPC port; absent, gRPC is served in plaintext.
+    pub tls: Option<TlsConfig>,
     /// Upstream registries, tried by priority.
     pub upstreams: Vec<UpstreamConfig>,
 }
@@ -110,6 +114,7 @@ impl Default for Config {
             max_tags: 100_000,
             log_format: LogFormat::Text,
             cache: CacheConfig::default(),
+            tls: None,
             upstreams: vec![UpstreamConfig::docker_hub()],
         }
     }

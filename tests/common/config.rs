@@ -12,11 +12,12 @@
 use std::path::Path;
 use std::time::Duration;
 
-/// A whole service config: top-level lines, `[cache]` lines, then the
-/// `[[upstreams]]` in the order added.
+/// A whole service config: top-level lines, the `[tls]` table if set,
+/// `[cache]` lines, then the `[[upstreams]]` in the order added.
 #[derive(Clone, Debug, Default)]
 pub struct ServiceConfig {
     top: Vec<String>,
+    tls: Option<String>,
     cache: Vec<String>,
     upstreams: Vec<Upstream>,
 }
@@ -44,6 +45,21 @@ impl ServiceConfig {
         self
     }
 
+    /// A `[tls]` table: TLS on the gRPC port with this certificate and key,
+    /// and client certificates signed by `client_ca` required if given.
+    pub fn tls(mut self, cert: &Path, key: &Path, client_ca: Option<&Path>) -> ServiceConfig {
+        let mut table = format!(
+            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        );
+        if let Some(ca) = client_ca {
+            table.push_str(&format!("client_ca_file = \"{}\"\n", ca.display()));
+        }
+        self.tls = Some(table);
+        self
+    }
+
     /// Adds an upstream after those already added.
     pub fn upstream(mut self, upstream: Upstream) -> ServiceConfig {
         self.upstreams.push(upstream);
@@ -58,6 +74,10 @@ impl ServiceConfig {
         for line in &self.top {
             text.push_str(line);
             text.push('\n');
+        }
+        if let Some(tls) = &self.tls {
+            text.push('\n');
+            text.push_str(tls);
         }
         text.push_str("\n[cache]\n");
         if !self

@@ -18,8 +18,8 @@
 //!   produce), [`slow`] (one blob served at a bounded pace on its own thread),
 //!   [`counting_proxy`] (a reverse proxy that counts what passes), [`tls`]
 //!   (a throw-away CA for the TLS fakes).
-//! - Here: [`eventually`], [`require_binary`], [`free_port`],
-//!   [`capture_output`].
+//! - Here: [`eventually`], [`require_binary`],
+//!   [`free_port`], [`capture_output`].
 
 #![allow(dead_code)]
 

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use oci_upstream::config::Config;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use super::rpc::Client;
 
@@ -38,6 +38,28 @@ async fn connect(addr: SocketAddr, what: &str, why: impl FnOnce() -> String) -> 
         Ok(channel) => channel,
         Err(e) => panic!("connect to {what} at {addr}: {e}{}", why()),
     }
+}
+
+/// A channel over TLS to `addr` (`https://`), trusting the authority
+/// `ca_pem` and presenting `identity` when given; the transport's error when
+/// it cannot connect. A refused client certificate may only show on the
+/// first call (TLS 1.3 ends the client's handshake before the server checks
+/// it).
+pub async fn tls_channel(
+    addr: SocketAddr,
+    ca_pem: &[u8],
+    identity: Option<Identity>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+    if let Some(identity) = identity {
+        tls = tls.identity(identity);
+    }
+    Channel::from_shared(format!("https://{addr}"))
+        .expect("valid endpoint")
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
 }
 
 /// The service running inside the test process, stopped on drop (shutdown
@@ -142,6 +164,15 @@ impl InProcess {
             }
         })
         .await
+    }
+
+    /// A TLS channel to the service (see [`tls_channel`]).
+    pub async fn tls_channel(
+        &self,
+        ca_pem: &[u8],
+        identity: Option<Identity>,
+    ) -> Result<Channel, tonic::transport::Error> {
+        tls_channel(self.addr, ca_pem, identity).await
     }
 
     /// `127.0.0.1:PORT`, as grpcurl wants it.
@@ -282,6 +313,15 @@ impl Spawned {
             format!("; log:\n{}", self.logs())
         })
         .await
+    }
+
+    /// A TLS channel to the service (see [`tls_channel`]).
+    pub async fn tls_channel(
+        &self,
+        ca_pem: &[u8],
+        identity: Option<Identity>,
+    ) -> Result<Channel, tonic::transport::Error> {
+        tls_channel(self.addr, ca_pem, identity).await
     }
 
     /// `127.0.0.1:PORT`, as grpcurl wants it.

@@ -32,4 +32,5 @@ mod registry;
 mod resilience;
 mod shutdown;
 mod soak;
+mod tls_server;
 mod token_auth;
