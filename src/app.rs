@@ -15,6 +15,7 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use crate::access::Access;
 use crate::config::Config;
 use crate::grpc::{AdminApi, Admission, Limits, MetricsLayer, UpstreamApi, health_reporter};
 use crate::metrics::endpoint;
@@ -138,6 +139,7 @@ pub async fn run(
     let engine = Arc::new(Engine::new(&config)?);
     tracing::info!(dir = %config.cache.dir.display(), why = %config.cache.dir.describe(), "cache");
     let admission = Arc::new(Admission::new(config.max_concurrent_rpcs));
+    let access = Arc::new(Access::new(&config.callers));
     let grace = config.shutdown_grace;
     let (health, health_service) = health_reporter();
     for service in ["", pb::SERVICE_NAME, pb::ADMIN_SERVICE_NAME] {
@@ -238,10 +240,15 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            UpstreamApi::new(engine.clone(), admission, Limits::from(&config))
-                .into_server(REQUEST_LIMIT),
+            UpstreamApi::new(
+                engine.clone(),
+                admission,
+                access.clone(),
+                Limits::from(&config),
+            )
+            .into_server(REQUEST_LIMIT),
         )
-        .add_service(AdminApi::new(engine.clone()).into_server(REQUEST_LIMIT));
+        .add_service(AdminApi::new(engine.clone(), access).into_server(REQUEST_LIMIT));
     // Nagle's algorithm would hold small answers (a manifest) for the peer's
     // delayed ACK: ~40 ms per call. The incoming stream sets TCP_NODELAY on
     // each accepted socket (Server::tcp_nodelay does not apply to it).

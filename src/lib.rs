@@ -26,6 +26,7 @@
 #![warn(missing_docs)]
 #![deny(clippy::await_holding_lock)]
 
+pub(crate) mod access;
 pub mod app;
 pub(crate) mod cache;
 pub mod config;

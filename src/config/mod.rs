@@ -3,6 +3,7 @@
 //! keys are errors; a bad value fails with a message naming the field.
 
 mod cache_dir;
+mod callers;
 mod tls;
 mod upstream;
 
@@ -16,6 +17,7 @@ use serde::Deserialize;
 
 pub use cache_dir::CacheDir;
 pub(crate) use cache_dir::dir_is_usable;
+pub use callers::{CallerConfig, CallerCredential};
 pub use tls::TlsConfig;
 pub use upstream::{AuthConfig, Rate, UpstreamConfig};
 
@@ -97,6 +99,9 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Upstream registries, tried by priority.
     pub upstreams: Vec<UpstreamConfig>,
+    /// Who may call the service; none means every caller may read
+    /// everything (AdminService included).
+    pub callers: Vec<CallerConfig>,
 }
 
 impl Default for Config {
@@ -116,6 +121,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             tls: None,
             upstreams: vec![UpstreamConfig::docker_hub()],
+            callers: Vec::new(),
         }
     }
 }
@@ -263,6 +269,26 @@ impl Config {
                 "must be more than 0",
             ));
         }
+        let mut callers = HashSet::new();
+        let verifies_clients = self
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_file.is_some());
+        for (i, caller) in self.callers.iter().enumerate() {
+            if !callers.insert(caller.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("callers[{i}].name"),
+                    format!("duplicate caller name {:?}", caller.name),
+                ));
+            }
+            if matches!(caller.credential, CallerCredential::CertificateSan(_)) && !verifies_clients
+            {
+                return Err(ConfigError::invalid(
+                    format!("callers[{i}].certificate_san"),
+                    "needs tls.client_ca_file: client certificates are verified only with mTLS",
+                ));
+            }
+        }
         let mut names = HashSet::new();
         for (i, up) in self.upstreams.iter().enumerate() {
             up.validate(|f| format!("upstreams[{i}].{f}"))?;
@@ -368,6 +394,48 @@ mod tests {
         assert_eq!(c.metrics_listen, None);
         assert_eq!(c.health_listen, Some("127.0.0.1:8081".parse().unwrap()));
         assert!(error_of("metrics_listen = \"nine\"").contains("metrics_listen"));
+    }
+
+    #[test]
+    fn callers_take_one_credential_and_globs() {
+        let c = Config::parse(
+            "[[callers]]\nname = \"ci\"\ntoken_file = \"/t\"\nrepositories = [\"team-a/**\"]\nadmin = true\n\
+             [[callers]]\nname = \"builder\"\ncertificate_san = \"spiffe://c/ns/ci/sa/b\"\n\
+             [tls]\ncert_file = \"/c\"\nkey_file = \"/k\"\nclient_ca_file = \"/ca\"",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.callers.len(), 2);
+        assert!(c.callers[0].admin && !c.callers[1].admin);
+        assert_eq!(c.callers[0].repositories[0].to_string(), "team-a/**");
+        assert_eq!(c.callers[1].repositories[0].to_string(), "**");
+        assert!(matches!(
+            c.callers[1].credential,
+            CallerCredential::CertificateSan(ref san) if san == "spiffe://c/ns/ci/sa/b"
+        ));
+        let caller = |body: &str| format!("[[callers]]\nname = \"a\"\n{body}");
+        let none = error_of(&caller(""));
+        assert!(none.starts_with("callers[0]: "), "{none}");
+        assert!(none.contains("token_file or token_env"), "{none}");
+        assert!(
+            error_of(&caller("token_env = \"T\"\ncertificate_san = \"x\"")).contains("not both")
+        );
+        assert!(error_of(&caller("token_env = \"T\"\nrole = 1")).contains("role"));
+        assert!(
+            error_of(&caller("token_env = \"T\"\nrepositories = [\"a/**b\"]"))
+                .contains("callers[0].repositories[0]")
+        );
+        let twice = format!(
+            "{}\n{}",
+            caller("token_env = \"T\""),
+            caller("token_env = \"U\"")
+        );
+        assert!(error_of(&twice).contains("callers[1].name"));
+        let without_mtls = error_of(&caller("certificate_san = \"spiffe://x\""));
+        assert!(
+            without_mtls.contains("callers[0].certificate_san"),
+            "{without_mtls}"
+        );
     }
 
     #[test]

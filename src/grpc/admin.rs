@@ -7,8 +7,9 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span, field};
 
-use super::convert;
 use super::request_id::RequestId;
+use super::{caller, convert};
+use crate::access::Access;
 use crate::pb;
 use crate::pb::admin_service_server::{AdminService, AdminServiceServer};
 use crate::upstream::Engine;
@@ -17,12 +18,19 @@ use crate::upstream::Engine;
 #[derive(Debug, Clone)]
 pub struct AdminApi {
     engine: Arc<Engine>,
+    access: Arc<Access>,
 }
 
 impl AdminApi {
-    /// The service over `engine`.
-    pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+    /// The service over `engine`, for callers that `access` lets
+    /// administer.
+    pub fn new(engine: Arc<Engine>, access: Arc<Access>) -> Self {
+        Self { engine, access }
+    }
+
+    /// Refuses callers that may not administer.
+    fn admit<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        Ok(caller::identify(&self.access, request)?.may_administer()?)
     }
 
     /// The tonic server for this service, with requests of at most
@@ -49,6 +57,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::ListUpstreamsResponse>, Status> {
         let span = rpc_span!(request, "ListUpstreams");
         traced(span, async {
+            self.admit(&request)?;
             Ok(pb::ListUpstreamsResponse {
                 upstreams: self
                     .engine
@@ -66,7 +75,11 @@ impl AdminService for AdminApi {
         request: Request<pb::GetCacheStatsRequest>,
     ) -> Result<Response<pb::GetCacheStatsResponse>, Status> {
         let span = rpc_span!(request, "GetCacheStats");
-        traced(span, async { Ok(self.engine.cache_stats().into()) }).await
+        traced(span, async {
+            self.admit(&request)?;
+            Ok(self.engine.cache_stats().into())
+        })
+        .await
     }
 
     async fn evict_object(
@@ -75,6 +88,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::EvictObjectResponse>, Status> {
         let span = rpc_span!(request, "EvictObject", digest = %request.get_ref().digest);
         traced(span, async {
+            self.admit(&request)?;
             let digest = convert::evict_digest(request.get_ref())?;
             let found = self.engine.evict(&digest).await?;
             Ok(pb::EvictObjectResponse { found })

@@ -1,6 +1,7 @@
 //! Conversions between protobuf messages and engine types. Requests are
 //! checked here: a bad field becomes an [`InvalidField`] naming it.
 
+use super::caller::Scoped;
 use crate::oci::{
     Digest, MediaType, ParseError, Platform, PlatformField, Reference, Repository, Tag,
 };
@@ -283,6 +284,30 @@ impl From<CacheStats> for pb::GetCacheStatsResponse {
             hits: int64(s.hits),
             misses: int64(s.misses),
         }
+    }
+}
+
+impl Scoped for ManifestRequest {
+    fn repository(&self) -> &Repository {
+        &self.repository
+    }
+}
+
+impl Scoped for BlobRequest {
+    fn repository(&self) -> &Repository {
+        &self.repository
+    }
+}
+
+impl Scoped for HeadBlob {
+    fn repository(&self) -> &Repository {
+        &self.repository
+    }
+}
+
+impl Scoped for TagsRequest {
+    fn repository(&self) -> &Repository {
+        &self.repository
     }
 }
 

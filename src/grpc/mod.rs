@@ -18,6 +18,7 @@ macro_rules! rpc_span {
             method = $method,
             request_id = %id.as_str(),
             $($($field)+,)?
+            caller = field::Empty,
             upstream = field::Empty
         );
         (span, id)
@@ -26,6 +27,7 @@ macro_rules! rpc_span {
 
 mod admin;
 mod admission;
+mod caller;
 mod convert;
 mod deadline;
 mod health;
@@ -49,10 +51,12 @@ pub use admission::Admission;
 pub use health::health_reporter;
 pub use metrics::MetricsLayer;
 
+use crate::access::Access;
 use crate::config::Config;
 use crate::pb;
 use crate::pb::upstream_service_server::{UpstreamService, UpstreamServiceServer};
 use crate::upstream::{BlobRequest, Engine, Error, ManifestRequest, TagsRequest};
+use caller::Scoped;
 use convert::{HeadBlob, InvalidField};
 use request_id::RequestId;
 
@@ -86,16 +90,23 @@ impl From<&Config> for Limits {
 pub struct UpstreamApi {
     engine: Arc<Engine>,
     admission: Arc<Admission>,
+    access: Arc<Access>,
     limits: Limits,
 }
 
 impl UpstreamApi {
-    /// The service over `engine`, admitting RPCs through `admission`,
-    /// bounded by `limits`.
-    pub fn new(engine: Arc<Engine>, admission: Arc<Admission>, limits: Limits) -> Self {
+    /// The service over `engine`, admitting RPCs through `admission` and
+    /// callers by `access`, bounded by `limits`.
+    pub fn new(
+        engine: Arc<Engine>,
+        admission: Arc<Admission>,
+        access: Arc<Access>,
+        limits: Limits,
+    ) -> Self {
         Self {
             engine,
             admission,
+            access,
             limits,
         }
     }
@@ -124,14 +135,16 @@ impl UpstreamApi {
         work: F,
     ) -> Result<Response<T>, Status>
     where
-        Q: TryFrom<P, Error = InvalidField>,
+        Q: TryFrom<P, Error = InvalidField> + Scoped,
         F: FnOnce(Arc<Engine>, Q) -> Fut,
         Fut: Future<Output = Result<T, Error>>,
     {
         let answer = async move {
             let _permit = self.admission.admit()?;
+            let caller = caller::identify(&self.access, &request)?;
             let limit = deadline::of(&request, self.limits.default_deadline);
             let req = Q::try_from(request.into_inner())?;
+            caller.may_read(req.repository())?;
             let engine = self.engine.clone();
             let answer = deadline::within(limit, async { Ok(work(engine, req).await?) }).await?;
             Ok(Response::new(answer))
@@ -180,8 +193,10 @@ impl UpstreamService for UpstreamApi {
         let stream_span = span.clone();
         let answer = async move {
             let permit = self.admission.admit()?;
+            let caller = caller::identify(&self.access, &request)?;
             let limit = deadline::of(&request, self.limits.default_deadline);
             let req = BlobRequest::try_from(request.into_inner())?;
+            caller.may_read(&req.repository)?;
             let offset = req.range.offset;
             let blob =
                 deadline::within(limit, async { Ok(self.engine.fetch_blob(req).await?) }).await?;

@@ -7,7 +7,19 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use super::convert::InvalidField;
+use crate::access::Denied;
 use crate::upstream::Error;
+
+impl From<Denied> for Status {
+    fn from(e: Denied) -> Self {
+        tracing::info!(error = %e, "caller refused");
+        if e.is_authentication() {
+            Status::unauthenticated(e.to_string())
+        } else {
+            Status::permission_denied(e.to_string())
+        }
+    }
+}
 
 impl From<InvalidField> for Status {
     fn from(e: InvalidField) -> Self {

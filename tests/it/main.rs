@@ -20,6 +20,7 @@ mod auth_policy;
 mod basic_auth;
 mod cache;
 mod cache_faults;
+mod callers;
 mod edge;
 mod fake_upstream;
 mod grpcurl;
