@@ -126,7 +126,8 @@ pub enum LogFormat {
 }
 
 /// `otlp_endpoint`: `""` is none; anything else an `http` or `https` URL
-/// with a host.
+/// with a host, no credentials and no path (gRPC has none: `/v1/traces` is
+/// the OTLP/HTTP form, which this exporter does not speak).
 fn otlp_endpoint<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Url>, D::Error> {
     let text = String::deserialize(deserializer)?;
     if text.is_empty() {
@@ -137,6 +138,16 @@ fn otlp_endpoint<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Ur
     if !matches!(url.scheme(), "http" | "https") || !url.has_host() {
         return Err(serde::de::Error::custom(format!(
             "must be an http or https URL such as \"http://otel-collector:4317\" (got {text:?})"
+        )));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(serde::de::Error::custom(
+            "credentials in the URL are not sent; give them as headers in OTEL_EXPORTER_OTLP_HEADERS",
+        ));
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(serde::de::Error::custom(format!(
+            "an OTLP/gRPC endpoint is scheme, host and port only, no path (got {text:?})"
         )));
     }
     Ok(Some(url))
@@ -367,7 +378,14 @@ mod tests {
             let c = Config::parse(&format!("otlp_endpoint = {url:?}")).unwrap();
             assert_eq!(c.otlp_endpoint.unwrap().as_str().trim_end_matches('/'), url);
         }
-        for bad in ["otel-collector:4317", "ftp://collector", "4317", "http://"] {
+        for bad in [
+            "otel-collector:4317",
+            "ftp://collector",
+            "4317",
+            "http://",
+            "http://collector:4318/v1/traces",
+            "http://user:secret@collector:4317",
+        ] {
             let e = error_of(&format!("otlp_endpoint = {bad:?}"));
             assert!(e.starts_with("otlp_endpoint: "), "{bad}: {e}");
         }
