@@ -15,6 +15,7 @@ mod health;
 mod idle;
 mod request_id;
 mod status;
+mod trace;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -123,7 +124,8 @@ impl UpstreamApi {
 }
 
 /// The span and request id of one RPC. `upstream` is recorded once the
-/// engine chose one.
+/// engine chose one; `trace_id` at once (`trace`: the span is a child of the
+/// caller's `traceparent`).
 macro_rules! rpc_span {
     ($request:expr, $method:literal, $($field:tt)*) => {{
         let id = RequestId::of($request.metadata());
@@ -131,9 +133,11 @@ macro_rules! rpc_span {
             "rpc",
             method = $method,
             request_id = %id.as_str(),
+            trace_id = field::Empty,
             $($field)*,
             upstream = field::Empty
         );
+        trace::adopt(&span, $request.metadata());
         (span, id)
     }};
 }
