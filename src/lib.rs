@@ -17,7 +17,7 @@
 //!   the one error → status mapping.
 //! - [`pb`]: generated protobuf code and the descriptor set.
 //! - [`app`]: wiring and serving; [`shutdown`]: signals; [`telemetry`]:
-//!   logging.
+//!   logging and span export (OTLP).
 //! - `glob`, `secret`: repository globs and secrets that cannot be printed.
 
 #![forbid(unsafe_code)]
