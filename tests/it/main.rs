@@ -31,3 +31,4 @@ mod resilience;
 mod shutdown;
 mod soak;
 mod token_auth;
+mod traces;
