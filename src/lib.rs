@@ -17,7 +17,7 @@
 //!   the one error → status mapping.
 //! - [`pb`]: generated protobuf code and the descriptor set.
 //! - [`app`]: wiring and serving; [`shutdown`]: signals; [`telemetry`]:
-//!   logging.
+//!   logging and span export (OTLP).
 //! - `tls`: TLS on the gRPC port (certificate reload, client certificates
 //!   for mTLS, the identities a client certificate names).
 //! - `glob`, `secret`: repository globs and secrets that cannot be printed.

@@ -1,6 +1,6 @@
 //! The `oci-upstream` command: `serve` (the default) or `check-config FILE`.
-//! Parses flags and config, starts logging, binds, and hands over to
-//! [`oci_upstream::app::run`].
+//! Parses flags and config, starts logging (and span export), binds, and
+//! hands over to [`oci_upstream::app::run`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -90,7 +90,6 @@ fn main() -> ExitCode {
 
 fn serve(config: Config) -> ExitCode {
     tune_allocator();
-    oci_upstream::telemetry::init(config.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -98,7 +97,23 @@ fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    // Span export connects to its collector on the runtime, so telemetry
+    // starts inside it.
+    let telemetry = {
+        let _runtime = runtime.enter();
+        oci_upstream::telemetry::init(config.log_format, config.otlp_endpoint.as_ref())
+    };
+    let telemetry = match telemetry {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!(
+                "invalid configuration: {}",
+                oci_upstream::telemetry::describe(&e)
+            );
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let code = runtime.block_on(async {
         let listeners = match oci_upstream::app::Listeners::bind(&config).await {
             Ok(l) => l,
             Err(e) => {
@@ -113,7 +128,11 @@ fn serve(config: Config) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // The spans of the last calls go out while the runtime, which carries
+    // the collector connection, still runs.
+    telemetry.shutdown();
+    code
 }
 
 /// Keeps freed memory in glibc's heaps for reuse instead of returning it to

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+use url::Url;
 
 pub use cache_dir::CacheDir;
 pub(crate) use cache_dir::dir_is_usable;
@@ -93,6 +94,10 @@ pub struct Config {
     pub max_tags: usize,
     /// Log format: `text` or `json`.
     pub log_format: LogFormat,
+    /// OTLP/gRPC collector that spans are exported to (`""` in the file:
+    /// none, no export).
+    #[serde(deserialize_with = "otlp_endpoint")]
+    pub otlp_endpoint: Option<Url>,
     /// The cache.
     pub cache: CacheConfig,
     /// TLS on the gRPC port; absent, gRPC is served in plaintext.
@@ -118,6 +123,7 @@ impl Default for Config {
             max_manifest_size: ByteSize::mib(4),
             max_tags: 100_000,
             log_format: LogFormat::Text,
+            otlp_endpoint: None,
             cache: CacheConfig::default(),
             tls: None,
             upstreams: vec![UpstreamConfig::docker_hub()],
@@ -149,6 +155,34 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line (for Kubernetes log collectors).
     Json,
+}
+
+/// `otlp_endpoint`: `""` is none; anything else an `http` or `https` URL
+/// with a host, no credentials and no path (gRPC has none: `/v1/traces` is
+/// the OTLP/HTTP form, which this exporter does not speak).
+fn otlp_endpoint<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Url>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let url = Url::parse(&text)
+        .map_err(|e| serde::de::Error::custom(format!("not a URL ({e}): {text:?}")))?;
+    if !matches!(url.scheme(), "http" | "https") || !url.has_host() {
+        return Err(serde::de::Error::custom(format!(
+            "must be an http or https URL such as \"http://otel-collector:4317\" (got {text:?})"
+        )));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(serde::de::Error::custom(
+            "credentials in the URL are not sent; give them as headers in OTEL_EXPORTER_OTLP_HEADERS",
+        ));
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(serde::de::Error::custom(format!(
+            "an OTLP/gRPC endpoint is scheme, host and port only, no path (got {text:?})"
+        )));
+    }
+    Ok(Some(url))
 }
 
 /// Cache settings.
@@ -436,6 +470,31 @@ mod tests {
             without_mtls.contains("callers[0].certificate_san"),
             "{without_mtls}"
         );
+    }
+
+    #[test]
+    fn otlp_endpoint_is_off_unless_an_http_url_is_given() {
+        assert_eq!(Config::parse("").unwrap().otlp_endpoint, None);
+        assert_eq!(
+            Config::parse("otlp_endpoint = \"\"").unwrap().otlp_endpoint,
+            None
+        );
+        for url in ["http://otel-collector:4317", "https://collector.example"] {
+            let c = Config::parse(&format!("otlp_endpoint = {url:?}")).unwrap();
+            assert_eq!(c.otlp_endpoint.unwrap().as_str().trim_end_matches('/'), url);
+        }
+        for bad in [
+            "otel-collector:4317",
+            "ftp://collector",
+            "4317",
+            "http://",
+            "http://collector:4318/v1/traces",
+            "http://user:secret@collector:4317",
+        ] {
+            let e = error_of(&format!("otlp_endpoint = {bad:?}"));
+            assert!(e.starts_with("otlp_endpoint: "), "{bad}: {e}");
+        }
+        assert!(error_of("otlp_endpoint = 4317").starts_with("otlp_endpoint: "));
     }
 
     #[test]

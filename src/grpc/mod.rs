@@ -8,8 +8,9 @@
 //! reads nothing for `stream_idle_timeout` gets DEADLINE_EXCEEDED. No rules
 //! live here.
 
-/// The span and request id of one RPC (`upstream` is recorded once the
-/// engine chose one).
+/// The span and request id of one RPC. `caller` is recorded once the
+/// caller is identified, `upstream` once the engine chose one, `trace_id`
+/// at once (`trace`: the span is a child of the caller's `traceparent`).
 macro_rules! rpc_span {
     ($request:expr, $method:literal $(, $($field:tt)+)?) => {{
         let id = RequestId::of($request.metadata());
@@ -17,10 +18,12 @@ macro_rules! rpc_span {
             "rpc",
             method = $method,
             request_id = %id.as_str(),
+            trace_id = field::Empty,
             $($($field)+,)?
             caller = field::Empty,
             upstream = field::Empty
         );
+        $crate::grpc::trace::adopt(&span, $request.metadata());
         (span, id)
     }};
 }
@@ -35,6 +38,7 @@ mod idle;
 mod metrics;
 mod request_id;
 mod status;
+mod trace;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -17,9 +17,10 @@
 //!   [`faulty`] (a hand-written HTTP/1.1 server for faults axum cannot
 //!   produce), [`slow`] (one blob served at a bounded pace on its own thread),
 //!   [`counting_proxy`] (a reverse proxy that counts what passes), [`tls`]
-//!   (a throw-away CA for the TLS fakes).
-//! - Here: [`eventually`], [`require_binary`],
-//!   [`free_port`], [`capture_output`].
+//!   (a throw-away CA for the TLS fakes), [`otlp`] (an OTLP trace collector
+//!   that records the spans it receives).
+//! - Here: [`eventually`], [`require_binary`], [`free_port`],
+//!   [`capture_output`].
 
 #![allow(dead_code)]
 
@@ -31,6 +32,7 @@ pub mod fake;
 pub mod faulty;
 pub mod grpcurl;
 pub mod metrics;
+pub mod otlp;
 pub mod recording;
 pub mod rpc;
 pub mod service;

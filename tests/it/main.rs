@@ -35,3 +35,4 @@ mod shutdown;
 mod soak;
 mod tls_server;
 mod token_auth;
+mod traces;
