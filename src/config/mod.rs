@@ -497,6 +497,40 @@ mod tests {
         assert!(error_of("otlp_endpoint = 4317").starts_with("otlp_endpoint: "));
     }
 
+    /// The commented block of `config.example.toml` starting at `first`.
+    fn commented_example(first: &str) -> String {
+        let example =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+                .unwrap();
+        example
+            .lines()
+            .skip_while(|l| *l != first)
+            .take_while(|l| l.starts_with("# "))
+            .map(|l| format!("{}\n", &l[2..]))
+            .collect()
+    }
+
+    #[test]
+    fn the_commented_callers_example_is_valid_once_uncommented() {
+        let text = format!(
+            "{}{}",
+            commented_example("# [[callers]]"),
+            commented_example("# [tls]")
+        );
+        let c = Config::parse(&text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.callers.len(), 2, "{text}");
+        assert_eq!(c.callers[0].name, "ci");
+        assert!(matches!(
+            c.callers[0].credential,
+            CallerCredential::Token(_)
+        ));
+        assert!(matches!(
+            c.callers[1].credential,
+            CallerCredential::CertificateSan(_)
+        ));
+    }
+
     #[test]
     fn library_prefix_defaults_to_docker_hub_hosts_only() {
         let c = Config::parse("[[upstreams]]\nname = \"a\"\nurl = \"https://ghcr.io\"").unwrap();

@@ -510,3 +510,33 @@ fn a_bad_pair_fails_check_config_and_serve_naming_the_field() {
         text(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_listen_answers_probes_in_plaintext_while_grpc_is_tls_only() {
+    let setup = Setup::new().await;
+    let toml = ServiceConfig::with(Upstream::new("fake", &setup.fake.url()))
+        .top("health_listen = \"127.0.0.1:0\"")
+        .tls(&setup.server.cert, &setup.server.key, None)
+        .toml();
+    let service = InProcess::start(&toml).await;
+    let health = service.health_addr.expect("health_listen is set");
+    assert_eq!(
+        check(plaintext_channel(health).await).await,
+        Ok(ServingStatus::Serving)
+    );
+    // Health only: no reflection either (what kubelet's probe needs is
+    // Check, nothing more).
+    let (listed, _) = common::grpcurl::run(&["-plaintext", &health.to_string(), "list"]).await;
+    assert!(!listed.status.success(), "no reflection on the health port");
+    assert!(
+        check(plaintext_channel(service.addr).await).await.is_err(),
+        "the main port is TLS only"
+    );
+    // The health port serves nothing else.
+    let channel = plaintext_channel(health).await.expect("connect");
+    let refused = common::rpc::Client::new(channel)
+        .fetch_manifest(manifest_request("team/app", "v1"))
+        .await
+        .expect_err("not on the health port");
+    assert_eq!(refused.code(), tonic::Code::Unimplemented);
+}

@@ -1,0 +1,273 @@
+//! Telemetry overhead benchmark: the service with its observability off
+//! (`metrics_listen = ""`, `RUST_LOG=oci_upstream::app=info`, which keeps
+//! only the start-up lines, no span export) against the same
+//! service with all of it on (`/metrics` and the gRPC metrics layer, JSON
+//! logs at `info`, every RPC span exported over OTLP to an in-process
+//! collector), in front of one real Distribution registry, in the same run.
+//! Measured, alternating the two services run by run so drift hits both:
+//!
+//! 1. warm FetchManifest latency by tag (p50 and p99 of sequential calls);
+//! 2. warm FetchBlob throughput (MB = 10^6 bytes/s) of one blob.
+//!
+//! The goal is both within 5 % (ratio on/off: latency at most 1.05,
+//! throughput at least 0.95). Each figure is the median over the runs;
+//! the ratios go to stdout and `target/bench-telemetry.json` (or
+//! `BENCH_OUT`). The "on" service must have exported spans and counted its
+//! calls, so a run where telemetry silently stayed off fails.
+//!
+//! `cargo bench --bench telemetry` runs 5 runs of 2,000 manifest calls and a
+//! 256 MiB blob; `BENCH_QUICK=1`, or a run by `cargo test`, runs one small
+//! round so CI keeps it from rotting.
+
+#![allow(
+    clippy::disallowed_types,
+    reason = "benchmarks measure wall-clock time with std::time::Instant"
+)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::Spawned;
+use common::config::{ServiceConfig, Upstream};
+use common::distribution::Distribution;
+use common::metrics::Scrape;
+use common::otlp::Collector;
+use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
+use oci_upstream::pb::{FetchBlobRequest, FetchManifestRequest};
+use serde_json::json;
+use tonic::transport::Channel;
+
+const MIB: u64 = 1024 * 1024;
+const REPO: &str = "bench/app";
+
+struct Plan {
+    runs: usize,
+    calls: usize,
+    blob: u64,
+}
+
+impl Plan {
+    fn from_env() -> Plan {
+        if common::bench_quick() {
+            Plan {
+                runs: 1,
+                calls: 100,
+                blob: 8 * MIB,
+            }
+        } else {
+            Plan {
+                runs: 5,
+                calls: 2000,
+                blob: 256 * MIB,
+            }
+        }
+    }
+}
+
+/// One service and what it measured.
+struct Side {
+    name: &'static str,
+    service: Spawned,
+    client: UpstreamServiceClient<Channel>,
+    p50: Vec<Duration>,
+    p99: Vec<Duration>,
+    rate: Vec<f64>,
+}
+
+#[tokio::main]
+async fn main() {
+    let plan = Plan::from_env();
+    let registry = Distribution::start();
+    registry.push_image(REPO, "v1").await;
+    let blob = registry.push_big_blob(REPO, 0x7E1E, plan.blob).await;
+    let collector = Collector::start().await;
+    let upstream = || Upstream::new("registry", &registry.url());
+    // The tag stays fresh for the whole run: every call is a cache hit.
+    let off = ServiceConfig::with(upstream())
+        .top("metrics_listen = \"\"")
+        .cache("tag_ttl = \"1h\"")
+        .toml();
+    let on = ServiceConfig::with(upstream())
+        .top("log_format = \"json\"")
+        .top(&format!("otlp_endpoint = \"{}\"", collector.url()))
+        .cache("tag_ttl = \"1h\"")
+        .toml();
+    let mut sides = Vec::new();
+    for (name, toml, env) in [
+        // Only the start-up lines (the harness reads the address from them).
+        (
+            "off",
+            off,
+            [
+                ("RUST_LOG", "oci_upstream::app=info"),
+                ("OTEL_BSP_SCHEDULE_DELAY", "1000"),
+            ],
+        ),
+        (
+            "on",
+            on,
+            [("RUST_LOG", "info"), ("OTEL_BSP_SCHEDULE_DELAY", "1000")],
+        ),
+    ] {
+        let service = Spawned::start_with_env(&toml, &env);
+        let mut client = service.client().await;
+        // Prime: the manifest and the blob in the cache.
+        fetch_manifest(&mut client).await;
+        assert_eq!(fetch_blob(&mut client, &blob.digest).await, plan.blob);
+        sides.push(Side {
+            name,
+            service,
+            client,
+            p50: Vec::new(),
+            p99: Vec::new(),
+            rate: Vec::new(),
+        });
+    }
+
+    for run in 0..plan.runs {
+        // Alternate which side goes first.
+        let order: [usize; 2] = if run % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let side = &mut sides[i];
+            let mut latencies = Vec::with_capacity(plan.calls);
+            for _ in 0..plan.calls {
+                let started = Instant::now();
+                fetch_manifest(&mut side.client).await;
+                latencies.push(started.elapsed());
+            }
+            latencies.sort();
+            side.p50.push(latencies[latencies.len() / 2]);
+            side.p99.push(latencies[latencies.len() * 99 / 100]);
+            let started = Instant::now();
+            let bytes = fetch_blob(&mut side.client, &blob.digest).await;
+            assert_eq!(bytes, plan.blob, "warm FetchBlob length ({})", side.name);
+            side.rate
+                .push(bytes as f64 / 1e6 / started.elapsed().as_secs_f64());
+        }
+    }
+
+    // The "on" side really had its telemetry on.
+    let on_side = &sides[1];
+    let scrape = Scrape::of(on_side.service.metrics_addr.expect("metrics on")).await;
+    let counted = scrape.value(
+        "grpc_server_handled_total",
+        &[("grpc_method", "FetchManifest"), ("grpc_code", "OK")],
+    );
+    assert!(
+        counted >= (plan.runs * plan.calls) as f64,
+        "the gRPC metrics counted {counted} FetchManifest calls"
+    );
+    assert!(
+        collector.wait_for(|s| s.name() == "rpc").await.is_some(),
+        "no RPC span reached the collector"
+    );
+    assert!(sides[0].service.metrics_addr.is_none());
+
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let (off_side, on_side) = (&sides[0], &sides[1]);
+    let p50 = (ms(median(&off_side.p50)), ms(median(&on_side.p50)));
+    let p99 = (ms(median(&off_side.p99)), ms(median(&on_side.p99)));
+    let rate = (median_f(&off_side.rate), median_f(&on_side.rate));
+    println!(
+        "telemetry benchmark: {} run(s) of {} warm FetchManifest calls and one warm {} MiB FetchBlob, medians",
+        plan.runs,
+        plan.calls,
+        plan.blob / MIB
+    );
+    println!(
+        "  FetchManifest p50   off {:>7.3} ms   on {:>7.3} ms   on/off {:.3}",
+        p50.0,
+        p50.1,
+        p50.1 / p50.0
+    );
+    println!(
+        "  FetchManifest p99   off {:>7.3} ms   on {:>7.3} ms   on/off {:.3}",
+        p99.0,
+        p99.1,
+        p99.1 / p99.0
+    );
+    println!(
+        "  FetchBlob           off {:>7.1} MB/s on {:>7.1} MB/s on/off {:.3}",
+        rate.0,
+        rate.1,
+        rate.1 / rate.0
+    );
+    let met = p50.1 / p50.0 <= 1.05 && rate.1 / rate.0 >= 0.95;
+    println!(
+        "  goal (p50 ratio <= 1.05, throughput ratio >= 0.95): {}",
+        if met { "met" } else { "NOT met" }
+    );
+    let report = json!({
+        "quick": common::bench_quick(),
+        "runs": plan.runs,
+        "manifest_calls": plan.calls,
+        "blob_bytes": plan.blob,
+        "fetch_manifest_p50_ms": {"off": p50.0, "on": p50.1, "ratio": p50.1 / p50.0},
+        "fetch_manifest_p99_ms": {"off": p99.0, "on": p99.1, "ratio": p99.1 / p99.0},
+        "fetch_blob_mb_s": {"off": rate.0, "on": rate.1, "ratio": rate.1 / rate.0},
+        "goal_met": met,
+    });
+    let out = std::env::var("BENCH_OUT").map_or_else(|_| default_out(), PathBuf::from);
+    std::fs::write(&out, serde_json::to_vec_pretty(&report).expect("JSON"))
+        .unwrap_or_else(|e| panic!("write {}: {e}", out.display()));
+    println!("wrote {}", out.display());
+}
+
+/// `target/bench-telemetry.json` beside the target directory of this
+/// executable.
+fn default_out() -> PathBuf {
+    let exe = std::env::current_exe().expect("the benchmark's path");
+    exe.ancestors()
+        .nth(3)
+        .map_or_else(|| PathBuf::from("."), PathBuf::from)
+        .join("bench-telemetry.json")
+}
+
+async fn fetch_manifest(client: &mut UpstreamServiceClient<Channel>) {
+    let answer = client
+        .fetch_manifest(FetchManifestRequest {
+            repository: REPO.into(),
+            reference: "v1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("FetchManifest: {s}"))
+        .into_inner();
+    assert!(!answer.manifest.is_empty(), "a manifest");
+}
+
+async fn fetch_blob(client: &mut UpstreamServiceClient<Channel>, digest: &str) -> u64 {
+    let mut stream = client
+        .fetch_blob(FetchBlobRequest {
+            repository: REPO.into(),
+            digest: digest.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("FetchBlob: {s}"))
+        .into_inner();
+    let mut bytes = 0;
+    while let Some(message) = stream
+        .message()
+        .await
+        .unwrap_or_else(|s| panic!("FetchBlob stream: {s}"))
+    {
+        bytes += message.data.len() as u64;
+    }
+    bytes
+}
+
+fn median(values: &[Duration]) -> Duration {
+    let mut sorted = values.to_vec();
+    sorted.sort();
+    sorted[(sorted.len() - 1) / 2]
+}
+
+fn median_f(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[(sorted.len() - 1) / 2]
+}
