@@ -22,9 +22,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Spawned;
 use common::config::{ServiceConfig, Upstream};
 use common::distribution::Distribution;
+use common::{Spawned, median};
 use oci_upstream::pb::FetchBlobRequest;
 use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
 use sha2::{Digest as _, Sha256};
@@ -129,13 +129,6 @@ async fn run(plan: Plan) {
         rate(warm_m) / rate(direct_m),
         rate(warm_m) / rate(cold_m),
     );
-}
-
-/// The median of some durations (the lower middle for an even count).
-fn median(durations: &[Duration]) -> Duration {
-    let mut sorted = durations.to_vec();
-    sorted.sort();
-    sorted[(sorted.len() - 1) / 2]
 }
 
 /// GETs the blob straight from the registry, streaming and discarding it;

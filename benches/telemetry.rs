@@ -6,7 +6,9 @@
 //! collector), in front of one real Distribution registry, in the same run.
 //! Measured, alternating the two services run by run so drift hits both:
 //!
-//! 1. warm FetchManifest latency by tag (p50 and p99 of sequential calls);
+//! 1. warm FetchManifest latency by tag (p50 and p99 of sequential calls),
+//!    and the service's CPU time per call (from `/proc`, which load on the
+//!    machine disturbs far less than latency);
 //! 2. warm FetchBlob throughput (MB = 10^6 bytes/s) of one blob.
 //!
 //! The goal is both within 5 % (ratio on/off: latency at most 1.05,
@@ -17,7 +19,9 @@
 //!
 //! `cargo bench --bench telemetry` runs 5 runs of 2,000 manifest calls and a
 //! 256 MiB blob; `BENCH_QUICK=1`, or a run by `cargo test`, runs one small
-//! round so CI keeps it from rotting.
+//! round so CI keeps it from rotting. `BENCH_RUNS` sets the runs;
+//! `BENCH_ON` (comma list of `metrics`, `logs`, `traces`) what the "on"
+//! side turns on, to tell the parts' costs apart.
 
 #![allow(
     clippy::disallowed_types,
@@ -27,14 +31,21 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+#[path = "common_bench/clients.rs"]
+#[allow(
+    dead_code,
+    reason = "the e2e benchmark's client helpers; this one uses a few"
+)]
+mod clients;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::Spawned;
 use common::config::{ServiceConfig, Upstream};
 use common::distribution::Distribution;
 use common::metrics::Scrape;
 use common::otlp::Collector;
+use common::{Spawned, median};
 use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
 use oci_upstream::pb::{FetchBlobRequest, FetchManifestRequest};
 use serde_json::json;
@@ -51,6 +62,15 @@ struct Plan {
 
 impl Plan {
     fn from_env() -> Plan {
+        let runs = std::env::var("BENCH_RUNS")
+            .ok()
+            .and_then(|r| r.parse().ok());
+        let mut plan = Plan::defaults();
+        plan.runs = runs.unwrap_or(plan.runs);
+        plan
+    }
+
+    fn defaults() -> Plan {
         if common::bench_quick() {
             Plan {
                 runs: 1,
@@ -74,6 +94,8 @@ struct Side {
     client: UpstreamServiceClient<Channel>,
     p50: Vec<Duration>,
     p99: Vec<Duration>,
+    /// Service CPU per FetchManifest call, microseconds.
+    cpu_us: Vec<f64>,
     rate: Vec<f64>,
 }
 
@@ -90,11 +112,24 @@ async fn main() {
         .top("metrics_listen = \"\"")
         .cache("tag_ttl = \"1h\"")
         .toml();
-    let on = ServiceConfig::with(upstream())
-        .top("log_format = \"json\"")
-        .top(&format!("otlp_endpoint = \"{}\"", collector.url()))
-        .cache("tag_ttl = \"1h\"")
-        .toml();
+    // BENCH_ON (a comma list of metrics, logs, traces; default all) picks
+    // what the "on" side turns on, to tell the parts' costs apart.
+    let parts = std::env::var("BENCH_ON").unwrap_or_else(|_| "metrics,logs,traces".into());
+    let part = |name: &str| parts.split(',').any(|p| p.trim() == name);
+    let mut on = ServiceConfig::with(upstream()).cache("tag_ttl = \"1h\"");
+    if !part("metrics") {
+        on = on.top("metrics_listen = \"\"");
+    }
+    if part("traces") {
+        on = on.top(&format!("otlp_endpoint = \"{}\"", collector.url()));
+    }
+    let on_log = if part("logs") {
+        on = on.top("log_format = \"json\"");
+        "info"
+    } else {
+        "oci_upstream::app=info"
+    };
+    let on = on.toml();
     let mut sides = Vec::new();
     for (name, toml, env) in [
         // Only the start-up lines (the harness reads the address from them).
@@ -109,7 +144,7 @@ async fn main() {
         (
             "on",
             on,
-            [("RUST_LOG", "info"), ("OTEL_BSP_SCHEDULE_DELAY", "1000")],
+            [("RUST_LOG", on_log), ("OTEL_BSP_SCHEDULE_DELAY", "1000")],
         ),
     ] {
         let service = Spawned::start_with_env(&toml, &env);
@@ -123,6 +158,7 @@ async fn main() {
             client,
             p50: Vec::new(),
             p99: Vec::new(),
+            cpu_us: Vec::new(),
             rate: Vec::new(),
         });
     }
@@ -133,11 +169,14 @@ async fn main() {
         for i in order {
             let side = &mut sides[i];
             let mut latencies = Vec::with_capacity(plan.calls);
+            let cpu = clients::cpu_seconds(side.service.pid());
             for _ in 0..plan.calls {
                 let started = Instant::now();
                 fetch_manifest(&mut side.client).await;
                 latencies.push(started.elapsed());
             }
+            let cpu = clients::cpu_seconds(side.service.pid()) - cpu;
+            side.cpu_us.push(cpu * 1e6 / plan.calls as f64);
             latencies.sort();
             side.p50.push(latencies[latencies.len() / 2]);
             side.p99.push(latencies[latencies.len() * 99 / 100]);
@@ -151,26 +190,31 @@ async fn main() {
 
     // The "on" side really had its telemetry on.
     let on_side = &sides[1];
-    let scrape = Scrape::of(on_side.service.metrics_addr.expect("metrics on")).await;
-    let counted = scrape.value(
-        "grpc_server_handled_total",
-        &[("grpc_method", "FetchManifest"), ("grpc_code", "OK")],
-    );
-    assert!(
-        counted >= (plan.runs * plan.calls) as f64,
-        "the gRPC metrics counted {counted} FetchManifest calls"
-    );
-    assert!(
-        collector.wait_for(|s| s.name() == "rpc").await.is_some(),
-        "no RPC span reached the collector"
-    );
+    if part("metrics") {
+        let scrape = Scrape::of(on_side.service.metrics_addr.expect("metrics on")).await;
+        let counted = scrape.value(
+            "grpc_server_handled_total",
+            &[("grpc_method", "FetchManifest"), ("grpc_code", "OK")],
+        );
+        assert!(
+            counted >= (plan.runs * plan.calls) as f64,
+            "the gRPC metrics counted {counted} FetchManifest calls"
+        );
+    }
+    if part("traces") {
+        assert!(
+            collector.wait_for(|s| s.name() == "rpc").await.is_some(),
+            "no RPC span reached the collector"
+        );
+    }
     assert!(sides[0].service.metrics_addr.is_none());
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let (off_side, on_side) = (&sides[0], &sides[1]);
     let p50 = (ms(median(&off_side.p50)), ms(median(&on_side.p50)));
     let p99 = (ms(median(&off_side.p99)), ms(median(&on_side.p99)));
-    let rate = (median_f(&off_side.rate), median_f(&on_side.rate));
+    let rate = (median(&off_side.rate), median(&on_side.rate));
+    let cpu = (median(&off_side.cpu_us), median(&on_side.cpu_us));
     println!(
         "telemetry benchmark: {} run(s) of {} warm FetchManifest calls and one warm {} MiB FetchBlob, medians",
         plan.runs,
@@ -190,6 +234,12 @@ async fn main() {
         p99.1 / p99.0
     );
     println!(
+        "  FetchManifest CPU   off {:>7.1} µs   on {:>7.1} µs   on/off {:.3}  (service CPU per call)",
+        cpu.0,
+        cpu.1,
+        cpu.1 / cpu.0
+    );
+    println!(
         "  FetchBlob           off {:>7.1} MB/s on {:>7.1} MB/s on/off {:.3}",
         rate.0,
         rate.1,
@@ -202,11 +252,13 @@ async fn main() {
     );
     let report = json!({
         "quick": common::bench_quick(),
+        "on": parts,
         "runs": plan.runs,
         "manifest_calls": plan.calls,
         "blob_bytes": plan.blob,
         "fetch_manifest_p50_ms": {"off": p50.0, "on": p50.1, "ratio": p50.1 / p50.0},
         "fetch_manifest_p99_ms": {"off": p99.0, "on": p99.1, "ratio": p99.1 / p99.0},
+        "fetch_manifest_cpu_us": {"off": cpu.0, "on": cpu.1, "ratio": cpu.1 / cpu.0},
         "fetch_blob_mb_s": {"off": rate.0, "on": rate.1, "ratio": rate.1 / rate.0},
         "goal_met": met,
     });
@@ -258,16 +310,4 @@ async fn fetch_blob(client: &mut UpstreamServiceClient<Channel>, digest: &str) -
         bytes += message.data.len() as u64;
     }
     bytes
-}
-
-fn median(values: &[Duration]) -> Duration {
-    let mut sorted = values.to_vec();
-    sorted.sort();
-    sorted[(sorted.len() - 1) / 2]
-}
-
-fn median_f(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[(sorted.len() - 1) / 2]
 }

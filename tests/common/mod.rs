@@ -127,6 +127,15 @@ pub fn bench_quick() -> bool {
         || !std::env::args().any(|a| a == "--bench")
 }
 
+/// The median of `values` (the lower middle for an even count), for the
+/// benchmarks' figures.
+#[allow(dead_code, reason = "used by the benchmarks, not the tests")]
+pub fn median<T: Copy + PartialOrd>(values: &[T]) -> T {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    sorted[(sorted.len() - 1) / 2]
+}
+
 /// Appends a child's stdout and stderr, line by line, to `log`.
 pub fn capture_output(child: &mut Child, log: &Arc<Mutex<String>>) {
     drop(capture_output_lines(child, log));
