@@ -71,7 +71,6 @@ struct TagList {
 
 impl Engine {
     /// Lists a page of tags.
-    #[tracing::instrument(skip_all, fields(upstream = tracing::field::Empty))]
     pub async fn fetch_tags(&self, req: TagsRequest) -> Result<TagPage, Error> {
         let repository = &req.repository;
         let candidates = self

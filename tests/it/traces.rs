@@ -137,6 +137,8 @@ async fn the_rpc_span_is_exported_as_a_child_of_the_callers_span() {
     assert_eq!(rpc.trace_id_hex(), TRACE);
     assert_eq!(rpc.parent_span_id_hex(), CALLER_SPAN);
     assert_eq!(rpc.attribute("method"), Some("HeadManifest"));
+    // The one RPC span carries the upstream that answered.
+    assert_eq!(rpc.attribute("upstream"), Some("a"));
     assert_eq!(rpc.attribute("repository"), Some(REPO));
     assert_eq!(rpc.attribute("trace_id"), Some(TRACE));
     assert_eq!(rpc.resource_attribute("service.name"), Some("oci-upstream"));

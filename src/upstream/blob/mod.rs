@@ -141,7 +141,6 @@ impl Engine {
     /// Starts streaming a blob (or a range of it): from the cache when this
     /// route is known to hold it, else from the first upstream that has it
     /// (joining a download of the same blob already under way).
-    #[tracing::instrument(skip_all, fields(upstream = tracing::field::Empty))]
     pub async fn fetch_blob(&self, req: BlobRequest) -> Result<BlobStream, Error> {
         let candidates = self
             .router
@@ -200,7 +199,6 @@ impl Engine {
     /// Tells whether a blob exists, from the cache when this route is known
     /// to hold it. `Ok(None)` only when every eligible upstream answered "not
     /// found".
-    #[tracing::instrument(skip_all, fields(upstream = tracing::field::Empty))]
     pub async fn head_blob(
         &self,
         repository: &Repository,

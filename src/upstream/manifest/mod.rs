@@ -79,7 +79,6 @@ impl From<Manifest> for ManifestMeta {
 impl Engine {
     /// Fetches a manifest; with a platform, resolves an index to that
     /// platform's manifest (fetched from the upstream that served the index).
-    #[tracing::instrument(skip_all, fields(upstream = tracing::field::Empty))]
     pub async fn fetch_manifest(&self, req: ManifestRequest) -> Result<Manifest, Error> {
         let candidates = self
             .router
@@ -136,7 +135,6 @@ impl Engine {
 
     /// Tells whether a manifest exists, from the cache when it can. `Ok(None)`
     /// only when every eligible upstream answered "not found".
-    #[tracing::instrument(skip_all, fields(upstream = tracing::field::Empty))]
     pub async fn head_manifest(&self, req: ManifestRequest) -> Result<Option<ManifestMeta>, Error> {
         let candidates = self
             .router
