@@ -4,24 +4,27 @@
 //! service with all of it on (`/metrics` and the gRPC metrics layer, JSON
 //! logs at `info`, every RPC span exported over OTLP to an in-process
 //! collector), in front of one real Distribution registry, in the same run.
-//! Measured, alternating the two services run by run so drift hits both:
+//! Measured, alternating the two services so drift of the machine hits both:
 //!
-//! 1. warm FetchManifest latency by tag (p50 and p99 of sequential calls),
-//!    and the service's CPU time per call (from `/proc`, which load on the
-//!    machine disturbs far less than latency);
-//! 2. warm FetchBlob throughput (MB = 10^6 bytes/s) of one blob.
+//! 1. warm FetchManifest latency by tag: rounds of sequential calls, the
+//!    sides alternating round by round; p50 and p99 are the medians of the
+//!    rounds' own; and the service's CPU time per call over all its rounds
+//!    (from `/proc`);
+//! 2. warm FetchBlob throughput (MB = 10^6 bytes/s) of one blob, the median
+//!    of alternating runs.
 //!
 //! The goal is both within 5 % (ratio on/off: latency at most 1.05,
-//! throughput at least 0.95). Each figure is the median over the runs;
-//! the ratios go to stdout and `target/bench-telemetry.json` (or
-//! `BENCH_OUT`). The "on" service must have exported spans and counted its
-//! calls, so a run where telemetry silently stayed off fails.
+//! throughput at least 0.95). The ratios go to stdout and
+//! `target/bench-telemetry.json` (or `BENCH_OUT`). The "on" service must have
+//! exported spans and counted its calls, so a run where telemetry silently
+//! stayed off fails.
 //!
-//! `cargo bench --bench telemetry` runs 5 runs of 2,000 manifest calls and a
-//! 256 MiB blob; `BENCH_QUICK=1`, or a run by `cargo test`, runs one small
-//! round so CI keeps it from rotting. `BENCH_RUNS` sets the runs;
-//! `BENCH_ON` (comma list of `metrics`, `logs`, `traces`) what the "on"
-//! side turns on, to tell the parts' costs apart.
+//! `cargo bench --bench telemetry` runs 40 rounds of 500 manifest calls and
+//! 5 fetches of a 256 MiB blob per side; `BENCH_QUICK=1`, or a run by
+//! `cargo test`, a small round so CI keeps it from rotting. `BENCH_ROUNDS`
+//! and `BENCH_RUNS` set the rounds and blob runs; `BENCH_ON` (comma list of
+//! `metrics`, `logs`, `traces`; default all) what the "on" side turns on, to
+//! tell the parts' costs apart.
 
 #![allow(
     clippy::disallowed_types,
@@ -55,32 +58,37 @@ const MIB: u64 = 1024 * 1024;
 const REPO: &str = "bench/app";
 
 struct Plan {
-    runs: usize,
+    /// Rounds of manifest calls, alternating the sides round by round.
+    rounds: usize,
+    /// Calls per side and round.
     calls: usize,
+    /// Warm blob fetches per side, alternating.
+    runs: usize,
     blob: u64,
 }
 
 impl Plan {
     fn from_env() -> Plan {
-        let runs = std::env::var("BENCH_RUNS")
-            .ok()
-            .and_then(|r| r.parse().ok());
+        let number = |key: &str| std::env::var(key).ok().and_then(|r| r.parse().ok());
         let mut plan = Plan::defaults();
-        plan.runs = runs.unwrap_or(plan.runs);
+        plan.runs = number("BENCH_RUNS").unwrap_or(plan.runs);
+        plan.rounds = number("BENCH_ROUNDS").unwrap_or(plan.rounds);
         plan
     }
 
     fn defaults() -> Plan {
         if common::bench_quick() {
             Plan {
+                rounds: 2,
+                calls: 50,
                 runs: 1,
-                calls: 100,
                 blob: 8 * MIB,
             }
         } else {
             Plan {
+                rounds: 40,
+                calls: 500,
                 runs: 5,
-                calls: 2000,
                 blob: 256 * MIB,
             }
         }
@@ -94,8 +102,8 @@ struct Side {
     client: UpstreamServiceClient<Channel>,
     p50: Vec<Duration>,
     p99: Vec<Duration>,
-    /// Service CPU per FetchManifest call, microseconds.
-    cpu_us: Vec<f64>,
+    /// Service CPU of all its FetchManifest rounds, seconds.
+    cpu: f64,
     rate: Vec<f64>,
 }
 
@@ -158,15 +166,15 @@ async fn main() {
             client,
             p50: Vec::new(),
             p99: Vec::new(),
-            cpu_us: Vec::new(),
+            cpu: 0.0,
             rate: Vec::new(),
         });
     }
 
-    for run in 0..plan.runs {
-        // Alternate which side goes first.
-        let order: [usize; 2] = if run % 2 == 0 { [0, 1] } else { [1, 0] };
-        for i in order {
+    // Fine-grained alternation: drift of the machine (other load, clock
+    // speed) falls on both sides alike.
+    for round in 0..plan.rounds {
+        for i in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
             let side = &mut sides[i];
             let mut latencies = Vec::with_capacity(plan.calls);
             let cpu = clients::cpu_seconds(side.service.pid());
@@ -175,11 +183,15 @@ async fn main() {
                 fetch_manifest(&mut side.client).await;
                 latencies.push(started.elapsed());
             }
-            let cpu = clients::cpu_seconds(side.service.pid()) - cpu;
-            side.cpu_us.push(cpu * 1e6 / plan.calls as f64);
+            side.cpu += clients::cpu_seconds(side.service.pid()) - cpu;
             latencies.sort();
             side.p50.push(latencies[latencies.len() / 2]);
             side.p99.push(latencies[latencies.len() * 99 / 100]);
+        }
+    }
+    for run in 0..plan.runs {
+        for i in if run % 2 == 0 { [0, 1] } else { [1, 0] } {
+            let side = &mut sides[i];
             let started = Instant::now();
             let bytes = fetch_blob(&mut side.client, &blob.digest).await;
             assert_eq!(bytes, plan.blob, "warm FetchBlob length ({})", side.name);
@@ -197,7 +209,7 @@ async fn main() {
             &[("grpc_method", "FetchManifest"), ("grpc_code", "OK")],
         );
         assert!(
-            counted >= (plan.runs * plan.calls) as f64,
+            counted >= (plan.rounds * plan.calls) as f64,
             "the gRPC metrics counted {counted} FetchManifest calls"
         );
     }
@@ -214,11 +226,13 @@ async fn main() {
     let p50 = (ms(median(&off_side.p50)), ms(median(&on_side.p50)));
     let p99 = (ms(median(&off_side.p99)), ms(median(&on_side.p99)));
     let rate = (median(&off_side.rate), median(&on_side.rate));
-    let cpu = (median(&off_side.cpu_us), median(&on_side.cpu_us));
+    let per_call = |cpu: f64| cpu * 1e6 / (plan.rounds * plan.calls) as f64;
+    let cpu = (per_call(off_side.cpu), per_call(on_side.cpu));
     println!(
-        "telemetry benchmark: {} run(s) of {} warm FetchManifest calls and one warm {} MiB FetchBlob, medians",
-        plan.runs,
+        "telemetry benchmark: {} round(s) of {} warm FetchManifest calls (p50, p99: medians of the rounds'; CPU: per call over all) and {} warm {} MiB FetchBlob(s) (median), per side",
+        plan.rounds,
         plan.calls,
+        plan.runs,
         plan.blob / MIB
     );
     println!(
@@ -253,8 +267,9 @@ async fn main() {
     let report = json!({
         "quick": common::bench_quick(),
         "on": parts,
-        "runs": plan.runs,
-        "manifest_calls": plan.calls,
+        "rounds": plan.rounds,
+        "calls_per_round": plan.calls,
+        "blob_runs": plan.runs,
         "blob_bytes": plan.blob,
         "fetch_manifest_p50_ms": {"off": p50.0, "on": p50.1, "ratio": p50.1 / p50.0},
         "fetch_manifest_p99_ms": {"off": p99.0, "on": p99.1, "ratio": p99.1 / p99.0},

@@ -61,13 +61,15 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&Url>) -> Result<Telemetry,
     };
     // Only this crate's spans (the RPC's and its children) are exported,
     // not those of the HTTP/2 and HTTP client crates. Each span costs on
-    // every call: no busy/idle times (a clock read at every poll), no
-    // thread attributes; the source location (`code.*`) stays, it says
-    // which part of the service a span is.
+    // every call, so it carries its fields and nothing more: no busy/idle
+    // times (a clock read at every poll), no thread, source location or
+    // target attributes.
     let spans = export.as_ref().map(|export| {
         tracing_opentelemetry::layer()
             .with_tracked_inactivity(false)
             .with_threads(false)
+            .with_location(false)
+            .with_target(false)
             .with_tracer(export.tracer())
             .with_filter(Targets::new().with_target(env!("CARGO_CRATE_NAME"), Level::INFO))
     });
