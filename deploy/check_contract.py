@@ -297,6 +297,8 @@ class Sandbox:
         host_of: dict[str, Path] = {}
         for i, m in enumerate(mounts):
             host = self.dir / f"vol-{i}-{m.name}"
+            if m.sub_path:
+                raise ContractFailure(f"volume mount {m.name}: subPath mounts are not emulated")
             if m.kind == "configMap":
                 data = dict(self._configmap(m))
                 if m is pod.config_mount:
