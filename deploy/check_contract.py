@@ -54,11 +54,13 @@ What is changed, and why:
 Then: check-config exits 0; `serve` starts; every probe's call
 (grpc.health.v1.Health/Check on its port, with grpcurl and the checked-in
 health.proto, as the kubelet calls it: no reflection, which health_listen
-does not serve) answers SERVING; FetchManifest and FetchBlob return the
-pushed image (over TLS with a caller's token when the config has [tls] and
-[[callers]], and then a call without a token is Unauthenticated and a
-plaintext one fails); GET /metrics answers and counts the calls; every log
-line is JSON when log_format = "json"; only the cache volume was written;
+does not serve) answers SERVING; FetchManifest and FetchBlob (grpcurl
+through the server's reflection, as users call it) return the pushed image
+(over TLS with a caller's token when the config has [tls] and [[callers]],
+and then a call without a token is Unauthenticated and a plaintext one
+fails); GET /metrics answers and counts the calls; the cache volume holds
+what was fetched; the peak RSS is below limits.memory; every log line is
+JSON when log_format = "json";
 SIGTERM ends the process with status 0 within the time the kubelet gives it
 (terminationGracePeriodSeconds less the preStop sleep).
 """
@@ -66,13 +68,13 @@ SIGTERM ends the process with status 0 within the time the kubelet gives it
 from __future__ import annotations
 
 import base64
+import ctypes
 import gzip
 import hashlib
 import io
 import json
 import os
 import re
-import ctypes
 import secrets
 import signal
 import socket
