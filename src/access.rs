@@ -7,13 +7,14 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
 use crate::config::{CallerConfig, CallerCredential};
 use crate::glob::Rules;
 use crate::oci::Repository;
-use crate::secret::{Secret, SecretSource};
+use crate::secret::SecretSource;
 
 /// How long a token read from its file is trusted before the file is read
 /// again (a rotated Secret takes effect within this).
@@ -51,8 +52,8 @@ impl Denied {
     }
 }
 
-/// What a call presents.
-#[derive(Debug, Clone, Copy, Default)]
+/// What a call presents. `Debug` never shows the token.
+#[derive(Clone, Copy, Default)]
 pub struct Presented<'a> {
     /// The token of `authorization: Bearer <token>`.
     pub bearer: Option<&'a str>,
@@ -60,13 +61,29 @@ pub struct Presented<'a> {
     pub certificate_sans: &'a [String],
 }
 
+impl std::fmt::Debug for Presented<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Presented")
+            .field("bearer", &self.bearer.map(|_| "<redacted>"))
+            .field("certificate_sans", &self.certificate_sans)
+            .finish()
+    }
+}
+
+/// A token's SHA-256: tokens are compared by their hashes, which have one
+/// length, so the time a comparison takes does not tell a token's length.
+fn token_hash(token: &[u8]) -> [u8; 32] {
+    Sha256::digest(token).into()
+}
+
 /// A token from a file (re-read when [`TOKEN_RECHECK`] has passed) or the
 /// environment.
 #[derive(Debug)]
 struct Token {
     source: SecretSource,
-    /// The value last read and when; `None` inside when it could not be read.
-    read: Mutex<Option<(Option<Secret>, Instant)>>,
+    /// The hash of the value last read and when; `None` inside when it
+    /// could not be read.
+    read: Mutex<Option<(Option<[u8; 32]>, Instant)>>,
 }
 
 impl Token {
@@ -77,8 +94,9 @@ impl Token {
         }
     }
 
-    /// True when `presented` is the current token (in constant time).
-    fn matches(&self, presented: &[u8], caller: &str) -> bool {
+    /// True when the token with hash `presented` is the current token (in
+    /// constant time).
+    fn matches(&self, presented: &[u8; 32], caller: &str) -> bool {
         let mut read = self.read.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let stale = read
@@ -86,7 +104,9 @@ impl Token {
             .is_none_or(|(_, at)| now.duration_since(*at) >= TOKEN_RECHECK);
         if stale {
             let value = match self.source.read() {
-                Ok(secret) if !secret.expose().is_empty() => Some(secret),
+                Ok(secret) if !secret.expose().is_empty() => {
+                    Some(token_hash(secret.expose().as_bytes()))
+                }
                 Ok(_) => {
                     tracing::warn!(caller, "the caller's token is empty; it matches nothing");
                     None
@@ -99,7 +119,7 @@ impl Token {
             *read = Some((value, now));
         }
         match read.as_ref().and_then(|(value, _)| value.as_ref()) {
-            Some(token) => bool::from(token.expose().as_bytes().ct_eq(presented)),
+            Some(token) => bool::from(token.ct_eq(presented)),
             None => false,
         }
     }
@@ -196,12 +216,13 @@ impl Access {
             return Ok(Identity::Anyone);
         }
         if let Some(bearer) = presented.bearer {
-            // Every token is compared, so the time taken does not tell
-            // which caller's token came closest.
+            // Every token's hash is compared, so the time taken tells
+            // neither which caller's token came closest nor a length.
+            let bearer = token_hash(bearer.as_bytes());
             let mut found = None;
             for caller in &self.callers {
                 if let Credential::Token(token) = &caller.credential {
-                    if token.matches(bearer.as_bytes(), &caller.name) && found.is_none() {
+                    if token.matches(&bearer, &caller.name) && found.is_none() {
                         found = Some(caller);
                     }
                 }
@@ -311,6 +332,15 @@ mod tests {
         tokio::time::advance(TOKEN_RECHECK).await;
         assert!(access.identify(bearer("new")).is_err());
         assert!(access.identify(bearer("")).is_err());
+    }
+
+    #[test]
+    fn the_token_never_prints() {
+        let presented = Presented {
+            bearer: Some("hunter2"),
+            certificate_sans: &[],
+        };
+        assert!(!format!("{presented:?}").contains("hunter2"));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures::FutureExt as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
@@ -140,6 +141,11 @@ pub async fn run(
     tracing::info!(dir = %config.cache.dir.display(), why = %config.cache.dir.describe(), "cache");
     let admission = Arc::new(Admission::new(config.max_concurrent_rpcs));
     let access = Arc::new(Access::new(&config.callers));
+    if !config.callers.is_empty() && config.tls.is_none() {
+        tracing::warn!(
+            "[[callers]] without [tls]: bearer tokens cross the network in plaintext (fine only where the mesh encrypts)"
+        );
+    }
     let grace = config.shutdown_grace;
     let (health, health_service) = health_reporter();
     for service in ["", pb::SERVICE_NAME, pb::ADMIN_SERVICE_NAME] {
@@ -162,9 +168,11 @@ pub async fn run(
         &[]
     };
     let metered = MetricsLayer::new(&engine.metrics().grpc, served_sets);
-    // The side ports stop with the main one.
+    // The side ports stop with the main one (at the latest when `run`
+    // returns early with an error).
     let side_ports = CancellationToken::new();
     let _stop_side_ports = side_ports.clone().drop_guard();
+    let side_tasks = TaskTracker::new();
     if let Some(listener) = listeners.metrics {
         tracing::info!(addr = %listener.local_addr()?, "serving metrics");
         let scraped = engine.clone();
@@ -173,7 +181,7 @@ pub async fn run(
             scraped.metrics().render()
         });
         let stop = side_ports.clone();
-        tokio::spawn(async move {
+        side_tasks.spawn(async move {
             if let Err(e) = endpoint::serve(listener, render, stop.cancelled_owned()).await {
                 tracing::error!(error = %e, "the metrics endpoint failed");
             }
@@ -193,7 +201,7 @@ pub async fn run(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
                 stop.cancelled_owned(),
             );
-        tokio::spawn(async move {
+        side_tasks.spawn(async move {
             if let Err(e) = server.await {
                 tracing::error!(error = %e, "the health port failed");
             }
@@ -271,12 +279,19 @@ pub async fn run(
         () = deadline => tracing::warn!("closing connections still open after the grace period"),
     }
     // Verified downloads are synced into the store after their callers are
-    // served; let them land so a restart finds them.
-    if tokio::time::timeout(SETTLE_LIMIT, engine.settle())
-        .await
-        .is_err()
-    {
+    // served; let them land so a restart finds them. Meanwhile the side
+    // ports close, so their ports are free when `run` returns.
+    side_ports.cancel();
+    side_tasks.close();
+    let (settled, closed) = tokio::join!(
+        tokio::time::timeout(SETTLE_LIMIT, engine.settle()),
+        tokio::time::timeout(SETTLE_LIMIT, side_tasks.wait()),
+    );
+    if settled.is_err() {
         tracing::warn!("downloads still running at exit are discarded");
+    }
+    if closed.is_err() {
+        tracing::warn!("the metrics or health port did not close in time");
     }
     tracing::info!("stopped");
     Ok(())

@@ -166,7 +166,8 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
 
     /// Removes the object `digest` (an operator's request) and the tag
     /// entries that name it; a reader that has it open keeps reading. False
-    /// when it was not stored.
+    /// when the object was not stored (tag entries naming it are dropped
+    /// all the same).
     pub(crate) async fn evict(&self, digest: &Digest) -> Result<bool, CacheError> {
         let (store, key) = (self.store.clone(), digest.clone());
         let removed = tokio::task::spawn_blocking(move || store.evict(&key))
@@ -174,7 +175,7 @@ impl<E: Clone + Send + Sync + 'static> Cache<E> {
             .map_err(CacheError::task)?;
         let dropped = self.counted("tag", self.tags.remove_naming(digest).await)?;
         tracing::info!(%digest, removed, tags = dropped, "evicted on request");
-        Ok(removed || dropped > 0)
+        Ok(removed)
     }
 
     /// The committed object, marking it used.

@@ -91,7 +91,7 @@ impl Engine {
     }
 
     /// Removes the object `digest` and the tag entries naming it; false
-    /// when neither was there.
+    /// when the object was not stored.
     pub async fn evict(&self, digest: &Digest) -> Result<bool, Error> {
         Ok(self.cache.evict(digest).await?)
     }

@@ -241,3 +241,15 @@ fn a_metrics_listen_that_cannot_bind_stops_the_start() {
     );
     drop(taken);
 }
+
+#[tokio::test]
+async fn the_metrics_port_is_closed_when_the_service_has_stopped() {
+    let service =
+        InProcess::start(&ServiceConfig::with(Upstream::new("a", "http://127.0.0.1:9")).toml())
+            .await;
+    let addr = service.metrics_addr.expect("metrics on by default");
+    Scrape::of(addr).await;
+    service.stop().await.expect("a clean stop");
+    let refused = tokio::net::TcpStream::connect(addr).await;
+    assert!(refused.is_err(), "/metrics still accepts after the stop");
+}
