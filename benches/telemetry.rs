@@ -49,8 +49,8 @@ use common::distribution::Distribution;
 use common::metrics::Scrape;
 use common::otlp::Collector;
 use common::{Spawned, median};
+use oci_upstream::pb::FetchManifestRequest;
 use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
-use oci_upstream::pb::{FetchBlobRequest, FetchManifestRequest};
 use serde_json::json;
 use tonic::transport::Channel;
 
@@ -159,7 +159,12 @@ async fn main() {
         let mut client = service.client().await;
         // Prime: the manifest and the blob in the cache.
         fetch_manifest(&mut client).await;
-        assert_eq!(fetch_blob(&mut client, &blob.digest).await, plan.blob);
+        assert_eq!(
+            clients::grpc_fetch_blob(&mut client, REPO, &blob.digest, false)
+                .await
+                .bytes,
+            plan.blob
+        );
         sides.push(Side {
             name,
             service,
@@ -193,7 +198,9 @@ async fn main() {
         for i in if run % 2 == 0 { [0, 1] } else { [1, 0] } {
             let side = &mut sides[i];
             let started = Instant::now();
-            let bytes = fetch_blob(&mut side.client, &blob.digest).await;
+            let bytes = clients::grpc_fetch_blob(&mut side.client, REPO, &blob.digest, false)
+                .await
+                .bytes;
             assert_eq!(bytes, plan.blob, "warm FetchBlob length ({})", side.name);
             side.rate
                 .push(bytes as f64 / 1e6 / started.elapsed().as_secs_f64());
@@ -304,25 +311,4 @@ async fn fetch_manifest(client: &mut UpstreamServiceClient<Channel>) {
         .unwrap_or_else(|s| panic!("FetchManifest: {s}"))
         .into_inner();
     assert!(!answer.manifest.is_empty(), "a manifest");
-}
-
-async fn fetch_blob(client: &mut UpstreamServiceClient<Channel>, digest: &str) -> u64 {
-    let mut stream = client
-        .fetch_blob(FetchBlobRequest {
-            repository: REPO.into(),
-            digest: digest.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|s| panic!("FetchBlob: {s}"))
-        .into_inner();
-    let mut bytes = 0;
-    while let Some(message) = stream
-        .message()
-        .await
-        .unwrap_or_else(|s| panic!("FetchBlob stream: {s}"))
-    {
-        bytes += message.data.len() as u64;
-    }
-    bytes
 }

@@ -497,8 +497,9 @@ mod tests {
         assert!(error_of("otlp_endpoint = 4317").starts_with("otlp_endpoint: "));
     }
 
-    /// The commented block of `config.example.toml` starting at `first`.
-    fn commented_example(first: &str) -> String {
+    /// The commented block of `config.example.toml` starting at `first`,
+    /// uncommented.
+    pub(super) fn commented_example(first: &str) -> String {
         let example =
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
                 .unwrap();

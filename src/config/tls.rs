@@ -57,15 +57,7 @@ mod tests {
 
     #[test]
     fn the_commented_example_parses_once_uncommented() {
-        let example =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
-                .unwrap();
-        let table: String = example
-            .lines()
-            .skip_while(|l| *l != "# [tls]")
-            .take_while(|l| l.starts_with("# "))
-            .map(|l| format!("{}\n", &l[2..]))
-            .collect();
+        let table = crate::config::tests::commented_example("# [tls]");
         let tls = Config::parse(&table)
             .unwrap()
             .tls
