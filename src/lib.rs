@@ -29,6 +29,7 @@
 pub(crate) mod access;
 pub mod app;
 pub(crate) mod cache;
+pub(crate) mod circuit;
 pub mod config;
 pub(crate) mod glob;
 pub(crate) mod grpc;
