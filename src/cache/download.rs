@@ -46,8 +46,9 @@ pub(crate) struct Download<E> {
     pub(super) path: PathBuf,
     /// Size of the whole blob.
     pub(crate) size: u64,
-    /// The upstream and repository it comes from.
-    pub(crate) holder: Holder,
+    /// The routes known to hold it: the upstream and repository it comes
+    /// from, or, read from the shared tier, every route known there.
+    pub(crate) holders: Vec<Holder>,
     progress: watch::Sender<Progress<E>>,
     /// How many callers are reading it (see [`Download::readers`]).
     readers: watch::Sender<usize>,
@@ -60,8 +61,8 @@ pub(crate) struct Download<E> {
 const RECENT_BATCHES: usize = 8;
 
 impl<E: Clone> Download<E> {
-    /// A download of `size` bytes into `path` from `holder`.
-    pub(crate) fn new(path: PathBuf, size: u64, holder: Holder) -> Self {
+    /// A download of `size` bytes into `path`, held by `holders`.
+    pub(crate) fn new(path: PathBuf, size: u64, holders: Vec<Holder>) -> Self {
         let (progress, _) = watch::channel(Progress {
             available: 0,
             state: State::Running,
@@ -69,7 +70,7 @@ impl<E: Clone> Download<E> {
         Self {
             path,
             size,
-            holder,
+            holders,
             progress,
             readers: watch::Sender::new(0),
             recent: Mutex::new(VecDeque::with_capacity(RECENT_BATCHES)),
@@ -177,6 +178,23 @@ impl<E> Downloads<E> {
             .insert(digest, download);
     }
 
+    /// Registers a download of `digest` unless one is under way: then
+    /// that one comes back.
+    pub(super) fn insert_new(
+        &self,
+        digest: Digest,
+        download: Arc<Download<E>>,
+    ) -> Result<(), Arc<Download<E>>> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(&digest) {
+            Some(existing) => Err(existing.clone()),
+            None => {
+                map.insert(digest, download);
+                Ok(())
+            }
+        }
+    }
+
     /// Removes `download`, unless a newer one of the same digest replaced it.
     pub(super) fn remove(&self, digest: &Digest, download: &Arc<Download<E>>) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
@@ -207,7 +225,7 @@ mod tests {
             upstream: "a".into(),
             repository: "r".into(),
         };
-        let d: Download<()> = Download::new(PathBuf::from("/nonexistent"), 100, holder);
+        let d: Download<()> = Download::new(PathBuf::from("/nonexistent"), 100, vec![holder]);
         let rx = d.subscribe();
         d.append(0, Bytes::from_static(b"0123456789"));
         d.append(10, Bytes::from_static(b"abcdefghij"));

@@ -9,21 +9,29 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use tokio::sync::watch;
 
-use super::{CacheError, Download};
+use super::download::complete;
+use super::{CacheError, Download, Progress};
 
 /// Reads one object's bytes by position.
 pub(crate) struct Reader<E> {
     file: Arc<File>,
+    size: u64,
     download: Option<Arc<Download<E>>>,
+    /// Counted among the download's readers (a caller, not the uploader to
+    /// the shared tier).
+    counted: bool,
 }
 
 impl<E: Clone> Reader<E> {
-    /// A reader of a committed object's file.
-    pub(super) fn stored(file: File) -> Self {
+    /// A reader of a committed object's file of `size` bytes.
+    pub(super) fn stored(file: File, size: u64) -> Self {
         Self {
             file: Arc::new(file),
+            size,
             download: None,
+            counted: false,
         }
     }
 
@@ -33,7 +41,30 @@ impl<E: Clone> Reader<E> {
         download.add_reader();
         Self {
             file: Arc::new(file),
+            size: download.size,
             download: Some(download),
+            counted: true,
+        }
+    }
+
+    /// A reader of a download that is not counted as a caller (a download
+    /// nobody waits for may still be abandoned).
+    pub(super) fn quiet(file: File, download: Arc<Download<E>>) -> Self {
+        Self {
+            file: Arc::new(file),
+            size: download.size,
+            download: Some(download),
+            counted: false,
+        }
+    }
+
+    /// How many of the object's bytes are there to read, and whether they
+    /// are verified: complete for a committed object, else the download's
+    /// progress.
+    pub(crate) fn progress(&self) -> watch::Receiver<Progress<E>> {
+        match &self.download {
+            Some(download) => download.subscribe(),
+            None => complete(self.size),
         }
     }
 
@@ -49,7 +80,7 @@ impl<E: Clone> Reader<E> {
 
 impl<E> Drop for Reader<E> {
     fn drop(&mut self) {
-        if let Some(download) = &self.download {
+        if let Some(download) = self.download.as_ref().filter(|_| self.counted) {
             download.remove_reader();
         }
     }
@@ -120,7 +151,7 @@ mod tests {
             read_cached(&file, data.len() as u64, 10).is_none(),
             "at the end"
         );
-        let mut reader: Reader<()> = Reader::stored(file);
+        let mut reader: Reader<()> = Reader::stored(file, data.len() as u64);
         let mut position = 7;
         while position < data.len() {
             let read = reader

@@ -57,7 +57,16 @@ pub(crate) struct Object {
     /// Upstream repositories known to hold it.
     pub(crate) holders: Vec<Holder>,
     /// Where the bytes are.
-    pub(super) path: PathBuf,
+    pub(crate) place: Place,
+}
+
+/// Where a committed object's bytes are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Place {
+    /// In this file of the disk store.
+    Disk(PathBuf),
+    /// In the shared tier only (read into the disk store when opened).
+    Shared,
 }
 
 /// Bytes of small objects (manifests) kept in memory as well.
@@ -211,7 +220,7 @@ impl Store {
                 .as_deref()
                 .and_then(|m| MediaType::parse(m).ok()),
             holders: entry.holders.clone(),
-            path: self.path(digest),
+            place: Place::Disk(self.path(digest)),
         })
     }
 
@@ -243,7 +252,7 @@ impl Store {
         digest: &Digest,
         size: u64,
         media_type: Option<&MediaType>,
-        holder: Holder,
+        holders: Vec<Holder>,
     ) -> Result<bool, CacheError> {
         if size > self.max_size {
             let _ = fs::remove_file(temp);
@@ -251,7 +260,9 @@ impl Store {
         }
         if self.lookup(digest).is_some() {
             let _ = fs::remove_file(temp);
-            self.add_holder(digest, holder)?;
+            for holder in holders {
+                self.add_holder(digest, holder)?;
+            }
             return Ok(true);
         }
         // Make room first (space is reserved under the lock, so concurrent
@@ -279,7 +290,7 @@ impl Store {
         let meta = Meta {
             size,
             media_type: media_type.map(|m| m.to_string()),
-            holders: vec![holder],
+            holders,
         };
         let placed = self.place(temp, digest, &meta);
         let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
@@ -337,14 +348,14 @@ impl Store {
         digest: &Digest,
         bytes: Bytes,
         media_type: &MediaType,
-        holder: Holder,
+        holders: Vec<Holder>,
     ) -> Result<bool, CacheError> {
         let (temp, mut file) = self.temp_file()?;
         file.write_all(&bytes)
             .and_then(|()| file.sync_data())
             .map_err(|e| CacheError::io("access the store", &temp, e))?;
         drop(file);
-        let kept = self.commit(&temp, digest, bytes.len() as u64, Some(media_type), holder)?;
+        let kept = self.commit(&temp, digest, bytes.len() as u64, Some(media_type), holders)?;
         if kept {
             self.hot.insert(digest.to_string(), bytes);
         }
@@ -354,11 +365,11 @@ impl Store {
     /// The bytes of a small committed object (a manifest), from memory when
     /// they are there.
     pub(crate) async fn read_small(&self, digest: &Digest) -> Option<Bytes> {
-        let object = self.lookup(digest)?;
+        self.lookup(digest)?;
         if let Some(bytes) = self.hot.get(digest.as_str()) {
             return Some(bytes);
         }
-        let bytes = Bytes::from(tokio::fs::read(&object.path).await.ok()?);
+        let bytes = Bytes::from(tokio::fs::read(self.path(digest)).await.ok()?);
         self.hot.insert(digest.to_string(), bytes.clone());
         Some(bytes)
     }
@@ -424,7 +435,7 @@ mod tests {
                 &digest,
                 Bytes::copy_from_slice(bytes),
                 &MediaType::known(MediaType::OCI_MANIFEST),
-                holder(),
+                vec![holder()],
             )
             .unwrap();
         digest
@@ -446,7 +457,8 @@ mod tests {
         let object = store.lookup(&digest).unwrap();
         assert_eq!(object.size, 5);
         assert_eq!(object.holders, [holder()]);
-        assert_eq!(std::fs::read(object.path).unwrap(), b"hello");
+        assert_eq!(object.place, Place::Disk(store.path(&digest)));
+        assert_eq!(std::fs::read(store.path(&digest)).unwrap(), b"hello");
         assert!(!leftover.exists());
         assert!(store.lookup(&orphan).is_none());
     }
@@ -487,7 +499,7 @@ mod tests {
                     &big,
                     Bytes::from_static(&[0u8; 11]),
                     &MediaType::known(MediaType::OCI_MANIFEST),
-                    holder()
+                    vec![holder()]
                 )
                 .unwrap()
         );

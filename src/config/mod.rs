@@ -4,6 +4,7 @@
 
 mod cache_dir;
 mod callers;
+mod s3;
 mod tls;
 mod upstream;
 
@@ -19,6 +20,7 @@ use url::Url;
 pub use cache_dir::CacheDir;
 pub(crate) use cache_dir::dir_is_usable;
 pub use callers::{CallerConfig, CallerCredential};
+pub use s3::{CacheBackend, S3Config};
 pub use tls::TlsConfig;
 pub use upstream::{AuthConfig, Rate, UpstreamConfig};
 
@@ -189,7 +191,13 @@ fn otlp_endpoint<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Ur
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
-    /// Directory of the disk store.
+    /// Where objects live besides the disk store: nowhere else (`disk`), or
+    /// in a bucket shared by every replica (`s3`, with `[cache.s3]`).
+    pub backend: CacheBackend,
+    /// The shared bucket; set only with `backend = "s3"` (see
+    /// [`CacheConfig::shared`]).
+    pub s3: Option<S3Config>,
+    /// Directory of the disk store (with `s3`: the hot tier in front).
     pub dir: CacheDir,
     /// Size bound of the disk store.
     pub max_size: ByteSize,
@@ -209,12 +217,40 @@ pub struct CacheConfig {
 impl Default for CacheConfig {
     fn default() -> Self {
         Self {
+            backend: CacheBackend::Disk,
+            s3: None,
             dir: CacheDir::default(),
             max_size: ByteSize::gib(20),
             tag_ttl: Duration::from_secs(60),
             stale_if_error: Duration::from_secs(24 * 3600),
             negative_ttl: Duration::from_secs(30),
             scrub_rate: Rate(16 * 1024 * 1024),
+        }
+    }
+}
+
+impl CacheConfig {
+    /// The shared bucket behind the disk store, when `backend = "s3"` (a
+    /// validated config has the table then, and only then).
+    pub fn shared(&self) -> Option<&S3Config> {
+        match self.backend {
+            CacheBackend::S3 => self.s3.as_ref(),
+            CacheBackend::Disk => None,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        match (self.backend, &self.s3) {
+            (CacheBackend::S3, Some(s3)) => s3.validate(|f| format!("cache.s3.{f}")),
+            (CacheBackend::S3, None) => Err(ConfigError::invalid(
+                "cache.s3",
+                "backend = \"s3\" needs a [cache.s3] table with at least `bucket`",
+            )),
+            (CacheBackend::Disk, Some(_)) => Err(ConfigError::invalid(
+                "cache.backend",
+                "[cache.s3] is set but backend is \"disk\": set backend = \"s3\" to use it, or remove the table",
+            )),
+            (CacheBackend::Disk, None) => Ok(()),
         }
     }
 }
@@ -303,6 +339,7 @@ impl Config {
                 "must be more than 0",
             ));
         }
+        self.cache.validate()?;
         let mut callers = HashSet::new();
         let verifies_clients = self
             .tls

@@ -212,5 +212,6 @@ impl Engine {
         self.stop.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        self.cache.settle().await;
     }
 }

@@ -28,7 +28,7 @@ use super::client::Upstream;
 use super::failover::try_in_order;
 use super::routing::{holder_for, known_holder};
 use super::{Engine, Error, Source};
-use crate::cache::{Download, LockKey, NegativeKey, Progress, Reader, complete};
+use crate::cache::{Download, LockKey, NegativeKey, Progress, Reader};
 use crate::metrics::{ByteSource, LookupKind, LookupResult};
 use crate::oci::{Digest, Repository};
 use download::{Resume, fill, open_blob};
@@ -116,11 +116,13 @@ struct Origin {
 }
 
 impl Origin {
+    /// Bytes from the cache: a committed object, or one on its way from
+    /// the shared tier into the disk store.
     fn stored(reader: Reader<Error>, size: u64, upstream: &str) -> Self {
         Self {
+            progress: reader.progress(),
             reader,
             size,
-            progress: complete(size),
             upstream: upstream.to_owned(),
             cache_hit: true,
         }
@@ -215,15 +217,14 @@ impl Engine {
             self.metrics.lookup(LookupKind::Blob, LookupResult::Hit);
             Ok(Some(meta))
         };
-        if let Some(object) = self.cache.object(digest) {
+        if let Some(object) = self.cache.object(digest).await {
             if let Some(holder) = known_holder(&candidates, repository, &object.holders) {
                 return hit(cached(object.size, holder));
             }
         }
         // Verified and on its way into the store.
         if let Some(download) = self.cache.download(digest).filter(|d| d.is_verified()) {
-            let holders = std::slice::from_ref(&download.holder);
-            if let Some(holder) = known_holder(&candidates, repository, holders) {
+            if let Some(holder) = known_holder(&candidates, repository, &download.holders) {
                 return hit(cached(download.size, holder));
             }
         }
@@ -259,23 +260,21 @@ impl Engine {
     }
 
     /// The committed object or download this route may read, if any.
-    fn known_origin(
+    async fn known_origin(
         &self,
         candidates: &[Arc<Upstream>],
         repository: &Repository,
         digest: &Digest,
     ) -> Option<Origin> {
-        if let Some((object, reader)) = self.cache.open_object(digest) {
+        if let Some(object) = self.cache.object(digest).await {
             if let Some(holder) = known_holder(candidates, repository, &object.holders) {
-                return Some(Origin::stored(reader, object.size, holder.name()));
+                if let Some(reader) = self.cache.open_object(digest, &object).await {
+                    return Some(Origin::stored(reader, object.size, holder.name()));
+                }
             }
         }
         let download = self.cache.download(digest)?;
-        let holder = known_holder(
-            candidates,
-            repository,
-            std::slice::from_ref(&download.holder),
-        )?;
+        let holder = known_holder(candidates, repository, &download.holders)?;
         self.join(&download, holder.name())
     }
 
@@ -292,25 +291,27 @@ impl Engine {
         repository: &Repository,
         digest: &Digest,
     ) -> Result<Origin, Error> {
-        if let Some(origin) = self.known_origin(candidates, repository, digest) {
+        if let Some(origin) = self.known_origin(candidates, repository, digest).await {
             return Ok(origin);
         }
         // Concurrent misses for one digest wait here for the first caller's
         // download to start, then join it.
         let _guard = self.cache.lock(&LockKey::Blob(digest.clone())).await;
-        if let Some(origin) = self.known_origin(candidates, repository, digest) {
+        if let Some(origin) = self.known_origin(candidates, repository, digest).await {
             return Ok(origin);
         }
-        let present = self.cache.object(digest).is_some() || self.cache.download(digest).is_some();
-        if present {
+        let stored = self.cache.object(digest).await;
+        if stored.is_some() || self.cache.download(digest).is_some() {
             // Cached, but not known to be on this route: an upstream of this
             // route must confirm it has the blob before we serve our copy.
             let (upstream, _) = self.head_blob_in(candidates, repository, digest).await?;
             self.cache
                 .add_holder(digest, holder_for(&upstream, repository))
                 .await?;
-            if let Some((object, reader)) = self.cache.open_object(digest) {
-                return Ok(Origin::stored(reader, object.size, upstream.name()));
+            if let Some(object) = stored {
+                if let Some(reader) = self.cache.open_object(digest, &object).await {
+                    return Ok(Origin::stored(reader, object.size, upstream.name()));
+                }
             }
             if let Some(origin) = self
                 .cache

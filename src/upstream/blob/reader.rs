@@ -155,7 +155,10 @@ mod tests {
         }
         reader.await.unwrap();
         assert!(received == data, "the reader got other bytes than written");
-        assert!(cache.object(&digest).is_some(), "committed to the store");
+        assert!(
+            cache.object(&digest).await.is_some(),
+            "committed to the store"
+        );
         assert!(cache.download(&digest).is_none(), "no longer in flight");
     }
 }

@@ -159,12 +159,16 @@ impl Engine {
                 let entry = tag::entry(&self.cache, &key, &candidates);
                 tag_key = Some(key);
                 if let Some((entry, freshness)) = entry {
-                    let meta = self.cache.object(&entry.digest).map(|object| ManifestMeta {
-                        media_type: entry.media_type.clone(),
-                        digest: entry.digest.clone(),
-                        size: object.size,
-                        source: Source::cached(&entry.upstream),
-                    });
+                    let meta = self
+                        .cache
+                        .object(&entry.digest)
+                        .await
+                        .map(|object| ManifestMeta {
+                            media_type: entry.media_type.clone(),
+                            digest: entry.digest.clone(),
+                            size: object.size,
+                            source: Source::cached(&entry.upstream),
+                        });
                     match freshness {
                         Freshness::Fresh if meta.is_some() => {
                             self.metrics.lookup(LookupKind::Tag, LookupResult::Hit);
@@ -208,7 +212,7 @@ impl Engine {
         repository: &Repository,
         digest: &Digest,
     ) -> Option<Manifest> {
-        let object = self.cache.object(digest)?;
+        let object = self.cache.object(digest).await?;
         let holder = known_holder(candidates, repository, &object.holders)?;
         read_stored(&self.cache, digest, holder.name()).await
     }
@@ -234,7 +238,7 @@ impl Engine {
         let reference = Reference::Digest(digest.clone());
         let key = NegativeKey::Manifest(repository.clone(), reference.clone());
         let reference = &reference;
-        if self.cache.object(digest).is_some() {
+        if self.cache.object(digest).await.is_some() {
             // Cached, but not known to be on this route: confirm first.
             let (upstream, _) =
                 try_in_order(&self.cache, candidates, &key, |upstream| async move {
