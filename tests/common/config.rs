@@ -19,6 +19,8 @@ pub struct ServiceConfig {
     top: Vec<String>,
     tls: Option<String>,
     cache: Vec<String>,
+    /// The `[cache.s3]` table, after the `[cache]` lines.
+    cache_s3: Option<String>,
     upstreams: Vec<Upstream>,
 }
 
@@ -42,6 +44,14 @@ impl ServiceConfig {
     /// A `key = value` line of the `[cache]` table (e.g. `tag_ttl = "1s"`).
     pub fn cache(mut self, line: &str) -> ServiceConfig {
         self.cache.push(line.to_string());
+        self
+    }
+
+    /// The shared cache tier: `backend = "s3"` and this `[cache.s3]` table
+    /// (e.g. [`super::s3::S3::table`]).
+    pub fn shared_cache(mut self, table: &str) -> ServiceConfig {
+        self.cache.push("backend = \"s3\"".to_owned());
+        self.cache_s3 = Some(table.to_owned());
         self
     }
 
@@ -90,6 +100,10 @@ impl ServiceConfig {
         for line in &self.cache {
             text.push_str(line);
             text.push('\n');
+        }
+        if let Some(table) = &self.cache_s3 {
+            text.push('\n');
+            text.push_str(table);
         }
         for upstream in &self.upstreams {
             text.push('\n');

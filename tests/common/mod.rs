@@ -18,7 +18,8 @@
 //!   produce), [`slow`] (one blob served at a bounded pace on its own thread),
 //!   [`counting_proxy`] (a reverse proxy that counts what passes), [`tls`]
 //!   (a throw-away CA for the TLS fakes), [`otlp`] (an OTLP trace collector
-//!   that records the spans it receives).
+//!   that records the spans it receives), [`s3`] (a real S3-compatible
+//!   server, moto, for the shared cache tier).
 //! - Here: [`eventually`], [`require_binary`], [`free_port`],
 //!   [`capture_output`].
 
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod otlp;
 pub mod recording;
 pub mod rpc;
+pub mod s3;
 pub mod service;
 pub mod slow;
 pub mod tls;

@@ -31,6 +31,7 @@ mod metrics;
 mod operations;
 mod registry;
 mod resilience;
+mod s3;
 mod shutdown;
 mod soak;
 mod tls_server;
