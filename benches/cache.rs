@@ -1,9 +1,11 @@
 //! Blob cache benchmark: throughput of a direct HTTP GET of a blob from a
 //! real Distribution registry, of a cold FetchBlob through the service (a
 //! fresh cache each run, so the blob crosses from the registry, is hashed,
-//! written and committed), and of a warm FetchBlob (served from the disk
-//! store), all measured in the same run against the same registry, with the
-//! medians and their ratios printed.
+//! written and committed), of a warm FetchBlob (served from the disk
+//! store), and of a FetchBlob from the shared tier (a fresh replica with an
+//! empty disk store on a bucket that holds the blob, on a real
+//! S3-compatible server, moto), all measured in the same run against the
+//! same registry, with the medians and their ratios printed.
 //!
 //! `cargo bench --bench cache` moves a 256 MiB blob, 5 runs of each;
 //! `BENCH_QUICK=1`, or a run by `cargo test` (which, unlike `cargo bench`,
@@ -24,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use common::config::{ServiceConfig, Upstream};
 use common::distribution::Distribution;
+use common::s3::S3;
 use common::{Spawned, median};
 use oci_upstream::pb::FetchBlobRequest;
 use oci_upstream::pb::upstream_service_client::UpstreamServiceClient;
@@ -83,8 +86,38 @@ async fn run(plan: Plan) {
     assert_eq!(bytes, plan.size, "priming FetchBlob length");
     assert_eq!(digest, blob.digest, "priming FetchBlob sha256");
 
-    let (mut direct, mut cold, mut warm) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..plan.runs {
+    // The shared tier: a bucket filled by one replica, read by fresh ones.
+    let s3 = S3::start("bench").await;
+    let shared_config = ServiceConfig::with(Upstream::new("registry", &registry.url()))
+        .shared_cache(&s3.table("bench/"))
+        .toml();
+    let shared_env = [env[0], S3::ENV[0], S3::ENV[1]];
+    {
+        let filler = Spawned::start_with_env(&shared_config, &shared_env);
+        let mut client = filler.client().await;
+        fetch_blob(&mut client, &blob.digest, false).await;
+        let key = format!(
+            "bench/sha256/{}/data",
+            blob.digest.trim_start_matches("sha256:")
+        );
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !s3
+            .objects("bench/")
+            .await
+            .iter()
+            .any(|o| o.key == key && o.size == plan.size)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the blob never reached the bucket"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let (mut direct, mut cold, mut warm, mut shared) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for run in 0..plan.runs {
         direct.push(direct_get(&http, &url, plan.size).await);
 
         let cold_service = Spawned::start_with_env(&config, &env);
@@ -100,6 +133,26 @@ async fn run(plan: Plan) {
         let (bytes, _) = fetch_blob(&mut warm_client, &blob.digest, false).await;
         warm.push(started.elapsed());
         assert_eq!(bytes, plan.size, "warm FetchBlob length");
+
+        let replica = Spawned::start_with_env(&shared_config, &shared_env);
+        let mut client = replica.client().await;
+        let started = Instant::now();
+        let (bytes, digest) = fetch_blob(&mut client, &blob.digest, run == 0).await;
+        shared.push(started.elapsed());
+        assert_eq!(bytes, plan.size, "shared-tier FetchBlob length");
+        assert!(
+            run > 0 || digest == blob.digest,
+            "shared-tier FetchBlob sha256"
+        );
+        let scrape = common::metrics::Scrape::of(replica.metrics_addr.expect("metrics")).await;
+        assert_eq!(
+            scrape.value(
+                "oci_upstream_registry_requests_total",
+                &[("operation", "blob")]
+            ),
+            0.0,
+            "a shared-tier read asks no upstream"
+        );
     }
 
     let size_mb = plan.size as f64 / 1e6;
@@ -109,11 +162,17 @@ async fn run(plan: Plan) {
         plan.size / MIB,
         plan.runs
     );
-    let (direct_m, cold_m, warm_m) = (median(&direct), median(&cold), median(&warm));
+    let (direct_m, cold_m, warm_m, shared_m) = (
+        median(&direct),
+        median(&cold),
+        median(&warm),
+        median(&shared),
+    );
     for (name, runs, m) in [
         ("direct HTTP GET (registry)", &direct, direct_m),
         ("cold FetchBlob (fresh cache)", &cold, cold_m),
         ("warm FetchBlob (cache hit)", &warm, warm_m),
+        ("FetchBlob from S3 tier (moto)", &shared, shared_m),
     ] {
         let all: Vec<String> = runs.iter().map(|d| format!("{:.0}", rate(*d))).collect();
         println!(
@@ -128,6 +187,11 @@ async fn run(plan: Plan) {
         rate(cold_m) / rate(direct_m),
         rate(warm_m) / rate(direct_m),
         rate(warm_m) / rate(cold_m),
+    );
+    println!(
+        "  shared tier (empty disk store, blob in the bucket): s3/direct {:.2}, s3/warm-disk {:.2}",
+        rate(shared_m) / rate(direct_m),
+        rate(shared_m) / rate(warm_m),
     );
 }
 

@@ -142,6 +142,18 @@ mod tests {
     }
 
     #[test]
+    fn the_commented_example_is_valid_once_uncommented() {
+        let table = crate::config::tests::commented_example("# [cache.s3]");
+        let c = with_cache(&format!("[cache]\nbackend = \"s3\"\n{table}")).unwrap();
+        let s3 = c.cache.shared().unwrap();
+        assert_eq!(s3.bucket, "oci-cache", "{table}");
+        assert_eq!(
+            s3.endpoint.as_ref().unwrap().as_str(),
+            "http://minio.storage:9000/"
+        );
+    }
+
+    #[test]
     fn a_bad_s3_table_names_the_key() {
         for (cache, wanted) in [
             (
