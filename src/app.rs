@@ -139,6 +139,9 @@ pub async fn run(
     let tls = config.tls.as_ref().map(ServerTls::load).transpose()?;
     let engine = Arc::new(Engine::new(&config)?);
     tracing::info!(dir = %config.cache.dir.display(), why = %config.cache.dir.describe(), "cache");
+    if let Some(s3) = config.cache.shared() {
+        tracing::info!(bucket = %s3.describe(), "shared cache tier");
+    }
     let admission = Arc::new(Admission::new(config.max_concurrent_rpcs));
     let access = Arc::new(Access::new(&config.callers));
     if !config.callers.is_empty() && config.tls.is_none() {

@@ -49,7 +49,7 @@ fn main() -> ExitCode {
             match checked {
                 Ok(config) => {
                     println!(
-                        "{}: OK ({} upstream{}); gRPC on {}; metrics on {}; cache at {} ({})",
+                        "{}: OK ({} upstream{}); gRPC on {}; metrics on {}; cache at {} ({}){}",
                         file.display(),
                         config.upstreams.len(),
                         if config.upstreams.len() == 1 { "" } else { "s" },
@@ -59,6 +59,10 @@ fn main() -> ExitCode {
                             .map_or_else(|| "none".to_owned(), |a| a.to_string()),
                         config.cache.dir.display(),
                         config.cache.dir.describe(),
+                        config.cache.shared().map_or_else(String::new, |s3| format!(
+                            ", shared with {}",
+                            s3.describe()
+                        )),
                     );
                     ExitCode::SUCCESS
                 }

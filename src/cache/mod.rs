@@ -120,6 +120,15 @@ impl CacheError {
     }
 }
 
+/// Checks that the shared tier's client builds from `config` (nothing is
+/// sent): for `check-config`.
+pub(crate) fn check_shared(config: &CacheConfig) -> Result<(), CacheError> {
+    match config.shared() {
+        Some(s3) => Shared::connect(s3, Arc::default()).map(drop),
+        None => Ok(()),
+    }
+}
+
 /// What a failed download hands its readers in the cache's own tests.
 #[cfg(test)]
 #[derive(Debug, Clone)]

@@ -79,6 +79,16 @@ fn endpoint<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Url>, D
 }
 
 impl S3Config {
+    /// Where the objects go, for logs and `check-config`:
+    /// `s3://BUCKET/PREFIX at ENDPOINT` (or `in REGION` for AWS).
+    pub fn describe(&self) -> String {
+        let place = match &self.endpoint {
+            Some(endpoint) => format!("at {endpoint}"),
+            None => format!("in {}", self.region),
+        };
+        format!("s3://{}/{} {place}", self.bucket, self.prefix)
+    }
+
     /// The key prefix as path segments (no empty, `.` or `..` segment).
     pub fn prefix_segments(&self) -> impl Iterator<Item = &str> {
         self.prefix.split('/').filter(|s| !s.is_empty())

@@ -180,7 +180,8 @@ impl Engine {
 
     /// Checks what [`Engine::new`] needs from outside the config (each
     /// upstream's client builds and its `ca_file` reads as PEM; the cache
-    /// directory can be created and written) without opening the cache,
+    /// directory can be created and written; the S3 client of the shared
+    /// tier builds, without a request) without opening the cache,
     /// whose start-up cleans up after a previous process.
     pub fn preflight(config: &Config) -> Result<(), BuildError> {
         for (i, upstream) in config.upstreams.iter().enumerate() {
@@ -189,6 +190,7 @@ impl Engine {
         if !crate::config::dir_is_usable(&config.cache.dir) {
             return Err(BuildFailure::CacheDir(config.cache.dir.to_path_buf()).into());
         }
+        crate::cache::check_shared(&config.cache).map_err(BuildFailure::from)?;
         Ok(())
     }
 
