@@ -443,12 +443,7 @@ impl Shared {
             let Ok(_permit) = shared.uploads.clone().acquire_owned().await else {
                 return;
             };
-            let stop = shared.stop.clone();
-            let uploaded = tokio::select! {
-                uploaded = shared.follow(&digest, size, reader, progress) => uploaded,
-                () = stop.cancelled() => false,
-            };
-            if uploaded {
+            if shared.follow(&digest, size, reader, progress).await {
                 shared.published(&digest, size, vec![holder]).await;
                 tracing::debug!(%digest, size, "stored in the shared cache");
             }
@@ -456,7 +451,8 @@ impl Shared {
     }
 
     /// Follows a download to its end, uploading its bytes; true when the
-    /// object was published (the download was verified).
+    /// object was published (the download was verified). A stop of the
+    /// service aborts the upload.
     async fn follow<E: Clone>(
         &self,
         digest: &Digest,
@@ -464,8 +460,13 @@ impl Shared {
         mut reader: Reader<E>,
         mut progress: watch::Receiver<Progress<E>>,
     ) -> bool {
+        let stop = self.stop.clone();
         if size < PART_SIZE as u64 {
-            if !verified(&mut progress).await {
+            let passed = tokio::select! {
+                passed = verified(&mut progress) => passed,
+                () = stop.cancelled() => false,
+            };
+            if !passed {
                 return false;
             }
             let Some(bytes) = read_all(&mut reader, size).await else {
@@ -473,6 +474,9 @@ impl Shared {
                 return false;
             };
             return self.put_create(digest, bytes, Attributes::new()).await;
+        }
+        if matches!(progress.borrow().state, State::Failed(_)) {
+            return false;
         }
         let key = self.data_key(digest);
         let Some(Ok(upload)) = self
@@ -482,6 +486,34 @@ impl Shared {
             return false;
         };
         let mut upload = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        let sent = tokio::select! {
+            sent = self.send_parts(&mut upload, size, &mut reader, &mut progress) => sent,
+            () = stop.cancelled() => false,
+        };
+        if !sent {
+            return self.abort(upload).await;
+        }
+        match self.attempt("commit", None, upload.finish()).await {
+            Some(Ok(_)) => true,
+            Some(Err(e)) => {
+                self.failed("commit", &e.to_string());
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Hands a download's bytes to `upload` as they arrive (at most
+    /// [`PARTS_IN_FLIGHT`] parts uploading); true once every byte went and
+    /// the download was verified, false when it failed or a part could not
+    /// go (counted).
+    async fn send_parts<E: Clone>(
+        &self,
+        upload: &mut WriteMultipart,
+        size: u64,
+        reader: &mut Reader<E>,
+        progress: &mut watch::Receiver<Progress<E>>,
+    ) -> bool {
         let mut sent = 0;
         loop {
             let (available, state) = {
@@ -489,37 +521,29 @@ impl Shared {
                 (p.available, p.state.clone())
             };
             if matches!(state, State::Failed(_)) {
-                break;
+                return false;
             }
             while sent < available {
                 let len = (available - sent).min(1024 * 1024) as usize;
                 let Ok(bytes) = reader.read(sent, len).await else {
                     self.failed("write", "cannot read a download back");
-                    return self.abort(upload).await;
+                    return false;
                 };
                 sent += bytes.len() as u64;
                 upload.put(bytes);
                 if let Err(e) = upload.wait_for_capacity(PARTS_IN_FLIGHT).await {
                     self.failed("write", &e.to_string());
-                    return self.abort(upload).await;
+                    return false;
                 }
             }
             if matches!(state, State::Verified) && sent == size {
-                return match self.attempt("commit", None, upload.finish()).await {
-                    Some(Ok(_)) => true,
-                    Some(Err(e)) => {
-                        self.failed("commit", &e.to_string());
-                        false
-                    }
-                    None => false,
-                };
+                return true;
             }
             if progress.changed().await.is_err() && sent == available {
                 // The download ended without a verdict.
-                break;
+                return false;
             }
         }
-        self.abort(upload).await
     }
 
     /// Aborts an upload: its parts are dropped, its key never appears.

@@ -235,6 +235,46 @@ async fn a_replica_killed_mid_upload_leaves_no_object() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopped_mid_upload_aborts_it() {
+    // 32 MiB at about 3 MiB/s, and a 1 s grace: the stop lands mid-upload.
+    let data = Bytes::from(pseudo_random_bytes(0x570B, 32 * 1024 * 1024));
+    let slow = SlowBlobServer::start("team/big", data, 64 * 1024, Duration::from_millis(20));
+    let s3 = S3::start("oci-cache").await;
+    let config = ServiceConfig::with(Upstream::new("hub", &slow.url()).retries(0))
+        .top("shutdown_grace = \"1s\"")
+        .shared_cache(&s3.table(PREFIX));
+    let mut a = Spawned::start_with_env(&config.toml(), &S3::ENV);
+    let mut client = a.client().await;
+    let digest = slow.digest();
+    let stream = tokio::spawn(async move {
+        read_blob_discarded(&mut client, blob_request("team/big", &digest)).await
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s3.open_uploads().await == 0 || slow.sent_bytes() < 9 * 1024 * 1024 {
+        assert!(Instant::now() < deadline, "the upload never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.terminate();
+    let status = a
+        .wait_exit(Duration::from_secs(15))
+        .expect("exit after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    assert_eq!(
+        slow.completed_gets(),
+        0,
+        "stopped before the upstream finished"
+    );
+    let _ = stream.await;
+    assert_eq!(
+        s3.open_uploads().await,
+        0,
+        "the upload was aborted; log:\n{}",
+        a.logs()
+    );
+    assert!(objects_of(&s3, &slow.digest()).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_missing_at_once_serve_correct_bytes_into_one_object() {
     let registry = Distribution::start();
     let blob = registry
