@@ -21,9 +21,9 @@ What is taken from the rendering, as the kubelet would:
   - argv: the container's command/args over the Dockerfile's
     ENTRYPOINT/CMD; the binary is bound at the ENTRYPOINT's path
     (/oci-upstream), as in the image;
-  - env: the container's `env` (plain values), plus what the image and the
-    runtime set (PATH, SSL_CERT_FILE and HOME of the distroless image,
-    HOSTNAME);
+  - env: the container's `env` (plain values, and Secret keys with the
+    test values below), plus what the image and the runtime set (PATH,
+    SSL_CERT_FILE and HOME of the distroless image, HOSTNAME);
   - the process: uid/gid from runAsUser/runAsGroup, fsGroup and
     supplementalGroups as its groups, no capabilities when they drop ALL,
     no_new_privs for allowPrivilegeEscalation: false, PID 1 of its own PID
@@ -35,7 +35,8 @@ What is taken from the rendering, as the kubelet would:
     layout (files are links into ..data, mode defaultMode, group fsGroup),
     emptyDir writable, with the kubelet's ownership and mode (root:fsGroup,
     2777). Mount points under another volume are made in that volume, as
-    the kubelet does.
+    the kubelet does. /etc/hosts is the kubelet's (localhost, the pod's
+    hostname), plus the S3 endpoint's host name (see below).
 
 What is changed, and why:
   - config.toml: in a copy for `serve`, only each upstream's `url`, which
@@ -46,10 +47,23 @@ What is changed, and why:
     auth file) with the test registry's credentials (it requires them, so a
     passing FetchManifest proves the credentials were read from the Secret);
     TLS files made with openssl (a CA and a server certificate for
-    127.0.0.1); a random token for each caller's token_file.
+    127.0.0.1); a random token for each caller's token_file; for
+    AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, the keys of the S3 user
+    below; a random value for any other variable from a Secret.
+  - The S3 endpoint (cache.backend = "s3"): moto's S3 (moto_server, with a
+    fix to its signature check, see MOTO_SERVER) takes its place, on the
+    endpoint's port at 127.0.0.2, which the pod's /etc/hosts gives the
+    endpoint's host name in place of the cluster's DNS; the config's
+    [cache.s3] is used as rendered. The bucket is created and
+    overlays/s3/lifecycle.json applied to it; then moto checks every
+    request's signature and permissions, for an IAM user whose only policy
+    is overlays/s3/iam-policy.json. So the service gets through only with
+    the Secret's keys, signing right, and with no permission beyond that
+    policy. https endpoints, virtual-hosted-style requests and temporary
+    credentials (AWS_SESSION_TOKEN) are not emulated.
   - Not emulated: seccomp, cgroup limits (the peak RSS is checked against
     limits.memory instead), the pod network (loopback in its own namespace),
-    the kubelet's /etc/hosts and /etc/resolv.conf.
+    the kubelet's /etc/resolv.conf.
 
 Then: check-config exits 0; `serve` starts; every probe's call
 (grpc.health.v1.Health/Check on its port, with grpcurl and the checked-in
@@ -63,6 +77,25 @@ what was fetched; the peak RSS is below limits.memory; every log line is
 JSON when log_format = "json";
 SIGTERM ends the process with status 0 within the time the kubelet gives it
 (terminationGracePeriodSeconds less the preStop sleep).
+
+With cache.backend = "s3", also: the policy file grants exactly s3:ListBucket,
+GetObject, PutObject, DeleteObject and AbortMultipartUpload on the config's
+bucket and prefix, and moto refuses an unknown key; FetchBlob streams a blob
+large enough for a multipart upload too; afterwards the bucket holds, for
+the manifest, the layer and that blob, <prefix>sha256/<hex>/data with the
+object's size and bytes and the empty holder record
+<prefix>sha256/<hex>/holders/<upstream>/<repository>, and nothing else under
+the prefix; /metrics shows no oci_upstream_cache_backend_errors_total
+{backend="s3"}, and the log says the bucket answers and never that it
+failed. Then a second replica (fresh volumes) starts with the registry
+stopped, and serves the manifest by digest and both blobs as cache hits from
+the bucket, still without backend errors. Then the endpoint stops answering
+(moto is stopped: connections are refused; a bucket that times out is not
+emulated) and the registry is back: the probes still answer SERVING, a blob
+new to the cache streams from the registry, the failures are counted in
+oci_upstream_cache_backend_errors_total{backend="s3"}, and SIGTERM still ends
+the process with status 0 in time. Not exercised: DeleteObject and
+AbortMultipartUpload (eviction, a download that fails its digest).
 """
 
 from __future__ import annotations
@@ -72,6 +105,7 @@ import ctypes
 import gzip
 import hashlib
 import io
+import ipaddress
 import json
 import os
 import re
@@ -110,12 +144,63 @@ IMAGE_ENV = {
 }
 IMAGE_DIRS = ["/home/nonroot"]
 POD_HOSTNAME = "oci-upstream-7d9f8c6b5-check"
+# Where the S3 endpoint's host name points in the pod's /etc/hosts, and moto
+# listens (any loopback address is on `lo`).
+S3_ADDR = "127.0.0.2"
+S3_USER = "oci-upstream"
+# What overlays/s3 gives users to apply to the bucket: the service's IAM
+# policy (the contract's S3 user has exactly it) and the lifecycle rule.
+S3_OVERLAY = DEPLOY / "kubernetes" / "overlays" / "s3"
+S3_ACTIONS = {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"}
+# A blob at least this large goes to the bucket as a multipart upload
+# (src/cache/shared.rs, PART_SIZE); the contract pushes one a bit larger.
+S3_PART_SIZE = 8 * 1024 * 1024
+# moto_server (moto.server.main) with one fix: to check a signature, moto
+# signs the request again from its URL with the query string decoded
+# (prefix=a/ where the client signed prefix=a%2F, as SigV4 wants), so every
+# listing by prefix failed. The fix encodes the query again, as SigV4 does.
+MOTO_SERVER = """
+import sys
+from urllib.parse import quote, unquote, urlsplit
+from moto.iam import access_control
+from moto.server import main
+
+create = access_control.IAMRequestBase._create_aws_request
+
+
+def encode(part):
+    return quote(unquote(part), safe="-_.~")
+
+
+def create_aws_request(self):
+    request = create(self)
+    url = urlsplit(request.url)
+    if url.query:
+        pairs = (pair.partition("=") for pair in url.query.split("&"))
+        request.url = url._replace(query="&".join(f"{encode(k)}={encode(v)}" for k, _, v in pairs)).geturl()
+    return request
+
+
+access_control.IAMRequestBase._create_aws_request = create_aws_request
+main(sys.argv[1:])
+"""
 REGISTRY_ADDR = ("127.0.0.1", 5000)
 REGISTRY_USER = "deploy-check"
 TEST_REPO = "deploy-check/app"
 TEST_TAG = "v1"
 # The kubelet's timestamped dir in ConfigMap/Secret volumes.
 ATOMIC_DIR = "..2026_01_01_00_00_00.000000000"
+# The kubelet's /etc/hosts (the pod's IP is loopback here: its network
+# namespace has only `lo`).
+KUBELET_HOSTS = """# Kubernetes-managed hosts file.
+127.0.0.1\tlocalhost
+::1\tlocalhost ip6-localhost ip6-loopback
+fe00::0\tip6-localnet
+fe00::0\tip6-mcastprefix
+fe00::1\tip6-allnodes
+fe00::2\tip6-allrouters
+127.0.0.1\t{hostname}
+"""
 
 
 def log(message: str) -> None:
@@ -174,15 +259,24 @@ class Registry:
             f"auth:\n  htpasswd:\n    realm: deploy-check\n    path: {self.dir / 'htpasswd'}\n"
         )
         self.log = open(self.dir / "log", "w")
+        self.procs = procs
+        self.start()
+        self.url = f"http://{host}:{port}"
+        self.host = f"{host}:{port}"
+
+    def start(self) -> None:
+        """Starts the registry (again, after stop(): on the same data)."""
         self.proc = subprocess.Popen(
             ["docker-registry", "serve", str(self.dir / "config.yml")],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent,
         )
-        procs.append(self.proc)
+        self.procs.append(self.proc)
         wait_port(REGISTRY_ADDR, 20, self.proc)
-        self.url = f"http://{host}:{port}"
-        self.host = f"{host}:{port}"
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
     def _request(self, method: str, url: str, body: bytes = b"", content_type: str | None = None):
         request = urllib.request.Request(url, data=body if method in ("POST", "PUT") else None, method=method)
@@ -230,6 +324,134 @@ class Registry:
             assert r.status == 201, r.status
         return {"manifest": manifest, "digest": "sha256:" + hashlib.sha256(manifest).hexdigest(),
                 "layer": layer, "layer_digest": layer_digest}
+
+
+class S3Server:
+    """moto (`moto_server`) in place of the S3 endpoint of [cache.s3]: on
+    the endpoint's port, at an address the pod's /etc/hosts gives the
+    endpoint's host name. The bucket is created, lifecycle.json applied,
+    and an IAM user made whose only permissions are iam-policy.json's; then
+    moto checks every request's signature and permissions, so the service
+    gets through only with that user's keys, from the Secret."""
+
+    def __init__(self, s3: dict, workdir: Path, procs: list[subprocess.Popen]):
+        import botocore.session  # moto's own dependency
+        from botocore.config import Config
+
+        endpoint = s3.get("endpoint") or ""
+        if not endpoint:
+            raise ContractFailure("cache.s3.endpoint is empty (AWS S3 itself): no endpoint to stand in for")
+        url = urllib.parse.urlsplit(endpoint)
+        if url.scheme != "http":
+            raise ContractFailure(f"cache.s3.endpoint {endpoint}: only http endpoints are emulated")
+        if s3.get("virtual_hosted_style"):
+            raise ContractFailure("virtual_hosted_style = true is not emulated (bucket.host names)")
+        # Keys start with the prefix's segments (src/config/s3.rs).
+        segments = [part for part in s3.get("prefix", "oci-upstream/").split("/") if part]
+        self.bucket, self.prefix = s3["bucket"], "".join(f"{part}/" for part in segments)
+        self.region = s3.get("region", "us-east-1")
+        port = url.port or 80
+        try:
+            literal = ipaddress.ip_address(url.hostname)
+        except ValueError:
+            literal = None
+        self.hosts: dict[str, str] = {}
+        if literal is None:
+            addr = S3_ADDR
+            self.hosts[url.hostname] = addr
+        else:
+            addr = str(literal)
+            if not literal.is_loopback:
+                subprocess.run(["ip", "addr", "add", f"{addr}/{literal.max_prefixlen}", "dev", "lo"], check=True)
+        self.dir = workdir / "s3"
+        self.dir.mkdir()
+        self.log = open(self.dir / "log", "w")
+        # Path-style requests to this endpoint: moto would take the first
+        # label of a name like minio.storage.svc for a bucket otherwise.
+        env = {**os.environ, "MOTO_S3_CUSTOM_ENDPOINTS": endpoint.rstrip("/")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", MOTO_SERVER, "-H", addr, "-p", str(port)],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+            env=env, preexec_fn=die_with_parent,
+        )
+        procs.append(self.proc)
+        wait_port((addr, port), 30, self.proc)
+        self.url = f"http://{f'[{addr}]' if ':' in addr else addr}:{port}"
+        session = botocore.session.get_session()
+
+        def client(service: str, key: str, secret: str):
+            return session.create_client(
+                service, region_name=self.region, endpoint_url=self.url,
+                aws_access_key_id=key, aws_secret_access_key=secret,
+                config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+
+        # Set up while moto checks nothing yet (its default).
+        iam = client("iam", "setup", "setup")
+        iam.create_user(UserName=S3_USER)
+        key = iam.create_access_key(UserName=S3_USER)["AccessKey"]
+        self.key_id, self.secret = key["AccessKeyId"], key["SecretAccessKey"]
+        policy = json.loads((S3_OVERLAY / "iam-policy.json").read_text())
+        granted = {a for st in policy["Statement"] for a in st["Action"]}
+        resources = {r for st in policy["Statement"] for r in st["Resource"]}
+        require(granted == S3_ACTIONS and {f"arn:aws:s3:::{self.bucket}",
+                                           f"arn:aws:s3:::{self.bucket}/{self.prefix}*"} == resources,
+                f"iam-policy.json grants {', '.join(sorted(S3_ACTIONS))} on bucket {self.bucket!r} "
+                f"and keys under {self.prefix!r}", f"{sorted(granted)} on {sorted(resources)}")
+        iam.put_user_policy(UserName=S3_USER, PolicyName="oci-upstream", PolicyDocument=json.dumps(policy))
+        request = urllib.request.Request(f"{self.url}/{self.bucket}", data=b"", method="PUT",
+                                         headers={"Content-Type": "application/octet-stream"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.status == 200, r.status
+        setup = client("s3", "setup", "setup")
+        setup.put_bucket_lifecycle_configuration(
+            Bucket=self.bucket, LifecycleConfiguration=json.loads((S3_OVERLAY / "lifecycle.json").read_text()))
+        rules = setup.get_bucket_lifecycle_configuration(Bucket=self.bucket)["Rules"]
+        require(any(r.get("Status") == "Enabled"
+                    and r.get("AbortIncompleteMultipartUpload", {}).get("DaysAfterInitiation")
+                    and self.prefix.startswith(r.get("Filter", {}).get("Prefix", r.get("Prefix", "")))
+                    for r in rules),
+                f"lifecycle.json applies: the bucket aborts incomplete multipart uploads under {self.prefix!r}",
+                json.dumps(rules, default=str))
+        # From now on, every request needs a valid signature and permission.
+        request = urllib.request.Request(f"{self.url}/moto-api/reset-auth", data=b"0", method="POST",
+                                         headers={"Content-Type": "text/plain"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.status == 200, r.status
+        self.s3 = client("s3", self.key_id, self.secret)
+        refused = ""
+        try:
+            client("s3", "AKIAUNKNOWNKEY000000", "wrong").list_objects_v2(Bucket=self.bucket)
+        except Exception as e:  # botocore's ClientError
+            refused = str(e)
+        require("InvalidAccessKeyId" in refused or "403" in refused,
+                f"moto on {self.url} for {endpoint} holds bucket {self.bucket!r} and refuses unknown keys",
+                refused or "an unknown key was let in")
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def objects(self) -> dict[str, int]:
+        """Every key under the prefix, with its size (ListObjectsV2:
+        GET /bucket?list-type=2&prefix=...)."""
+        out: dict[str, int] = {}
+        args = {"Bucket": self.bucket, "Prefix": self.prefix}
+        while True:
+            page = self.s3.list_objects_v2(**args)
+            out.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
+            if not page.get("IsTruncated"):
+                return out
+            args["ContinuationToken"] = page["NextContinuationToken"]
+
+    def get(self, key: str) -> bytes:
+        return self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+    def data_key(self, digest: str) -> str:
+        algorithm, hex_digest = digest.split(":", 1)
+        return f"{self.prefix}{algorithm}/{hex_digest}/data"
+
+    def holder_key(self, digest: str, upstream: str, repository: str) -> str:
+        return self.data_key(digest).removesuffix("data") + f"holders/{upstream}/{repository}"
 
 
 class TestPki:
@@ -287,10 +509,25 @@ def write_atomic_volume(root: Path, files: dict[str, bytes], mode: int, gid: int
 class Sandbox:
     """Builds the volumes of one run and the bwrap/setpriv command around argv."""
 
-    def __init__(self, pod: Pod, workdir: Path, config_text: str, secret_values: dict[str, dict[str, bytes]]):
+    def __init__(self, pod: Pod, workdir: Path, config_text: str, secret_values: dict[str, dict[str, bytes]],
+                 hosts: dict[str, str] | None = None):
         self.pod = pod
         self.dir = workdir
         self.dir.mkdir()
+        # env from Secrets, as the kubelet resolves secretKeyRef when the
+        # container starts.
+        self.secret_env: dict[str, str] = {}
+        for var, ref in pod.env_secrets.items():
+            value = secret_values.get(ref["name"], {}).get(ref["key"])
+            if value is None:
+                raise ContractFailure(f"env {var}: Secret {ref['name']} has no key {ref['key']}")
+            self.secret_env[var] = value.decode()
+        # /etc/hosts as the kubelet writes it, plus the names `hosts` maps
+        # (standing in for the cluster's DNS).
+        hosts_file = self.dir / "hosts"
+        hosts_file.write_text(KUBELET_HOSTS.format(hostname=POD_HOSTNAME)
+                              + "".join(f"{ip}\t{name}\n" for name, ip in (hosts or {}).items()))
+        self.files: list[tuple[str, str]] = [(str(hosts_file), "/etc/hosts")]  # (host file, path), read-only
         sec = pod.effective_security()
         self.fs_group = sec["fsGroup"]
         self.binds: list[tuple[str, str, bool]] = []  # (host path, mount path, writable)
@@ -350,8 +587,9 @@ class Sandbox:
         rebuilt on a tmpfs that is made read-only last."""
         nested = {p for _, p, _ in self.binds if any(
             PurePosixPath(o) in PurePosixPath(p).parents for _, o, _ in self.binds)}
+        files = [entrypoint, *(path for _, path in self.files)]
         targets = list(dict.fromkeys(
-            [p for _, p, _ in self.binds if p not in nested] + IMAGE_DIRS + ["/tmp", entrypoint]))
+            [p for _, p, _ in self.binds if p not in nested] + IMAGE_DIRS + ["/tmp", *files]))
         args = ["--tmpfs", "/"]
 
         def leads_to(path: str) -> bool:
@@ -372,9 +610,11 @@ class Sandbox:
 
         mirror("/")
         for t in targets:
-            if t != entrypoint:
+            if t not in files:
                 args.extend(["--dir", t])
         args.extend(["--ro-bind", str(binary), entrypoint])
+        for host, path in self.files:
+            args.extend(["--ro-bind", host, path])
         for host, path, writable in self.binds:
             args.extend(["--bind" if writable else "--ro-bind", host, path])
         args.extend(["--proc", "/proc", "--dev", "/dev"])
@@ -385,7 +625,7 @@ class Sandbox:
     def command(self, binary: Path, argv: list[str], info_fd: int | None = None) -> list[str]:
         pod = self.pod
         sec = pod.effective_security()
-        env = {**IMAGE_ENV, "HOSTNAME": POD_HOSTNAME, **pod.env}
+        env = {**IMAGE_ENV, "HOSTNAME": POD_HOSTNAME, **pod.env, **self.secret_env}
         cmd = ["bwrap", "--unshare-pid", "--as-pid-1", "--unshare-ipc", "--unshare-uts",
                "--hostname", POD_HOSTNAME, "--die-with-parent", "--new-session", "--clearenv"]
         for k, v in env.items():
@@ -461,9 +701,12 @@ def run(mode: str, name: str, rendered: Path, dockerfile: Path, binary: Path, wo
                 p.wait()
 
 
-def test_secrets(pod: Pod, pki: TestPki, registry: Registry | None) -> tuple[dict, dict]:
+def test_secrets(pod: Pod, pki: TestPki, registry: Registry | None,
+                 s3: S3Server | None) -> tuple[dict, dict]:
     """The Secrets' data: what the rendering holds, then a throwaway value
-    for every file the config names. Returns the values and the caller tokens."""
+    for every file the config names and every variable taken from a Secret
+    (the S3 user's keys for the AWS ones). Returns the values and the
+    caller tokens."""
     values: dict[str, dict[str, bytes]] = {
         o["metadata"]["name"]: secret_data(o) for o in pod.objects if o["kind"] == "Secret"}
     tokens: dict[str, str] = {}
@@ -493,6 +736,16 @@ def test_secrets(pod: Pod, pki: TestPki, registry: Registry | None) -> tuple[dic
         else:
             raise ContractFailure(f"{cf.field}: no test value for a {cf.kind} file (the test registry "
                                   "speaks plain HTTP with basic auth)")
+    for var, ref in pod.env_secrets.items():
+        secret = values.setdefault(ref["name"], {})
+        if var == "AWS_ACCESS_KEY_ID":
+            secret[ref["key"]] = (s3.key_id if s3 else "unused").encode()
+        elif var == "AWS_SECRET_ACCESS_KEY":
+            secret[ref["key"]] = (s3.secret if s3 else "unused").encode()
+        elif var == "AWS_SESSION_TOKEN":
+            raise ContractFailure("env AWS_SESSION_TOKEN: temporary credentials are not emulated")
+        else:
+            secret[ref["key"]] = secrets.token_urlsafe(24).encode()
     return values, tokens
 
 
@@ -509,14 +762,22 @@ def _run(mode: str, name: str, rendered: Path, dockerfile: Path, binary: Path, w
           flush=True)
     pki = TestPki(workdir)
     registry = None
+    s3 = None
     if mode == "contract":
         registry = Registry(workdir, procs)
         image = registry.push_image()
         log(f"ok    registry on {registry.url} (htpasswd auth) holds {TEST_REPO}:{TEST_TAG} {image['digest']}")
-    secret_values, tokens = test_secrets(pod, pki, registry)
+        if pod.shared_cache is not None:
+            s3 = S3Server(pod.shared_cache, workdir, procs)
+            # Large enough for a multipart upload to the bucket.
+            image["big"] = os.urandom(S3_PART_SIZE + 1024 * 1024)
+            image["big_digest"] = registry.push_blob(image["big"])
+            log(f"ok    registry holds a {len(image['big']) // 2**20} MiB blob {image['big_digest']} as well")
+    secret_values, tokens = test_secrets(pod, pki, registry, s3)
+    hosts = s3.hosts if s3 else {}
 
     # check-config, on the config as rendered, with every volume in place.
-    sandbox = Sandbox(pod, workdir / "check-config", pod.config_text, secret_values)
+    sandbox = Sandbox(pod, workdir / "check-config", pod.config_text, secret_values, hosts)
     result = subprocess.run(sandbox.command(binary, [pod.argv[0], "check-config", pod.config_path]),
                             capture_output=True, text=True, timeout=60)
     require(result.returncode == 0, f"check-config {pod.config_path} in the pod's filesystem",
@@ -542,118 +803,267 @@ def _run(mode: str, name: str, rendered: Path, dockerfile: Path, binary: Path, w
     require(without_urls(config_text) == without_urls(pod.config_text),
             f"the serve config differs from the rendered one in upstream urls only (now {registry.url})")
 
-    sandbox = Sandbox(pod, workdir / "serve", config_text, secret_values)
-    read_fd, write_fd = os.pipe()
-    stdout = open(workdir / "serve.stdout", "w+")
-    stderr = open(workdir / "serve.stderr", "w+")
-    started = time.monotonic()
-    proc = subprocess.Popen(sandbox.command(binary, pod.argv, info_fd=write_fd), pass_fds=(write_fd,),
-                            stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                            preexec_fn=die_with_parent)
-    procs.append(proc)
-    os.close(write_fd)
-    with os.fdopen(read_fd) as info:
-        # bwrap writes {"child-pid": N, ...} over a few lines, then closes it.
-        pid = json.loads(info.read())["child-pid"]
-
-    def logs() -> str:
-        stderr.flush()
-        return Path(stderr.name).read_text()
-
+    first = Serve(pod, binary, workdir, "serve", config_text, secret_values, hosts, procs)
     try:
-        _calls(pod, proc, pid, started, image, pki, tokens, sandbox, logs)
+        _calls(pod, first, image, pki, tokens, s3)
     except ContractFailure as e:
-        raise ContractFailure(f"{e}\n--- the service's log (end) ---\n{logs()[-4000:]}") from None
+        raise ContractFailure(f"{e}\n--- the service's log (end) ---\n{first.logs()[-4000:]}") from None
+    if s3 is None:
+        return
+    # Another replica, or this one rescheduled: an empty cache volume, and
+    # no upstream to fall back on. What it serves comes from the bucket.
+    registry.stop()
+    second = Serve(pod, binary, workdir, "serve-2", config_text, secret_values, hosts, procs)
+    try:
+        _from_bucket(pod, second, image, pki, tokens, s3, registry)
+    except ContractFailure as e:
+        raise ContractFailure(f"{e}\n--- the second replica's log (end) ---\n{second.logs()[-4000:]}") from None
 
 
-def _calls(pod, proc, pid, started, image, pki, tokens, sandbox, logs) -> None:
+class Serve:
+    """One `serve` process in a sandbox of its own (fresh volumes)."""
+
+    def __init__(self, pod: Pod, binary: Path, workdir: Path, name: str, config_text: str,
+                 secret_values: dict, hosts: dict[str, str], procs: list[subprocess.Popen]):
+        self.name = name
+        self.sandbox = Sandbox(pod, workdir / name, config_text, secret_values, hosts)
+        read_fd, write_fd = os.pipe()
+        self.stdout = open(workdir / f"{name}.stdout", "w+")
+        self.stderr = open(workdir / f"{name}.stderr", "w+")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(self.sandbox.command(binary, pod.argv, info_fd=write_fd), pass_fds=(write_fd,),
+                                     stdin=subprocess.DEVNULL, stdout=self.stdout, stderr=self.stderr,
+                                     preexec_fn=die_with_parent)
+        procs.append(self.proc)
+        os.close(write_fd)
+        with os.fdopen(read_fd) as info:
+            # bwrap writes {"child-pid": N, ...} over a few lines, then closes it.
+            self.pid = json.loads(info.read())["child-pid"]
+
+    def logs(self) -> str:
+        self.stderr.flush()
+        return Path(self.stderr.name).read_text()
+
+
+def wait_ready(pod: Pod, serve: Serve) -> None:
     probes = pod.probes()
     # Readiness as the kubelet waits for it: within the startup probe's budget.
     startup = probes.get("startupProbe") or probes["readinessProbe"]
     budget = min(60, startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3))
     deadline = time.monotonic() + budget
     while True:
-        if proc.poll() is not None:
-            raise ContractFailure(f"serve exited with {proc.returncode} before it was ready")
+        if serve.proc.poll() is not None:
+            raise ContractFailure(f"serve exited with {serve.proc.returncode} before it was ready")
         if serving(probe_call(probes["readinessProbe"])):
             break
         if time.monotonic() > deadline:
             raise ContractFailure(f"the readiness probe did not answer SERVING within {budget} s")
         time.sleep(0.2)
-    log(f"ok    ready after {time.monotonic() - started:.1f} s")
+    log(f"ok    ready after {time.monotonic() - serve.started:.1f} s")
     for kind, probe in probes.items():
         result = probe_call(probe)
         require(serving(result), f"{kind}: grpc.health.v1.Health/Check on port {probe['grpc']['port']} "
                                  "answers SERVING", result.stdout + result.stderr)
 
-    _, listen_port = split_address(pod.listen)
-    target = f"127.0.0.1:{listen_port}"
-    tls = pod.config.get("tls")
-    transport = ["-cacert", str(pki.ca)] if tls else ["-plaintext"]
-    if tls and tls.get("client_ca_file"):
-        raise ContractFailure("mTLS (tls.client_ca_file) is not exercised: no client certificate is made")
-    auth: list[str] = []
-    callers = pod.config.get("callers") or []
-    if callers:
-        caller = next((c for c in callers if c.get("token_file")
-                       and "**" in c.get("repositories", ["**"]) and not c.get("exclude")), None)
-        if caller is None:
-            raise ContractFailure(f"no caller with a token_file may read {TEST_REPO}")
-        auth = ["-H", f"authorization: Bearer {tokens[caller['token_file']]}"]
-    request = json.dumps({"repository": TEST_REPO, "reference": TEST_TAG})
 
-    result = grpcurl([*transport, *auth, "-d", request, target, "oci.upstream.v1.UpstreamService/FetchManifest"])
-    answer = json.loads(result.stdout) if result.returncode == 0 else {}
+class Client:
+    """How a caller reaches the service: the address, TLS, a token."""
+
+    def __init__(self, pod: Pod, pki: TestPki, tokens: dict[str, str]):
+        _, listen_port = split_address(pod.listen)
+        self.target = f"127.0.0.1:{listen_port}"
+        self.tls = pod.config.get("tls")
+        self.transport = ["-cacert", str(pki.ca)] if self.tls else ["-plaintext"]
+        if self.tls and self.tls.get("client_ca_file"):
+            raise ContractFailure("mTLS (tls.client_ca_file) is not exercised: no client certificate is made")
+        self.auth: list[str] = []
+        self.callers = pod.config.get("callers") or []
+        self.caller = None
+        if self.callers:
+            self.caller = next((c for c in self.callers if c.get("token_file")
+                                and "**" in c.get("repositories", ["**"]) and not c.get("exclude")), None)
+            if self.caller is None:
+                raise ContractFailure(f"no caller with a token_file may read {TEST_REPO}")
+            self.auth = ["-H", f"authorization: Bearer {tokens[self.caller['token_file']]}"]
+
+    def call(self, method: str, request: dict, with_token: bool = True) -> subprocess.CompletedProcess:
+        return grpcurl([*self.transport, *(self.auth if with_token else []), "-d", json.dumps(request),
+                        self.target, f"oci.upstream.v1.UpstreamService/{method}"])
+
+    def manifest(self, reference: str) -> tuple[dict, str]:
+        result = self.call("FetchManifest", {"repository": TEST_REPO, "reference": reference})
+        return (json.loads(result.stdout) if result.returncode == 0 else {}), result.stdout + result.stderr
+
+    def blob(self, digest: str) -> tuple[bytes, dict, str]:
+        """The blob's bytes, its BlobInfo, and grpcurl's output (for errors)."""
+        result = self.call("FetchBlob", {"repository": TEST_REPO, "digest": digest})
+        messages = json_stream(result.stdout) if result.returncode == 0 else []
+        data = b"".join(base64.b64decode(m.get("data", "")) for m in messages)
+        info = next((m["info"] for m in messages if "info" in m), {})
+        return data, info, result.stdout[-500:] + result.stderr
+
+
+def scrape(pod: Pod) -> tuple[str, str]:
+    _, metrics_port = split_address(pod.metrics_listen)
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        return r.read().decode(), r.headers.get("Content-Type", "")
+
+
+def s3_errors(body: str) -> dict[str, float]:
+    """oci_upstream_cache_backend_errors_total{backend="s3",...}, by operation."""
+    out: dict[str, float] = {}
+    for line in body.splitlines():
+        if line.startswith("oci_upstream_cache_backend_errors_total{") and 'backend="s3"' in line:
+            operation = re.search(r'operation="([^"]*)"', line)
+            out[operation.group(1) if operation else "?"] = float(line.split()[-1])
+    return out
+
+
+def _calls(pod: Pod, serve: Serve, image: dict, pki: TestPki, tokens: dict, s3: S3Server | None) -> None:
+    wait_ready(pod, serve)
+    client = Client(pod, pki, tokens)
+    tls, callers, caller = client.tls, client.callers, client.caller
+
+    answer, output = client.manifest(TEST_TAG)
     require(answer.get("digest") == image["digest"]
             and base64.b64decode(answer.get("manifest", "")) == image["manifest"],
             f"FetchManifest {TEST_REPO}:{TEST_TAG} on {'TLS' if tls else 'plaintext'} gRPC"
             f"{' with the token of caller ' + caller['name'] if callers else ''} "
             f"returns the pushed manifest from upstream {answer.get('source', {}).get('upstream')!r}",
-            result.stdout + result.stderr)
-    blob_request = json.dumps({"repository": TEST_REPO, "digest": image["layer_digest"]})
-    result = grpcurl([*transport, *auth, "-d", blob_request, target, "oci.upstream.v1.UpstreamService/FetchBlob"])
-    data = b"".join(base64.b64decode(m.get("data", "")) for m in json_stream(result.stdout)) \
-        if result.returncode == 0 else b""
-    require(data == image["layer"], "FetchBlob streams the pushed layer (stored in the cache volume)",
-            result.stdout[-500:] + result.stderr)
+            output)
+    upstream = answer.get("source", {}).get("upstream", "")
+    data, _, output = client.blob(image["layer_digest"])
+    require(data == image["layer"], "FetchBlob streams the pushed layer (stored in the cache volume)", output)
+    if s3 is not None:
+        data, _, output = client.blob(image["big_digest"])
+        require(data == image["big"], f"FetchBlob streams the {len(image['big']) // 2**20} MiB blob", output)
     if callers:
-        result = grpcurl([*transport, "-d", request, target, "oci.upstream.v1.UpstreamService/FetchManifest"])
+        result = client.call("FetchManifest", {"repository": TEST_REPO, "reference": TEST_TAG}, with_token=False)
         require("Unauthenticated" in result.stdout + result.stderr, "a call without a token is Unauthenticated",
                 result.stdout + result.stderr)
     if tls:
-        result = grpcurl(["-plaintext", "-d", request, target, "oci.upstream.v1.UpstreamService/FetchManifest"])
+        result = grpcurl(["-plaintext", "-d", json.dumps({"repository": TEST_REPO, "reference": TEST_TAG}),
+                          client.target, "oci.upstream.v1.UpstreamService/FetchManifest"])
         require(result.returncode != 0, "a plaintext call to the TLS port fails", result.stdout)
 
+    if s3 is not None:
+        _in_bucket(s3, image, upstream)
+
     if pod.metrics_listen:
-        _, metrics_port = split_address(pod.metrics_listen)
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-            body, ctype = r.read().decode(), r.headers.get("Content-Type", "")
+        body, ctype = scrape(pod)
         handled = [line for line in body.splitlines() if line.startswith("grpc_server_handled_total{")
                    and 'grpc_method="FetchManifest"' in line and 'grpc_code="OK"' in line]
         require(ctype.startswith("text/plain") and handled and float(handled[0].split()[-1]) >= 1
                 and "oci_upstream_build_info" in body,
-                f"GET /metrics on {metrics_port} answers ({ctype}) and counts the FetchManifest")
+                f"GET /metrics on {split_address(pod.metrics_listen)[1]} answers ({ctype}) "
+                "and counts the FetchManifest")
+        if s3 is not None:
+            errors = s3_errors(body)
+            require(not any(errors.values()), "no oci_upstream_cache_backend_errors_total{backend=\"s3\"}",
+                    str(errors))
+    if s3 is not None:
+        log_text = serve.logs()
+        require("the shared cache (S3) answers" in log_text and "the shared cache (S3) failed" not in log_text,
+                "the log says the shared cache (S3) answers, and never that it failed")
 
-    written = [p for p in sandbox.cache_host.rglob("*") if p.is_file()] if sandbox.cache_host else []
-    require(bool(written), f"the cache volume at {pod.cache_dir} holds {len(written)} files")
+    cache_files(pod, serve)
     limit = ((pod.container.get("resources") or {}).get("limits") or {}).get("memory")
-    rss = peak_rss(pid)
+    rss = peak_rss(serve.pid)
     if limit:
         require(rss < parse_quantity(limit), f"peak RSS {rss / 2**20:.0f} MiB < limits.memory {limit}")
+    stop(pod, serve)
 
-    # SIGTERM, as the kubelet sends it after the preStop hook, with what is
-    # left of the grace period.
+
+def _in_bucket(s3: S3Server, image: dict, upstream: str) -> None:
+    """What the calls left in the bucket: each object's data under
+    <prefix>sha256/<hex>/data with its size and bytes, and its holder record
+    <prefix>sha256/<hex>/holders/<upstream>/<repository>. Uploads run in the
+    background after the calls: waits for them."""
+    wanted = {"manifest": (image["digest"], image["manifest"]), "layer": (image["layer_digest"], image["layer"]),
+              "multipart blob": (image["big_digest"], image["big"])}
+    keys = {s3.data_key(d): len(b) for d, b in wanted.values()}
+    keys.update({s3.holder_key(d, upstream, TEST_REPO): 0 for d, _ in wanted.values()})
+    deadline = time.monotonic() + 20
+    while True:
+        found = s3.objects()
+        if all(k in found for k in keys) or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    for what, (digest, content) in wanted.items():
+        key = s3.data_key(digest)
+        require(found.get(key) == len(content) and s3.get(key) == content,
+                f"the bucket holds the {what} at {key} ({len(content)} bytes)",
+                f"size {found.get(key)}; under the prefix: {sorted(found)}")
+        holder = s3.holder_key(digest, upstream, TEST_REPO)
+        require(found.get(holder) == 0, f"and its holder record {holder.removeprefix(key.removesuffix('data'))}",
+                f"under the prefix: {sorted(found)}")
+    stray = sorted(set(found) - set(keys))
+    require(not stray, f"nothing else under {s3.prefix} ({len(found)} keys)", ", ".join(stray))
+
+
+def _from_bucket(pod: Pod, serve: Serve, image: dict, pki: TestPki, tokens: dict, s3: S3Server,
+                 registry: Registry) -> None:
+    """A second replica with an empty cache volume, the registry gone:
+    serves the manifest by digest and the blobs from the bucket. Then the
+    bucket goes and the registry is back: it serves from the registry."""
+    log("      a second replica: an empty cache volume, the registry stopped")
+    wait_ready(pod, serve)
+    client = Client(pod, pki, tokens)
+    answer, output = client.manifest(image["digest"])
+    require(answer.get("digest") == image["digest"] and answer.get("source", {}).get("cacheHit") is True
+            and base64.b64decode(answer.get("manifest", "")) == image["manifest"],
+            f"FetchManifest {TEST_REPO}@{image['digest'][:19]}... is a cache hit from the bucket", output)
+    for what, digest, content in (("layer", image["layer_digest"], image["layer"]),
+                                  (f"{len(image['big']) // 2**20} MiB blob", image["big_digest"], image["big"])):
+        data, info, output = client.blob(digest)
+        require(data == content and info.get("source", {}).get("cacheHit") is True,
+                f"FetchBlob streams the {what} from the bucket (a cache hit)", output)
+    if pod.metrics_listen:
+        errors = s3_errors(scrape(pod)[0])
+        require(not any(errors.values()), "no oci_upstream_cache_backend_errors_total{backend=\"s3\"}",
+                str(errors))
+    cache_files(pod, serve)
+
+    log("      the bucket's endpoint stops answering (connections refused), the registry is back")
+    s3.stop()
+    registry.start()
+    fresh = os.urandom(256 * 1024)
+    digest = registry.push_blob(fresh)
+    t0 = time.monotonic()
+    data, info, output = client.blob(digest)
+    took = time.monotonic() - t0
+    require(data == fresh and not info.get("source", {}).get("cacheHit"),
+            f"FetchBlob streams a blob new to the cache from the registry, in {took:.1f} s", output)
+    for kind, probe in pod.probes().items():
+        result = probe_call(probe)
+        require(serving(result), f"{kind} still answers SERVING", result.stdout + result.stderr)
+    if pod.metrics_listen:
+        errors = s3_errors(scrape(pod)[0])
+        require(sum(errors.values()) >= 1, "the failures count in oci_upstream_cache_backend_errors_total"
+                f"{{backend=\"s3\"}} ({', '.join(f'{k}: {v:g}' for k, v in sorted(errors.items()))})", str(errors))
+    stop(pod, serve)
+
+
+def cache_files(pod: Pod, serve: Serve) -> None:
+    host = serve.sandbox.cache_host
+    written = [p for p in host.rglob("*") if p.is_file()] if host else []
+    require(bool(written), f"the cache volume at {pod.cache_dir} holds {len(written)} files")
+
+
+def stop(pod: Pod, serve: Serve) -> None:
+    """SIGTERM, as the kubelet sends it after the preStop hook, with what is
+    left of the grace period; then the log's format."""
     budget = pod.termination_grace_s - pod.prestop_sleep_s
-    os.kill(pid, signal.SIGTERM)
+    os.kill(serve.pid, signal.SIGTERM)
     t0 = time.monotonic()
     try:
-        code = proc.wait(timeout=budget)
+        code = serve.proc.wait(timeout=budget)
     except subprocess.TimeoutExpired:
         raise ContractFailure(f"still running {budget} s after SIGTERM (the kubelet would SIGKILL it)") from None
     require(code == 0, f"SIGTERM: exit status 0 after {time.monotonic() - t0:.1f} s "
                        f"(the kubelet allows {budget} s)", f"status {code}")
     if pod.config.get("log_format") == "json":
-        lines = [line for line in logs().splitlines() if line.strip()]
+        lines = [line for line in serve.logs().splitlines() if line.strip()]
         bad = []
         for line in lines:
             try:

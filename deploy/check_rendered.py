@@ -11,9 +11,15 @@ ConfigMap; probe, container, Service and NetworkPolicy ports agree with the
 config's listen addresses; the security context; the cache volume at
 cache.dir with room above cache.max_size; the grace period above the drain
 time; every file the config names is on a Secret or ConfigMap volume (never
-a subPath mount); HPA, PDB, topology spread and labels. deploy/check runs it
-for every rendering; check_contract.py then runs the pod for real with the
-helpers below.
+a subPath mount); environment variables are plain values or Secret keys
+that exist, and the AWS credential variables never plain values; no
+ConfigMap holds a Secret's value, a credential key or an AWS access key id;
+with cache.backend = "s3", a [cache.s3] bucket and no unknown key, an
+endpoint without credentials in it (allow_http for http), the access key
+pair from one Secret (or, with IRSA's ServiceAccount annotation, no static
+key to override the role), and egress to the endpoint's port; HPA, PDB,
+topology spread and labels. deploy/check runs it for every rendering;
+check_contract.py then runs the pod for real with the helpers below.
 
 Each assertion prints when it fails (all of them with DEPLOY_CHECK_VERBOSE=1).
 Values are parsed as the service parses them (humantime durations,
@@ -46,6 +52,14 @@ EXIT_AFTER_GRACE_S = 5
 CONFIG_ENV = "OCI_UPSTREAM_CONFIG"
 LISTEN_ENV = "OCI_UPSTREAM_LISTEN"
 CACHE_DIR_ENV = "OCI_UPSTREAM_CACHE_DIR"
+# The AWS environment the S3 client reads credentials from (object_store's
+# AmazonS3Builder::from_env): secret material, so from a Secret, never a value.
+AWS_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# The keys of [cache.s3] (src/config/s3.rs; it denies any other).
+S3_KEYS = {"bucket", "prefix", "endpoint", "region", "allow_http", "virtual_hosted_style"}
+# The ServiceAccount annotation EKS's pod identity webhook turns into web
+# identity credentials (AWS_ROLE_ARN, AWS_WEB_IDENTITY_TOKEN_FILE).
+IRSA_ANNOTATION = "eks.amazonaws.com/role-arn"
 # What the pods must run as (DESIGN section 7).
 RUN_AS = 65532
 # Kinds that come from CRDs: kubernetes-validate has no schema for them.
@@ -341,10 +355,14 @@ class Pod:
         else:
             self.argv = entrypoint + list(self.container.get("args", cmd))
         self.env: dict[str, str] = {}
+        # Variables from a Secret's key (valueFrom.secretKeyRef): name -> the ref.
+        self.env_secrets: dict[str, dict] = {}
         self.env_unsupported: list[str] = []
         for e in self.container.get("env") or []:
             if "value" in e:
                 self.env[e["name"]] = str(e["value"])
+            elif "secretKeyRef" in (e.get("valueFrom") or {}):
+                self.env_secrets[e["name"]] = e["valueFrom"]["secretKeyRef"]
             elif "valueFrom" in e:
                 self.env_unsupported.append(e["name"])
             else:
@@ -404,6 +422,12 @@ class Pod:
     @property
     def cache_max_size(self) -> int:
         return parse_bytesize((self.config.get("cache") or {}).get("max_size", DEFAULT_CACHE_MAX_SIZE))
+
+    @property
+    def shared_cache(self) -> dict | None:
+        """[cache.s3] when cache.backend = "s3" (the shared tier), else None."""
+        cache = self.config.get("cache") or {}
+        return (cache.get("s3") or {}) if cache.get("backend", "disk") == "s3" else None
 
     @property
     def prestop_sleep_s(self) -> int:
@@ -487,6 +511,18 @@ def url_port(url: str) -> int:
     return int(m.group(3)) if m.group(3) else (443 if m.group(1) == "https" else 80)
 
 
+def config_keys(table: dict, prefix: str = "") -> list[str]:
+    """Every key of a TOML document, dotted ("cache.s3.bucket"; "upstreams.auth.file" for arrays)."""
+    out: list[str] = []
+    for key, value in table.items():
+        path = f"{prefix}{key}"
+        out.append(path)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict):
+                out.extend(config_keys(item, path + "."))
+    return out
+
+
 def check_rendered(name: str, path: Path, dockerfile: Path, cargo_version: str) -> list[str]:
     f = Failures(name)
     objects = load_objects(path)
@@ -504,8 +540,21 @@ def check_rendered(name: str, path: Path, dockerfile: Path, cargo_version: str) 
     cm_name = pod.config_map["metadata"]["name"]
     f.check(re.search(r"-[a-z0-9]{10}$", cm_name) is not None,
             f"config {pod.config_path} from ConfigMap {cm_name}, named by a content hash (configMapGenerator)")
-    f.check(not pod.env_unsupported, "env holds plain values only (the contract run passes them as they are)",
-            ", ".join(pod.env_unsupported))
+    f.check(not pod.env_unsupported,
+            "env holds plain values and Secret keys only (the contract run passes the values as they are, "
+            "test values for the Secrets')", ", ".join(pod.env_unsupported))
+    secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
+    external: set[str] = set()
+    for var, ref in pod.env_secrets.items():
+        f.check(not ref.get("optional"), f"env {var} from Secret {ref['name']} is not optional")
+        if ref["name"] in secrets:
+            data = secret_data(secrets[ref["name"]])
+            f.check(ref["key"] in data, f"Secret {ref['name']} has key {ref['key']} for env {var}", str(sorted(data)))
+        else:
+            external.add(ref["name"])
+    plain = [v for v in AWS_CREDENTIAL_ENV if v in pod.env]
+    f.check(not plain, f"no AWS credential variable ({', '.join(AWS_CREDENTIAL_ENV)}) has a plain value",
+            ", ".join(plain))
     f.check(pod.config.get("log_format") == "json", "log_format = \"json\"", str(pod.config.get("log_format")))
 
     # Listen addresses reachable from outside the pod, on the declared ports.
@@ -581,8 +630,6 @@ def check_rendered(name: str, path: Path, dockerfile: Path, cargo_version: str) 
     for mount in pod.mounts:
         if mount.kind in ("secret", "configMap", "projected"):
             f.check(mount.sub_path is None, f"{mount.kind} volume {mount.name} at {mount.path} mounted whole (no subPath)")
-    secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
-    external: set[str] = set()
     for cf in pod.files():
         held = mount_holding(cf.path, pod.mounts)
         if not f.check(held is not None and held[0].kind in ("secret", "projected"),
@@ -609,12 +656,62 @@ def check_rendered(name: str, path: Path, dockerfile: Path, cargo_version: str) 
                         f"Secret {secret_name} is a kubernetes.io/dockerconfigjson Secret")
         else:
             external.add(secret_name)
+
+    # No secret material in a ConfigMap: no Secret's value, no credential key
+    # in the config, no AWS access key id.
+    maps = [o for o in objects if o["kind"] == "ConfigMap"]
+    map_text = "\n".join(str(v) for m in maps for v in (m.get("data") or {}).values())
+    leaked = sorted({f"{name}/{key}" for name, secret in secrets.items()
+                     for key, value in secret_data(secret).items()
+                     if len(value.strip()) >= 8 and value.strip().decode(errors="replace") in map_text})
+    f.check(not leaked, "no Secret's value appears in a ConfigMap", ", ".join(leaked))
+    credential_keys = [k for k in config_keys(pod.config) if not k.endswith("_file") and re.search(
+        r"(secret|password|passwd|access_key|session_token|credential)", k.rsplit(".", 1)[-1])]
+    f.check(not credential_keys, "the config holds no credential keys (only *_file paths to Secret files)",
+            ", ".join(credential_keys))
+    f.check(re.search(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b", map_text) is None, "no AWS access key id in a ConfigMap")
+
+    # The shared cache on S3 (cache.backend = "s3"): the bucket, the
+    # endpoint, and credentials from a Secret or the pod's identity.
+    sas = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ServiceAccount"}
+    sa_name = pod.spec.get("serviceAccountName")
+    s3 = pod.shared_cache
+    if s3 is not None:
+        bucket = s3.get("bucket")
+        f.check(isinstance(bucket, str) and bucket.strip() != "",
+                f"cache.backend = \"s3\" with a [cache.s3] bucket ({bucket!r})")
+        f.check(set(s3) <= S3_KEYS, "[cache.s3] holds only the keys the service knows (no credentials)",
+                ", ".join(sorted(set(s3) - S3_KEYS)))
+        endpoint = s3.get("endpoint") or ""
+        if endpoint:
+            f.check(re.match(r"https?://[^/@]+(/|$)", endpoint) is not None,
+                    f"cache.s3.endpoint {endpoint} is an http(s) URL without credentials in it")
+            if endpoint.startswith("http://"):
+                f.check(s3.get("allow_http") is True, f"the http endpoint {endpoint} comes with allow_http = true")
+        irsa = IRSA_ANNOTATION in ((sas.get(sa_name) or {}).get("metadata", {}).get("annotations") or {})
+        static = [v for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if v in pod.env_secrets]
+        if irsa:
+            # object_store prefers static keys to web identity: any left over
+            # would win over the role.
+            f.check(not static and "AWS_ACCESS_KEY_ID" not in pod.env,
+                    f"ServiceAccount {sa_name} has {IRSA_ANNOTATION} and no static key overrides it",
+                    ", ".join(static))
+        else:
+            refs = [pod.env_secrets.get(v) for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+            f.check(all(refs) and refs[0]["name"] == refs[1]["name"],
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY come from one Secret (secretKeyRef)",
+                    ", ".join(sorted(pod.env_secrets)) or "neither is set from a Secret")
+            token = pod.env_secrets.get("AWS_SESSION_TOKEN")
+            if token:
+                f.check(all(refs) and token["name"] == refs[0]["name"], "AWS_SESSION_TOKEN comes from the same Secret")
+        key_secret = (pod.env_secrets.get("AWS_ACCESS_KEY_ID") or {}).get("name")
+        print(f"  note  shared cache: bucket {bucket!r}, prefix {s3.get('prefix', 'oci-upstream/')!r}, "
+              f"{'endpoint ' + endpoint if endpoint else 'AWS S3 in ' + s3.get('region', 'us-east-1')}, "
+              f"credentials {'by IRSA' if irsa else f'from Secret {key_secret}'}")
     if external:
         print(f"  note  Secrets the cluster must provide (not rendered): {', '.join(sorted(external))}")
 
     # The ServiceAccount, with no API token.
-    sa_name = pod.spec.get("serviceAccountName")
-    sas = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ServiceAccount"}
     f.check(sa_name in sas, f"ServiceAccount {sa_name} is rendered")
     f.check(pod.spec.get("automountServiceAccountToken") is False, "no service account token mounted")
 
@@ -679,6 +776,11 @@ def check_rendered(name: str, path: Path, dockerfile: Path, cargo_version: str) 
                                 port = url_port(u[key])
                                 f.check(port_allowed(egress, port, "TCP", ports),
                                         f"egress allows upstream {u['name']}'s {key} port {port}")
+                if pod.shared_cache is not None:
+                    endpoint = pod.shared_cache.get("endpoint") or ""
+                    port = url_port(endpoint) if endpoint else 443
+                    f.check(port_allowed(egress, port, "TCP", ports),
+                            f"egress allows the S3 endpoint's port {port} ({endpoint or 'AWS S3'})")
                 if pod.config.get("otlp_endpoint"):
                     port = url_port(pod.config["otlp_endpoint"])
                     f.check(port_allowed(egress, port, "TCP", ports), f"egress allows otlp_endpoint's port {port}")
