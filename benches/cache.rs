@@ -92,14 +92,14 @@ async fn run(plan: Plan) {
         .shared_cache(&s3.table("bench/"))
         .toml();
     let shared_env = [env[0], S3::ENV[0], S3::ENV[1]];
+    let key = format!(
+        "bench/sha256/{}/data",
+        blob.digest.trim_start_matches("sha256:")
+    );
     {
         let filler = Spawned::start_with_env(&shared_config, &shared_env);
         let mut client = filler.client().await;
         fetch_blob(&mut client, &blob.digest, false).await;
-        let key = format!(
-            "bench/sha256/{}/data",
-            blob.digest.trim_start_matches("sha256:")
-        );
         let deadline = Instant::now() + Duration::from_secs(120);
         while !s3
             .objects("bench/")
@@ -115,10 +115,11 @@ async fn run(plan: Plan) {
         }
     }
 
-    let (mut direct, mut cold, mut warm, mut shared) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut direct, mut cold, mut warm, mut shared, mut bucket) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..plan.runs {
         direct.push(direct_get(&http, &url, plan.size).await);
+        bucket.push(timed_get(s3.get_request(&key), plan.size).await);
 
         let cold_service = Spawned::start_with_env(&config, &env);
         let mut client = cold_service.client().await;
@@ -162,14 +163,16 @@ async fn run(plan: Plan) {
         plan.size / MIB,
         plan.runs
     );
-    let (direct_m, cold_m, warm_m, shared_m) = (
+    let (direct_m, cold_m, warm_m, shared_m, bucket_m) = (
         median(&direct),
         median(&cold),
         median(&warm),
         median(&shared),
+        median(&bucket),
     );
     for (name, runs, m) in [
         ("direct HTTP GET (registry)", &direct, direct_m),
+        ("direct HTTP GET (bucket, moto)", &bucket, bucket_m),
         ("cold FetchBlob (fresh cache)", &cold, cold_m),
         ("warm FetchBlob (cache hit)", &warm, warm_m),
         ("FetchBlob from S3 tier (moto)", &shared, shared_m),
@@ -189,20 +192,28 @@ async fn run(plan: Plan) {
         rate(warm_m) / rate(cold_m),
     );
     println!(
-        "  shared tier (empty disk store, blob in the bucket): s3/direct {:.2}, s3/warm-disk {:.2}",
+        "  shared tier (empty disk store, blob in the bucket): s3/direct {:.2}, s3/warm-disk {:.2}, s3/bucket-GET {:.2}",
         rate(shared_m) / rate(direct_m),
         rate(shared_m) / rate(warm_m),
+        rate(shared_m) / rate(bucket_m),
     );
 }
 
 /// GETs the blob straight from the registry, streaming and discarding it;
 /// returns how long it took to the last byte.
 async fn direct_get(http: &reqwest::Client, url: &str, size: u64) -> Duration {
+    timed_get(http.get(url), size).await
+}
+
+/// Sends `request`, streaming and discarding the body; returns how long it
+/// took to the last byte.
+async fn timed_get(request: reqwest::RequestBuilder, size: u64) -> Duration {
     let started = Instant::now();
-    let mut response = http.get(url).send().await.expect("GET the blob");
+    let mut response = request.send().await.expect("GET the blob");
     assert!(
         response.status().is_success(),
-        "GET {url}: {}",
+        "GET {}: {}",
+        response.url(),
         response.status()
     );
     let mut bytes = 0u64;

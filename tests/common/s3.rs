@@ -202,14 +202,15 @@ impl S3 {
         objects
     }
 
+    /// A GET of the object under `key` (streamed by whoever sends it).
+    pub fn get_request(&self, key: &str) -> reqwest::RequestBuilder {
+        self.http
+            .get(format!("{}/{}/{key}", self.endpoint(), self.bucket))
+    }
+
     /// The bytes under `key`.
     pub async fn get(&self, key: &str) -> Vec<u8> {
-        let response = self
-            .http
-            .get(format!("{}/{}/{key}", self.endpoint(), self.bucket))
-            .send()
-            .await
-            .expect("get an object");
+        let response = self.get_request(key).send().await.expect("get an object");
         assert!(
             response.status().is_success(),
             "GET {key}: {}",
