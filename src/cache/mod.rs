@@ -199,6 +199,11 @@ impl<E: Clone + Send + Sync + From<CacheError> + 'static> Cache<E> {
             config.tag_ttl,
             config.stale_if_error,
         )?;
+        if let Some(shared) = &shared {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                shared.probe();
+            }
+        }
         Ok(Self {
             store: Arc::new(store),
             tags: Arc::new(tags),
@@ -206,11 +211,7 @@ impl<E: Clone + Send + Sync + From<CacheError> + 'static> Cache<E> {
             locks: KeyLocks::default(),
             downloads: Downloads::default(),
             metrics,
-            shared: shared.inspect(|shared| {
-                if tokio::runtime::Handle::try_current().is_ok() {
-                    shared.probe();
-                }
-            }),
+            shared,
         })
     }
 
@@ -320,10 +321,10 @@ impl<E: Clone + Send + Sync + From<CacheError> + 'static> Cache<E> {
         let found = shared.lookup(digest).await?;
         let (media_type, bytes) = shared.read_small(digest).await?;
         if digest.algorithm().digest(&bytes) != *digest {
-            self.shared_damaged(digest).await;
+            self.shared_damaged(digest);
             return None;
         }
-        let media_type = MediaType::parse(media_type.as_deref()?).ok()?;
+        let media_type = MediaType::parse(&media_type).ok()?;
         let (store, key, kept, kept_type) = (
             self.store.clone(),
             digest.clone(),
@@ -341,11 +342,11 @@ impl<E: Clone + Send + Sync + From<CacheError> + 'static> Cache<E> {
 
     /// The shared tier sent bytes that are not what their key says: they
     /// are deleted there, so the next request fetches the object again.
-    async fn shared_damaged(&self, digest: &Digest) {
+    fn shared_damaged(&self, digest: &Digest) {
         tracing::warn!(%digest, "the shared cache's copy does not match its digest; deleting it");
         self.metrics.backend_error("s3", "verify");
         if let Some(shared) = &self.shared {
-            shared.evict(digest).await;
+            shared.evict_damaged(digest);
         }
     }
 
@@ -364,12 +365,7 @@ impl<E: Clone + Send + Sync + From<CacheError> + 'static> Cache<E> {
         holder: Holder,
     ) -> Result<(), CacheError> {
         if let Some(shared) = &self.shared {
-            shared.publish(
-                digest,
-                bytes.clone(),
-                Some(media_type),
-                vec![holder.clone()],
-            );
+            shared.publish(digest, bytes.clone(), media_type, vec![holder.clone()]);
         }
         let (store, digest, media_type) = (self.store.clone(), digest.clone(), media_type.clone());
         let put = tokio::task::spawn_blocking(move || {
@@ -459,16 +455,15 @@ impl<E: Clone + Send + Sync + From<CacheError> + 'static> Cache<E> {
         }
         let writer = DownloadWriter::start(file, digest.algorithm().verifier(), download.clone());
         let reader = self.join(&download);
-        let (cache, key, filling, tier) = (
+        let (cache, key, filling, bucket) = (
             self.clone(),
             digest.clone(),
             download.clone(),
             shared.clone(),
         );
         shared.spawn(move |stop| async move {
-            let shared = tier;
             let filled = tokio::select! {
-                filled = shared::fill(&shared, &key, &filling, writer, body) => filled,
+                filled = shared::fill_from_bucket(&bucket, &key, &filling, writer, body) => filled,
                 () = stop.cancelled() => Err(CacheError::Closing),
             };
             match filled {
@@ -479,7 +474,7 @@ impl<E: Clone + Send + Sync + From<CacheError> + 'static> Cache<E> {
                 }
                 Err(e) => {
                     if matches!(e, CacheError::SharedDamaged(_)) {
-                        cache.shared_damaged(&key).await;
+                        cache.shared_damaged(&key);
                     }
                     cache.fail_download(&key, &filling, E::from(e)).await;
                 }
@@ -867,6 +862,40 @@ mod tests {
             let (read_type, bytes) = c.read_manifest(&digest).await.unwrap();
             assert_eq!((read_type, bytes), (media_type, manifest));
             assert!(c.store.lookup(&digest).is_some(), "kept in C's disk store");
+        }
+
+        #[tokio::test]
+        async fn an_empty_blob_comes_from_the_bucket_and_no_blob_reads_as_a_manifest() {
+            let bucket = Arc::new(InMemory::new());
+            let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let a = replica(dir_a.path(), &bucket);
+            let empty = Bytes::new();
+            let digest = Algorithm::Sha256.digest(&empty);
+            download(&a, &digest, &empty, holder("r")).await;
+            until("published", async || keys(&bucket).await.len() == 2).await;
+            let b = replica(dir_b.path(), &bucket);
+            assert_eq!(read_all(&b, &digest).await.unwrap(), empty);
+            assert!(
+                b.read_manifest(&digest).await.is_none(),
+                "a blob has no media type: never served as a manifest"
+            );
+            for _ in 0..4 {
+                read_all(&b, &digest).await.unwrap();
+            }
+            let other = bytes_of(100, 4);
+            let other_digest = Algorithm::Sha256.digest(&other);
+            download(&a, &other_digest, &other, holder("r")).await;
+            until("the second published", async || {
+                keys(&bucket).await.len() == 4
+            })
+            .await;
+            let dir_c = tempfile::tempdir().unwrap();
+            let c = replica(dir_c.path(), &bucket);
+            assert_eq!(
+                read_all(&c, &other_digest).await.unwrap(),
+                other,
+                "the bucket is still in use after the empty blob's reads"
+            );
         }
 
         #[tokio::test]

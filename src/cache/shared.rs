@@ -3,22 +3,25 @@
 //! under the configured prefix:
 //!
 //! ```text
-//! sha256/<hex>/data                           the bytes (a manifest's media type as Content-Type)
+//! sha256/<hex>/data                            the bytes (a manifest's media type in x-amz-meta-oci-media-type)
 //! sha256/<hex>/holders/<upstream>/<repository> empty: that route is known to hold the object
 //! ```
 //!
 //! One LIST of `sha256/<hex>/` tells whether an object is there, its size
-//! and every route known to hold it. `data` is written only with bytes whose
+//! and the routes known to hold it. `data` is written only with bytes whose
 //! digest passed: a small object create-only after verification, a large one
 //! as a multipart upload that follows the download and is completed only
 //! once the digest passed (aborted on any failure), so no reader ever sees a
-//! partial or unverified object. Holder records are written after the data.
+//! partial or unverified object. Holder records are written after the data,
+//! and only for a route whose bytes passed or an upstream confirmed.
 //!
-//! The tier is an optimisation, never a dependency: every request has a
-//! short time limit and retry budget, failures are counted and logged, and
-//! after [`FAILURES_TO_SKIP`] in a row the bucket is skipped for
-//! [`COOLDOWN`] (the shared [`Circuit`]). A skipped or failing bucket reads
-//! as a miss and writes as nothing.
+//! The tier is an optimisation, never a dependency: requests a caller waits
+//! for have a short time limit, every request a short retry budget,
+//! failures are counted and logged, and after [`FAILURES_TO_SKIP`] in a row
+//! the bucket is skipped for [`COOLDOWN`] (the shared [`Circuit`]). A
+//! skipped or failing bucket reads as a miss and writes as nothing. Work in
+//! the background is bounded: [`UPLOADS`] uploads at a time and at most
+//! [`QUEUED`] more waiting; past that an object is not published.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +34,7 @@ use object_store::{
     Attribute, Attributes, BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore,
     ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, WriteMultipart,
 };
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -45,6 +48,7 @@ use crate::circuit::Circuit;
 use crate::config::S3Config;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, MediaType};
+use crate::telemetry::describe;
 
 /// Parts of a multipart upload (S3's minimum is 5 MiB); objects smaller
 /// than one part are written in one create-only PUT.
@@ -54,6 +58,9 @@ const PARTS_IN_FLIGHT: usize = 2;
 /// Objects uploading at once; each holds at most `PART_SIZE ×
 /// (PARTS_IN_FLIGHT + 1)` bytes, so uploads hold at most 48 MiB.
 const UPLOADS: usize = 2;
+/// Background writes (uploads, holder records) waiting for their turn, each
+/// holding its download's file open; past this, they are skipped.
+const QUEUED: usize = 16;
 /// Failures in a row after which the bucket is skipped ...
 const FAILURES_TO_SKIP: u32 = 3;
 /// ... for this long (then one request probes it).
@@ -62,13 +69,23 @@ const COOLDOWN: Duration = Duration::from_secs(30);
 /// for: past it, the bucket counts as failing and the request goes on
 /// without it.
 const ANSWER_LIMIT: Duration = Duration::from_secs(3);
-/// How long a lookup's answer is reused (the same request asks several
-/// times; another replica's new object or holder shows after this).
+/// Longest silence of a connection to the bucket (no byte sent or
+/// received) before the request fails.
+const IDLE_LIMIT: Duration = Duration::from_secs(15);
+/// How long a lookup's answer (or its failure, as a miss) is reused: the
+/// same request asks several times; another replica's new object or holder
+/// shows after this.
 const LOOKUP_TTL: Duration = Duration::from_secs(5);
 /// Lookups remembered, weighed by their holders.
 const LOOKUP_WEIGHT: u64 = 64 * 1024;
+/// Keys one lookup reads (one LIST page): `data` sorts first, so a popular
+/// object's holders beyond this are not seen, and a route among them is
+/// confirmed by its upstream instead.
+const LISTED: usize = 1000;
 /// Largest object [`Shared::read_small`] reads into memory.
 const SMALL_MAX: u64 = PART_SIZE as u64;
+/// The metadata key (`x-amz-meta-...`) of a manifest's media type.
+const MEDIA_TYPE_KEY: &str = "oci-media-type";
 
 /// An object in the bucket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +111,30 @@ impl quick_cache::Weighter<Digest, Seen> for ByHolders {
     }
 }
 
+/// How a request to the bucket went.
+enum Answer<T> {
+    /// It succeeded.
+    Value(T),
+    /// The key is not there.
+    Missing,
+    /// A create-only write found the key there (another replica's copy of
+    /// the same verified bytes).
+    Exists,
+    /// It failed (counted and logged), or the bucket is being skipped.
+    Failed,
+}
+
+/// Why a request to the bucket failed.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Store(object_store::Error),
+    #[error("no answer within {0:?}")]
+    Slow(Duration),
+    #[error("{0}")]
+    Broken(&'static str),
+}
+
 /// The shared tier.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -103,6 +144,7 @@ pub(crate) struct Shared {
     circuit: Circuit,
     metrics: Arc<Metrics>,
     uploads: Arc<Semaphore>,
+    queued: Arc<Semaphore>,
     seen: quick_cache::sync::Cache<Digest, Seen, ByHolders>,
     tasks: TaskTracker,
     stop: CancellationToken,
@@ -129,10 +171,14 @@ impl Shared {
                 retry_timeout: Duration::from_secs(5),
             })
             .with_client_options(
+                // No limit on a whole request (a GET of a large layer takes
+                // as long as it takes); a connection silent for IDLE_LIMIT
+                // fails.
                 ClientOptions::new()
                     .with_allow_http(config.allow_http)
                     .with_connect_timeout(Duration::from_secs(2))
-                    .with_timeout(Duration::from_secs(60))
+                    .with_timeout_disabled()
+                    .with_read_timeout(IDLE_LIMIT)
                     .with_pool_idle_timeout(Duration::from_secs(30)),
             );
         if let Some(endpoint) = &config.endpoint {
@@ -153,6 +199,7 @@ impl Shared {
             circuit: Circuit::new(FAILURES_TO_SKIP, COOLDOWN),
             metrics,
             uploads: Arc::new(Semaphore::new(UPLOADS)),
+            queued: Arc::new(Semaphore::new(QUEUED)),
             seen: quick_cache::sync::Cache::with_weighter(4096, LOOKUP_WEIGHT, ByHolders),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
@@ -181,18 +228,27 @@ impl Shared {
         key
     }
 
-    /// Runs one request against the bucket unless it is being skipped:
-    /// `None` when skipped or failed (counted under `operation` and
-    /// logged). "Not found" and "already exists" are answers, not failures.
+    /// Sends one request unless the bucket is being skipped.
     async fn attempt<T>(
         &self,
         operation: &'static str,
         limit: Option<Duration>,
         request: impl Future<Output = object_store::Result<T>>,
-    ) -> Option<object_store::Result<T>> {
+    ) -> Answer<T> {
         if !self.circuit.allow() {
-            return None;
+            return Answer::Failed;
         }
+        self.run(operation, limit, request).await
+    }
+
+    /// Sends one request (skipped bucket or not: the end of an upload under
+    /// way), within `limit`; a failure is counted under `operation`.
+    async fn run<T>(
+        &self,
+        operation: &'static str,
+        limit: Option<Duration>,
+        request: impl Future<Output = object_store::Result<T>>,
+    ) -> Answer<T> {
         let outcome = match limit {
             Some(limit) => match tokio::time::timeout(limit, request).await {
                 Ok(outcome) => outcome.map_err(Failure::Store),
@@ -200,29 +256,26 @@ impl Shared {
             },
             None => request.await.map_err(Failure::Store),
         };
-        match outcome {
-            Ok(value) => {
-                self.circuit.record_success();
-                Some(Ok(value))
-            }
+        let answer = match outcome {
+            Ok(value) => Answer::Value(value),
+            Err(Failure::Store(object_store::Error::NotFound { .. })) => Answer::Missing,
             Err(Failure::Store(
-                e @ (object_store::Error::NotFound { .. }
-                | object_store::Error::AlreadyExists { .. }
-                | object_store::Error::Precondition { .. }),
-            )) => {
-                self.circuit.record_success();
-                Some(Err(e))
-            }
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            )) => Answer::Exists,
             Err(failure) => {
-                self.failed(operation, &failure.to_string());
-                None
+                self.failed(operation, &failure);
+                return Answer::Failed;
             }
-        }
+        };
+        self.circuit.record_success();
+        answer
     }
 
-    fn failed(&self, operation: &'static str, why: &str) {
+    fn failed(&self, operation: &'static str, failure: &Failure) {
+        let why = describe(failure);
         self.metrics.backend_error("s3", operation);
-        self.circuit.record_failure(why);
+        self.circuit.record_failure(&why);
         tracing::warn!(
             operation,
             error = why,
@@ -236,7 +289,7 @@ impl Shared {
         let shared = self.clone();
         self.tasks.spawn(async move {
             let listing = shared.store.list_with_delimiter(Some(&shared.base));
-            if let Some(Ok(_)) = shared.attempt("lookup", Some(ANSWER_LIMIT), listing).await {
+            if let Answer::Value(_) = shared.attempt("lookup", Some(ANSWER_LIMIT), listing).await {
                 tracing::info!(prefix = %shared.base, "the shared cache (S3) answers");
             }
         });
@@ -251,23 +304,33 @@ impl Shared {
             }
         }
         let dir = self.object_dir(digest);
-        let listing = self.store.list(Some(&dir)).try_collect::<Vec<_>>();
-        let found = self
-            .attempt("lookup", Some(ANSWER_LIMIT), listing)
-            .await?
-            .ok()?;
+        let listing = self
+            .store
+            .list(Some(&dir))
+            .take(LISTED)
+            .try_collect::<Vec<_>>();
+        let found = match self.attempt("lookup", Some(ANSWER_LIMIT), listing).await {
+            Answer::Value(found) => found,
+            Answer::Missing | Answer::Exists => Vec::new(),
+            // A failure reads as a miss for a moment too, so the several
+            // lookups of one request wait for the bucket once.
+            Answer::Failed => {
+                self.remember(digest, None);
+                return None;
+            }
+        };
         let data = self.data_key(digest);
         let holders_dir = dir.join("holders");
-        let mut object = None;
+        let mut size = None;
         let mut holders = Vec::new();
         for meta in found {
             if meta.location == data {
-                object = Some(meta.size);
+                size = Some(meta.size);
             } else if let Some(parts) = meta.location.prefix_match(&holders_dir) {
                 holders.extend(holder_of(parts));
             }
         }
-        let object = object.map(|size| SharedObject { size, holders });
+        let object = size.map(|size| SharedObject { size, holders });
         self.remember(digest, object.clone());
         object
     }
@@ -284,32 +347,39 @@ impl Shared {
 
     /// The bytes of `digest` from byte `from` to `size`, streamed (bounded
     /// memory, a ranged GET); `None` when the bucket does not answer within
-    /// [`ANSWER_LIMIT`].
+    /// [`ANSWER_LIMIT`] or no longer has the object.
     pub(crate) async fn read(
         &self,
         digest: &Digest,
         from: u64,
         size: u64,
     ) -> Option<BoxStream<'static, object_store::Result<Bytes>>> {
+        if from >= size {
+            // Nothing to read (an empty blob): no request, which S3 would
+            // refuse for an empty range anyway.
+            return Some(futures::stream::empty().boxed());
+        }
         let options = GetOptions {
             range: Some(GetRange::Bounded(from..size)),
             ..GetOptions::default()
         };
         let key = self.data_key(digest);
-        let got = self
-            .attempt(
-                "read",
-                Some(ANSWER_LIMIT),
-                self.store.get_opts(&key, options),
-            )
-            .await?
-            .ok()?;
-        Some(got.into_stream())
+        let get = self.store.get_opts(&key, options);
+        match self.attempt("read", Some(ANSWER_LIMIT), get).await {
+            Answer::Value(got) => Some(got.into_stream()),
+            Answer::Missing | Answer::Exists => {
+                // Deleted since it was looked up (an eviction elsewhere).
+                self.seen.remove(digest);
+                None
+            }
+            Answer::Failed => None,
+        }
     }
 
-    /// A small object's bytes and its Content-Type; `None` when it is not
-    /// there, too large, or the bucket is skipped or failing.
-    pub(crate) async fn read_small(&self, digest: &Digest) -> Option<(Option<String>, Bytes)> {
+    /// A manifest's bytes and media type; `None` when it is not there, is
+    /// not a manifest (no media type stored with it), is too large, or the
+    /// bucket is skipped or failing.
+    pub(crate) async fn read_small(&self, digest: &Digest) -> Option<(String, Bytes)> {
         let object = self.lookup(digest).await?;
         if object.size > SMALL_MAX {
             return None;
@@ -319,32 +389,54 @@ impl Shared {
             let got = self.store.get(&key).await?;
             let media_type = got
                 .attributes
-                .get(&Attribute::ContentType)
+                .get(&Attribute::Metadata(MEDIA_TYPE_KEY.into()))
                 .map(|v| v.to_string());
             Ok((media_type, got.bytes().await?))
         };
-        self.attempt("read", Some(ANSWER_LIMIT), read).await?.ok()
+        match self.attempt("read", Some(ANSWER_LIMIT), read).await {
+            Answer::Value((Some(media_type), bytes)) => Some((media_type, bytes)),
+            Answer::Value((None, _)) | Answer::Failed => None,
+            Answer::Missing | Answer::Exists => {
+                self.seen.remove(digest);
+                None
+            }
+        }
     }
 
-    /// Publishes a verified small object and its holders in the background:
-    /// a create-only PUT (another replica's copy of the same digest is the
+    /// A place in the background queue, if there is one.
+    fn queue_slot(&self, digest: &Digest) -> Option<OwnedSemaphorePermit> {
+        let slot = self.queued.clone().try_acquire_owned().ok();
+        if slot.is_none() {
+            tracing::debug!(%digest, "the shared cache's queue is full; not publishing");
+        }
+        slot
+    }
+
+    /// Publishes a verified manifest and its holders in the background: a
+    /// create-only PUT (another replica's copy of the same digest is the
     /// same bytes, so "already exists" is success), then the holder records.
     pub(crate) fn publish(
         self: &Arc<Self>,
         digest: &Digest,
         bytes: Bytes,
-        media_type: Option<&MediaType>,
+        media_type: &MediaType,
         holders: Vec<Holder>,
     ) {
+        let Some(slot) = self.queue_slot(digest) else {
+            return;
+        };
         let (shared, digest) = (self.clone(), digest.clone());
         let mut attributes = Attributes::new();
-        if let Some(media_type) = media_type {
-            attributes.insert(Attribute::ContentType, media_type.to_string().into());
-        }
+        attributes.insert(Attribute::ContentType, media_type.to_string().into());
+        attributes.insert(
+            Attribute::Metadata(MEDIA_TYPE_KEY.into()),
+            media_type.to_string().into(),
+        );
         self.tasks.spawn(async move {
-            let Ok(_permit) = shared.uploads.clone().acquire_owned().await else {
+            let Ok(_turn) = shared.uploads.clone().acquire_owned().await else {
                 return;
             };
+            drop(slot);
             let size = bytes.len() as u64;
             if shared.put_create(&digest, bytes, attributes).await {
                 shared.published(&digest, size, holders).await;
@@ -361,19 +453,12 @@ impl Shared {
         let key = self.data_key(digest);
         let put = self.store.put_opts(&key, PutPayload::from(bytes), options);
         match self.attempt("write", None, put).await {
-            Some(Ok(_)) => true,
-            Some(Err(
-                object_store::Error::AlreadyExists { .. }
-                | object_store::Error::Precondition { .. },
-            )) => {
+            Answer::Value(_) => true,
+            Answer::Exists => {
                 tracing::debug!(%digest, "another replica stored it first");
                 true
             }
-            Some(Err(e)) => {
-                self.failed("write", &e.to_string());
-                false
-            }
-            None => false,
+            Answer::Missing | Answer::Failed => false,
         }
     }
 
@@ -393,56 +478,73 @@ impl Shared {
         };
         let key = self.holder_key(digest, holder);
         let put = self.store.put_opts(&key, PutPayload::default(), options);
-        if let Some(Err(e)) = self.attempt("write", None, put).await {
-            if !matches!(
-                e,
-                object_store::Error::AlreadyExists { .. }
-                    | object_store::Error::Precondition { .. }
-            ) {
-                self.failed("write", &e.to_string());
-            }
-        }
+        // Written, there already, or failed (counted).
+        let _ = self.attempt("write", None, put).await;
     }
 
-    /// Records, in the background, that `holder` holds `digest`, when the
-    /// bucket has the object (a record without data would be litter).
+    /// Records that `holder` (whose upstream confirmed it, or whose bytes
+    /// passed) holds `digest`, when the bucket has the object (a record
+    /// without data would be litter): at once for this replica's next
+    /// lookups, in the background in the bucket.
     pub(crate) fn add_holder(self: &Arc<Self>, digest: &Digest, holder: Holder) {
+        if let Some(seen) = self.seen.get(digest) {
+            if let Some(mut object) = seen.object.filter(|o| !o.holders.contains(&holder)) {
+                object.holders.push(holder.clone());
+                self.seen.insert(
+                    digest.clone(),
+                    Seen {
+                        object: Some(object),
+                        ..seen
+                    },
+                );
+            }
+        }
+        let Some(slot) = self.queue_slot(digest) else {
+            return;
+        };
         let (shared, digest) = (self.clone(), digest.clone());
         self.tasks.spawn(async move {
-            let Some(mut object) = shared.lookup(&digest).await else {
-                return;
-            };
-            if object.holders.contains(&holder) {
-                return;
+            let _slot = slot;
+            if shared.lookup(&digest).await.is_some() {
+                shared.write_holder(&digest, &holder).await;
             }
-            shared.write_holder(&digest, &holder).await;
-            object.holders.push(holder);
-            shared.remember(&digest, Some(object));
         });
     }
 
     /// Uploads a download's bytes as they arrive, in the background,
     /// following `reader` (which does not count as a caller): the object is
     /// published once the download is verified, and nothing is left behind
-    /// when it fails. Skipped when the bucket has the object already (its
-    /// holder is added) or is being skipped.
+    /// when it fails. When the bucket has the object already, only the
+    /// holder is added, once the bytes passed.
     pub(crate) fn upload<E: Clone + Send + Sync + 'static>(
         self: &Arc<Self>,
         digest: &Digest,
         size: u64,
         holder: Holder,
         reader: Reader<E>,
-        progress: watch::Receiver<Progress<E>>,
+        mut progress: watch::Receiver<Progress<E>>,
     ) {
+        let Some(slot) = self.queue_slot(digest) else {
+            return;
+        };
         let (shared, digest) = (self.clone(), digest.clone());
         self.tasks.spawn(async move {
             if shared.lookup(&digest).await.is_some() {
-                shared.add_holder(&digest, holder);
+                drop(slot);
+                let stop = shared.stop.clone();
+                let passed = tokio::select! {
+                    passed = verified(&mut progress) => passed,
+                    () = stop.cancelled() => false,
+                };
+                if passed {
+                    shared.add_holder(&digest, holder);
+                }
                 return;
             }
-            let Ok(_permit) = shared.uploads.clone().acquire_owned().await else {
+            let Ok(_turn) = shared.uploads.clone().acquire_owned().await else {
                 return;
             };
+            drop(slot);
             if shared.follow(&digest, size, reader, progress).await {
                 shared.published(&digest, size, vec![holder]).await;
                 tracing::debug!(%digest, size, "stored in the shared cache");
@@ -470,7 +572,7 @@ impl Shared {
                 return false;
             }
             let Some(bytes) = read_all(&mut reader, size).await else {
-                self.failed("write", "cannot read a downloaded object back");
+                self.failed("write", &Failure::Broken("cannot read a download back"));
                 return false;
             };
             return self.put_create(digest, bytes, Attributes::new()).await;
@@ -479,7 +581,7 @@ impl Shared {
             return false;
         }
         let key = self.data_key(digest);
-        let Some(Ok(upload)) = self
+        let Answer::Value(upload) = self
             .attempt("write", None, self.store.put_multipart(&key))
             .await
         else {
@@ -493,14 +595,12 @@ impl Shared {
         if !sent {
             return self.abort(upload).await;
         }
-        match self.attempt("commit", None, upload.finish()).await {
-            Some(Ok(_)) => true,
-            Some(Err(e)) => {
-                self.failed("commit", &e.to_string());
-                false
-            }
-            None => false,
-        }
+        // Completes even while the bucket is being skipped: dropping it
+        // would leave its parts behind. (It aborts itself on failure.)
+        matches!(
+            self.run("commit", None, upload.finish()).await,
+            Answer::Value(_)
+        )
     }
 
     /// Hands a download's bytes to `upload` as they arrive (at most
@@ -526,13 +626,13 @@ impl Shared {
             while sent < available {
                 let len = (available - sent).min(1024 * 1024) as usize;
                 let Ok(bytes) = reader.read(sent, len).await else {
-                    self.failed("write", "cannot read a download back");
+                    self.failed("write", &Failure::Broken("cannot read a download back"));
                     return false;
                 };
                 sent += bytes.len() as u64;
                 upload.put(bytes);
                 if let Err(e) = upload.wait_for_capacity(PARTS_IN_FLIGHT).await {
-                    self.failed("write", &e.to_string());
+                    self.failed("write", &Failure::Store(e));
                     return false;
                 }
             }
@@ -550,7 +650,7 @@ impl Shared {
     async fn abort(&self, upload: WriteMultipart) -> bool {
         if let Err(e) = upload.abort().await {
             self.metrics.backend_error("s3", "abort");
-            tracing::warn!(error = %e, "cannot abort a multipart upload (a bucket lifecycle rule removes it)");
+            tracing::warn!(error = %describe(&e), "cannot abort a multipart upload (a bucket lifecycle rule removes it)");
         }
         false
     }
@@ -564,18 +664,25 @@ impl Shared {
         };
         self.seen.remove(digest);
         let data = self.data_key(digest);
-        if self
-            .attempt("evict", None, self.store.delete(&data))
-            .await
-            .is_none()
-        {
+        if !matches!(
+            self.attempt("evict", None, self.store.delete(&data)).await,
+            Answer::Value(()) | Answer::Missing
+        ) {
             return false;
         }
         for holder in &object.holders {
             let key = self.holder_key(digest, holder);
-            self.attempt("evict", None, self.store.delete(&key)).await;
+            let _ = self.attempt("evict", None, self.store.delete(&key)).await;
         }
         true
+    }
+
+    /// Deletes a damaged copy of `digest` in the background.
+    pub(crate) fn evict_damaged(self: &Arc<Self>, digest: &Digest) {
+        let (shared, digest) = (self.clone(), digest.clone());
+        self.tasks.spawn(async move {
+            shared.evict(&digest).await;
+        });
     }
 
     /// Runs `work` in the background, tracked for [`Shared::settle`];
@@ -597,14 +704,14 @@ impl Shared {
 }
 
 /// Bytes gathered from the bucket before they are handed to the writer.
-const FLUSH_SIZE: usize = 256 * 1024;
+const BUCKET_BATCH: usize = 256 * 1024;
 /// Ranged GETs that resume a read from the bucket before giving up.
 const MAX_RESUMES: u32 = 2;
 
 /// Moves an object's bytes from the bucket (`body`, the first GET) to a
 /// download's writer, resuming with ranged GETs when the connection
 /// breaks; the file once every byte was written and the digest passed.
-pub(super) async fn fill<E: Clone + Send + Sync + 'static>(
+pub(super) async fn fill_from_bucket<E: Clone + Send + Sync + 'static>(
     shared: &Shared,
     digest: &Digest,
     download: &Download<E>,
@@ -624,7 +731,7 @@ pub(super) async fn fill<E: Clone + Send + Sync + 'static>(
                 }
                 batch_len += chunk.len() as u64;
                 batch.push(chunk);
-                if batch_len < FLUSH_SIZE as u64 {
+                if batch_len < BUCKET_BATCH as u64 {
                     continue;
                 }
                 None
@@ -640,8 +747,11 @@ pub(super) async fn fill<E: Clone + Send + Sync + 'static>(
         match end {
             None => continue,
             Some(None) if received == size => break,
-            Some(None) => shared.failed("read", "a read ended before its last byte"),
-            Some(Some(e)) => shared.failed("read", &e.to_string()),
+            Some(None) => shared.failed(
+                "read",
+                &Failure::Broken("a read ended before its last byte"),
+            ),
+            Some(Some(e)) => shared.failed("read", &Failure::Store(e)),
         }
         if resumes == MAX_RESUMES {
             return Err(CacheError::SharedLost);
@@ -658,15 +768,6 @@ pub(super) async fn fill<E: Clone + Send + Sync + 'static>(
         return Err(CacheError::SharedDamaged(digest.clone()));
     }
     Ok(written)
-}
-
-/// Why a request to the bucket failed.
-#[derive(Debug, thiserror::Error)]
-enum Failure {
-    #[error(transparent)]
-    Store(object_store::Error),
-    #[error("no answer within {0:?}")]
-    Slow(Duration),
 }
 
 /// The holder named by the key parts after `holders/`.
@@ -714,4 +815,34 @@ async fn read_all<E: Clone>(reader: &mut Reader<E>, size: u64) -> Option<Bytes> 
         out.extend_from_slice(&chunk);
     }
     Some(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holder_keys_round_trip_through_their_encoding() {
+        let shared = Shared::new(
+            Arc::new(object_store::memory::InMemory::new()),
+            Key::from("p"),
+            Arc::default(),
+        );
+        let digest = crate::oci::Algorithm::Sha256.digest(b"x");
+        for (upstream, repository) in [
+            ("hub", "library/nginx"),
+            ("..", "a/b.c/d-e_f"),
+            ("a%b", "x"),
+        ] {
+            let holder = Holder {
+                upstream: upstream.into(),
+                repository: repository.into(),
+            };
+            let key = shared.holder_key(&digest, &holder);
+            let parts = key
+                .prefix_match(&shared.object_dir(&digest).join("holders"))
+                .unwrap();
+            assert_eq!(holder_of(parts), Some(holder), "{key}");
+        }
+    }
 }

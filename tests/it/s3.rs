@@ -81,7 +81,7 @@ async fn a_second_replica_serves_what_the_first_fetched_with_the_upstream_gone()
     let mut registry = Distribution::start();
     let image = registry.push_image("team/app", "v1").await;
     let layer = &image.layers[0];
-    let s3 = S3::start("oci-cache").await;
+    let mut s3 = S3::start("oci-cache").await;
 
     let a = replica(&registry.url(), &s3);
     let mut client = a.client().await;
@@ -124,9 +124,13 @@ async fn a_second_replica_serves_what_the_first_fetched_with_the_upstream_gone()
     let read = read_blob(&mut client, blob_request("team/app", &layer.digest)).await;
     read.assert_bytes(&layer.data, "B: the layer from the bucket");
     assert!(read.ok().source.as_ref().unwrap().cache_hit, "a cache hit");
+    let scrape = Scrape::of(b.metrics_addr.unwrap()).await;
+    assert_eq!(s3_errors(&scrape), 0.0, "{}", b.logs());
     // Read into B's disk store on the way: a second read needs no bucket.
+    s3.stop();
     let read = read_blob(&mut client, blob_request("team/app", &layer.digest)).await;
-    read.assert_bytes(&layer.data, "B: the layer again");
+    read.assert_bytes(&layer.data, "B: the layer again, from its disk store");
+    assert!(read.ok().source.as_ref().unwrap().cache_hit);
 
     // Isolation holds across replicas: another repository is not known to
     // hold the layer, and with the upstream down nobody can confirm it.
@@ -138,7 +142,12 @@ async fn a_second_replica_serves_what_the_first_fetched_with_the_upstream_gone()
         other.end
     );
     let scrape = Scrape::of(b.metrics_addr.unwrap()).await;
-    assert_eq!(s3_errors(&scrape), 0.0, "{}", b.logs());
+    assert_eq!(
+        s3_errors(&scrape),
+        0.0,
+        "the disk store's hits asked no S3: {}",
+        b.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -398,4 +407,41 @@ async fn a_wrong_endpoint_at_start_does_not_stop_the_service() {
         s3_errors(&scrape) > 0.0,
         "the failed probe or lookup is counted"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_that_accepts_and_never_answers_costs_a_bounded_wait() {
+    let registry = Distribution::start();
+    let image = registry.push_image("team/app", "v1").await;
+    // A black hole: connections are accepted, and nothing is ever answered.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = hole.local_addr().expect("address").port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for connection in hole.incoming().flatten() {
+            held.push(connection);
+        }
+    });
+    let table = format!(
+        "[cache.s3]\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:{port}\"\nallow_http = true\n"
+    );
+    let config = ServiceConfig::with(Upstream::new("hub", &registry.url())).shared_cache(&table);
+    let a = Spawned::start_with_env(&config.toml(), &S3::ENV);
+    let mut client = a.client().await;
+    let started = Instant::now();
+    for blob in image.blobs() {
+        let read = bounded(read_blob(
+            &mut client,
+            blob_request("team/app", &blob.digest),
+        ))
+        .await;
+        read.assert_bytes(&blob.data, "served past a bucket that never answers");
+    }
+    eprintln!(
+        "{} blobs past a black hole in {:?}",
+        image.blobs().count(),
+        started.elapsed()
+    );
+    let scrape = Scrape::of(a.metrics_addr.unwrap()).await;
+    assert!(s3_errors(&scrape) > 0.0, "the timeouts are counted");
 }

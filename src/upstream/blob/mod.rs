@@ -300,15 +300,16 @@ impl Engine {
         if let Some(origin) = self.known_origin(candidates, repository, digest).await {
             return Ok(origin);
         }
-        let stored = self.cache.object(digest).await;
-        if stored.is_some() || self.cache.download(digest).is_some() {
+        let present = self.cache.object(digest).await.is_some();
+        if present || self.cache.download(digest).is_some() {
             // Cached, but not known to be on this route: an upstream of this
             // route must confirm it has the blob before we serve our copy.
             let (upstream, _) = self.head_blob_in(candidates, repository, digest).await?;
             self.cache
                 .add_holder(digest, holder_for(&upstream, repository))
                 .await?;
-            if let Some(object) = stored {
+            // Read again: its holders now include this route.
+            if let Some(object) = self.cache.object(digest).await {
                 if let Some(reader) = self.cache.open_object(digest, &object).await {
                     return Ok(Origin::stored(reader, object.size, upstream.name()));
                 }
