@@ -180,6 +180,14 @@ impl Identity<'_> {
     }
 }
 
+/// The token of an `authorization` value `Bearer <token>` (the scheme in
+/// any case), as gRPC metadata and the mirror's HTTP header carry it.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// The configured callers.
 #[derive(Debug, Default)]
 pub struct Access {
@@ -246,6 +254,15 @@ impl Access {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bearer_tokens_are_taken_from_the_authorization_value() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+    }
     use crate::config::Config;
 
     fn access(callers: &str, dir: &std::path::Path) -> Access {

@@ -20,6 +20,7 @@ use crate::access::Access;
 use crate::config::Config;
 use crate::grpc::{AdminApi, Admission, Limits, MetricsLayer, UpstreamApi, health_reporter};
 use crate::metrics::endpoint;
+use crate::mirror::{self, Mirror};
 use crate::pb;
 use crate::tls::{ServerTls, TlsError};
 use crate::upstream::{BuildError, Engine};
@@ -85,6 +86,8 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
     /// Plaintext `grpc.health.v1` only (`health_listen`), when served.
     pub health: Option<TcpListener>,
+    /// The OCI HTTP mirror (`mirror_listen`), when served.
+    pub mirror: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -104,10 +107,15 @@ impl Listeners {
             Some(addr) => Some(bind("health_listen", addr).await?),
             None => None,
         };
+        let mirror = match config.mirror_listen {
+            Some(addr) => Some(bind("mirror_listen", addr).await?),
+            None => None,
+        };
         Ok(Self {
             grpc,
             metrics,
             health,
+            mirror,
         })
     }
 }
@@ -211,6 +219,20 @@ pub async fn run(
         });
     }
 
+    // The mirror stops taking requests when the drain begins; those under
+    // way finish (joined with the side ports).
+    let mirror_drain = side_ports.child_token();
+    if let Some(listener) = listeners.mirror {
+        tracing::info!(addr = %listener.local_addr()?, "serving the OCI mirror");
+        let mirror = Mirror::new(engine.clone(), access.clone());
+        let stop = mirror_drain.clone();
+        side_tasks.spawn(async move {
+            if let Err(e) = mirror::serve(listener, mirror, stop.cancelled_owned()).await {
+                tracing::error!(error = %e, "the OCI mirror failed");
+            }
+        });
+    }
+
     let listener = listeners.grpc;
     let addr = listener.local_addr()?;
     tracing::info!(
@@ -225,6 +247,7 @@ pub async fn run(
     let drain = async move {
         shutdown.await;
         let _ = began.send(true);
+        mirror_drain.cancel();
         tracing::info!(
             ?grace,
             "shutting down: health NOT_SERVING, refusing new calls, draining"

@@ -34,6 +34,7 @@ pub mod config;
 pub(crate) mod glob;
 pub(crate) mod grpc;
 pub mod metrics;
+pub(crate) mod mirror;
 pub(crate) mod oci;
 pub mod pb;
 pub(crate) mod secret;

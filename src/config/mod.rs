@@ -77,6 +77,10 @@ pub struct Config {
     /// cannot do TLS); `""` (`None`, the default) for none.
     #[serde(deserialize_with = "optional_address")]
     pub health_listen: Option<SocketAddr>,
+    /// The OCI HTTP mirror (the pull side of the distribution API); `""`
+    /// (`None`, the default) for none.
+    #[serde(deserialize_with = "optional_address")]
+    pub mirror_listen: Option<SocketAddr>,
     /// How long in-flight streams may drain after SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -117,6 +121,7 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
             metrics_listen: Some(SocketAddr::from(([0, 0, 0, 0], 9090))),
             health_listen: None,
+            mirror_listen: None,
             shutdown_grace: Duration::from_secs(20),
             default_deadline: Duration::from_secs(60),
             max_concurrent_rpcs: 1024,
@@ -567,6 +572,41 @@ mod tests {
             c.callers[1].credential,
             CallerCredential::CertificateSan(_)
         ));
+    }
+
+    #[test]
+    fn namespaces_default_to_the_url_host_and_docker_io_for_docker_hub() {
+        let c = Config::load(None, no_env).unwrap();
+        assert_eq!(
+            c.upstreams[0].namespaces(),
+            ["registry-1.docker.io", "docker.io"]
+        );
+        let c = Config::parse(
+            "[[upstreams]]\nname = \"a\"\nurl = \"http://127.0.0.1:5000\"\n\
+             [[upstreams]]\nname = \"b\"\nurl = \"https://ghcr.io\"\nnamespaces = [\"GHCR.io\", \"mirror.example:443\"]",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.upstreams[0].namespaces(), ["127.0.0.1:5000"]);
+        assert_eq!(
+            c.upstreams[1].namespaces(),
+            ["ghcr.io", "mirror.example:443"]
+        );
+        let bad = Config::parse(
+            "[[upstreams]]\nname = \"a\"\nurl = \"https://a\"\nnamespaces = [\"https://a\"]",
+        )
+        .unwrap();
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("upstreams[0].namespaces[0]")
+        );
+        assert_eq!(
+            Config::load(None, no_env).unwrap().mirror_listen,
+            None,
+            "off by default"
+        );
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub struct UpstreamConfig {
     /// Extra hosts allowed as token realms.
     #[serde(default)]
     pub realm_hosts: Vec<String>,
+    /// Registry hosts this upstream answers for when a mirror request names
+    /// one (containerd's `?ns=`); default [`UpstreamConfig::namespaces`].
+    pub namespaces: Option<Vec<String>>,
     /// HTTP(S) proxy for this upstream; none unless set (the environment's
     /// proxy variables are ignored).
     pub proxy: Option<Url>,
@@ -135,6 +138,7 @@ impl UpstreamConfig {
             hedge_after: default_hedge_after(),
             max_connections: default_max_connections(),
             realm_hosts: Vec::new(),
+            namespaces: None,
             proxy: None,
             ca_file: None,
             auth: AuthConfig::Anonymous,
@@ -144,12 +148,35 @@ impl UpstreamConfig {
     /// Whether `library_prefix` applies: as configured, else true for Docker
     /// Hub hosts.
     pub fn library_prefix(&self) -> bool {
-        self.library_prefix.unwrap_or_else(|| {
-            matches!(
-                self.url.host_str(),
-                Some("docker.io" | "registry-1.docker.io" | "index.docker.io")
-            )
-        })
+        self.library_prefix.unwrap_or_else(|| self.is_docker_hub())
+    }
+
+    fn is_docker_hub(&self) -> bool {
+        matches!(
+            self.url.host_str(),
+            Some("docker.io" | "registry-1.docker.io" | "index.docker.io")
+        )
+    }
+
+    /// The registry hosts (`host[:port]`, lowercase) this upstream answers
+    /// for on the mirror's `?ns=`: as configured, else its url's
+    /// `host[:port]`, plus `docker.io` for Docker Hub hosts.
+    pub fn namespaces(&self) -> Vec<String> {
+        if let Some(configured) = &self.namespaces {
+            return configured
+                .iter()
+                .map(|n| n.trim().to_ascii_lowercase())
+                .collect();
+        }
+        let host = self.url.host_str().unwrap_or_default();
+        let mut namespaces = vec![match self.url.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_owned(),
+        }];
+        if self.is_docker_hub() && host != "docker.io" {
+            namespaces.push("docker.io".to_owned());
+        }
+        namespaces
     }
 }
 
@@ -351,6 +378,21 @@ impl UpstreamConfig {
                 field("max_connections"),
                 "must be at least 1",
             ));
+        }
+        for (i, namespace) in self.namespaces.iter().flatten().enumerate() {
+            let host = namespace.trim();
+            if host.is_empty()
+                || host.contains("://")
+                || host.contains('/')
+                || host.chars().any(char::is_whitespace)
+            {
+                return Err(ConfigError::invalid(
+                    field(&format!("namespaces[{i}]")),
+                    format!(
+                        "a registry host such as \"docker.io\" or \"registry.example:5000\" (got {namespace:?})"
+                    ),
+                ));
+            }
         }
         Ok(())
     }

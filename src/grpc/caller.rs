@@ -5,7 +5,7 @@
 
 use tonic::{Request, Status};
 
-use crate::access::{Access, Identity, Presented};
+use crate::access::{Access, Identity, Presented, bearer_token};
 use crate::oci::Repository;
 use crate::tls::certificate_identities;
 
@@ -35,30 +35,8 @@ pub fn identify<'a, T>(access: &'a Access, request: &Request<T>) -> Result<Ident
     Ok(identity)
 }
 
-/// The token of an `authorization` value `Bearer <token>` (the scheme in
-/// any case).
-fn bearer_token(value: &str) -> Option<&str> {
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
 /// A checked request that names the repository it reads.
 pub trait Scoped {
     /// The repository.
     fn repository(&self) -> &Repository;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bearer_tokens_are_taken_from_the_authorization_value() {
-        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
-        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
-        assert_eq!(bearer_token("Basic abc"), None);
-        assert_eq!(bearer_token("Bearer "), None);
-        assert_eq!(bearer_token("Bearerabc"), None);
-    }
 }

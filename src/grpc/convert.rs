@@ -8,7 +8,7 @@ use crate::oci::{
 use crate::pb;
 use crate::upstream::{
     BlobInfo, BlobMeta, BlobRange, BlobRequest, CacheStats, CircuitPhase, Manifest, ManifestMeta,
-    ManifestRequest, Source, TagPage, TagsRequest, UpstreamStatus,
+    ManifestRequest, Route, Source, TagPage, TagsRequest, UpstreamStatus,
 };
 
 /// A request field that failed validation.
@@ -36,8 +36,13 @@ fn repository(value: &str) -> Result<Repository, InvalidField> {
     parsed("repository", Repository::parse(value))
 }
 
-fn upstream(value: String) -> Option<String> {
-    (!value.is_empty()).then_some(value)
+/// The `upstream` field: empty for any.
+fn route(upstream: String) -> Route {
+    if upstream.is_empty() {
+        Route::Any
+    } else {
+        Route::Upstream(upstream)
+    }
 }
 
 fn accept(values: &[String]) -> Result<Vec<MediaType>, InvalidField> {
@@ -76,7 +81,7 @@ impl TryFrom<pb::FetchManifestRequest> for ManifestRequest {
             reference: parsed("reference", Reference::parse(&r.reference))?,
             accept: accept(&r.accept)?,
             platform: platform(r.platform)?,
-            upstream: upstream(r.upstream),
+            route: route(r.upstream),
         })
     }
 }
@@ -90,7 +95,7 @@ impl TryFrom<pb::HeadManifestRequest> for ManifestRequest {
             reference: parsed("reference", Reference::parse(&r.reference))?,
             accept: accept(&r.accept)?,
             platform: None,
-            upstream: upstream(r.upstream),
+            route: route(r.upstream),
         })
     }
 }
@@ -107,7 +112,7 @@ impl TryFrom<pb::FetchBlobRequest> for BlobRequest {
                 offset: non_negative("offset", r.offset)?,
                 length: (length > 0).then_some(length),
             },
-            upstream: upstream(r.upstream),
+            route: route(r.upstream),
         })
     }
 }
@@ -118,8 +123,8 @@ pub struct HeadBlob {
     pub repository: Repository,
     /// The blob's digest.
     pub digest: Digest,
-    /// Ask only this upstream.
-    pub upstream: Option<String>,
+    /// Which upstreams to ask.
+    pub route: Route,
 }
 
 impl TryFrom<pb::HeadBlobRequest> for HeadBlob {
@@ -129,7 +134,7 @@ impl TryFrom<pb::HeadBlobRequest> for HeadBlob {
         Ok(Self {
             repository: repository(&r.repository)?,
             digest: parsed("digest", Digest::parse(&r.digest))?,
-            upstream: upstream(r.upstream),
+            route: route(r.upstream),
         })
     }
 }
@@ -149,7 +154,7 @@ impl TryFrom<pb::FetchTagsRequest> for TagsRequest {
             repository: repository(&r.repository)?,
             n: (n > 0).then_some(n),
             last,
-            upstream: upstream(r.upstream),
+            route: route(r.upstream),
         })
     }
 }

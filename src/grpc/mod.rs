@@ -236,7 +236,7 @@ impl UpstreamService for UpstreamApi {
         let span = rpc_span!(request, "HeadBlob", repository = %r.repository, digest = %r.digest);
         self.unary(span, request, |engine, req: HeadBlob| async move {
             engine
-                .head_blob(&req.repository, &req.digest, req.upstream.as_deref())
+                .head_blob(&req.repository, &req.digest, &req.route)
                 .await
                 .map(Into::into)
         })

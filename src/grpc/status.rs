@@ -48,6 +48,7 @@ impl From<Error> for Status {
         let (code, level) = match &e {
             Error::UnknownUpstream(_) => (Code::InvalidArgument, Level::Debug),
             Error::NoRoute(_)
+            | Error::UnknownNamespace(_)
             | Error::NotRouted { .. }
             | Error::NotFound(_)
             | Error::PlatformNotFound { .. } => (Code::NotFound, Level::Debug),

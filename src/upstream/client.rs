@@ -78,6 +78,8 @@ pub struct Upstream {
     pub(super) connections: Arc<Semaphore>,
     pub(super) max_connections: usize,
     pub(super) realm_hosts: Vec<String>,
+    /// Registry hosts it answers for on the mirror's `?ns=`, lowercase.
+    namespaces: Vec<String>,
     /// Where requests may connect; the DNS resolver of both clients.
     pub(super) guard: Guard,
     /// For registry requests; follows no redirect by itself (see
@@ -175,6 +177,7 @@ impl Upstream {
             connections: Arc::new(Semaphore::new(config.max_connections)),
             max_connections: config.max_connections,
             realm_hosts,
+            namespaces: config.namespaces(),
             guard,
             http,
             token_http,
@@ -204,6 +207,12 @@ impl Upstream {
     /// Which repositories this upstream serves.
     pub fn rules(&self) -> &Rules {
         &self.rules
+    }
+
+    /// Whether it answers for the registry `host` (lowercase
+    /// `host[:port]`) on the mirror's `?ns=`.
+    pub fn answers_for(&self, host: &str) -> bool {
+        self.namespaces.iter().any(|n| n == host)
     }
 
     /// The repository's name on this upstream (`nginx` → `library/nginx` on

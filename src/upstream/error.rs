@@ -163,6 +163,10 @@ pub enum Error {
     /// No enabled upstream's rules admit the repository.
     #[error("no enabled upstream's repository rules admit `{0}`")]
     NoRoute(String),
+    /// The request named a registry host (the mirror's `?ns=`) that no
+    /// upstream answers for.
+    #[error("no upstream answers for registry `{0}`")]
+    UnknownNamespace(String),
     /// The named upstream's rules exclude the repository.
     #[error(
         "upstream `{upstream}` does not serve `{repository}` (excluded by its repository rules)"

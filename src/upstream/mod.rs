@@ -51,6 +51,7 @@ pub use error::{Error, Internal};
 pub(crate) use error::{Fault, FaultKind, Faults};
 pub use manifest::{Manifest, ManifestMeta, ManifestRequest};
 pub use resilience::CircuitPhase;
+pub use routing::Route;
 pub use tags::{TagPage, TagsRequest};
 
 use crate::cache::{Cache, CacheError};

@@ -7,6 +7,31 @@ use super::error::Error;
 use crate::cache::Holder;
 use crate::oci::Repository;
 
+/// Which upstreams a request may go to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Route {
+    /// Every upstream whose rules admit the repository, by priority.
+    #[default]
+    Any,
+    /// Only the upstream of this name (gRPC's `upstream` field).
+    Upstream(String),
+    /// Only the upstreams answering for this registry host (the mirror's
+    /// `?ns=`, lowercase `host[:port]`), by priority.
+    Namespace(String),
+}
+
+impl Route {
+    /// What tells this route's tag entries apart from another's (upstream
+    /// names never contain `=`).
+    pub(crate) fn key(&self) -> Option<String> {
+        match self {
+            Self::Any => None,
+            Self::Upstream(name) => Some(name.clone()),
+            Self::Namespace(host) => Some(format!("ns={host}")),
+        }
+    }
+}
+
 /// The configured upstreams, sorted by priority (ties keep file order).
 #[derive(Debug)]
 pub struct Router {
@@ -28,38 +53,51 @@ impl Router {
         &self.upstreams
     }
 
-    /// The upstreams to try for `repository`, in order. With `only`, just that
-    /// upstream: an unknown name is an error, and so is one whose rules (or
-    /// `enabled = false`) exclude the repository.
+    /// The upstreams to try for `repository` on `route`, in order. For one
+    /// upstream by name: an unknown name is an error, and so is one whose
+    /// rules (or `enabled = false`) exclude the repository. For a namespace
+    /// that no upstream answers for: [`Error::UnknownNamespace`].
     pub fn candidates(
         &self,
         repository: &Repository,
-        only: Option<&str>,
+        route: &Route,
     ) -> Result<Vec<Arc<Upstream>>, Error> {
-        if let Some(name) = only {
-            let upstream = self
-                .upstreams
-                .iter()
-                .find(|r| r.name() == name)
-                .ok_or_else(|| Error::UnknownUpstream(name.to_owned()))?;
-            if !upstream.enabled() || !upstream.rules().admits(repository) {
-                return Err(Error::NotRouted {
-                    upstream: name.to_owned(),
-                    repository: repository.to_string(),
-                });
+        let namespace = match route {
+            Route::Any => None,
+            Route::Upstream(name) => return self.only(repository, name),
+            Route::Namespace(host) => {
+                if !self.upstreams.iter().any(|u| u.answers_for(host)) {
+                    return Err(Error::UnknownNamespace(host.clone()));
+                }
+                Some(host)
             }
-            return Ok(vec![upstream.clone()]);
-        }
+        };
         let candidates: Vec<_> = self
             .upstreams
             .iter()
             .filter(|r| r.enabled() && r.rules().admits(repository))
+            .filter(|r| namespace.is_none_or(|host| r.answers_for(host)))
             .cloned()
             .collect();
         if candidates.is_empty() {
             return Err(Error::NoRoute(repository.to_string()));
         }
         Ok(candidates)
+    }
+
+    fn only(&self, repository: &Repository, name: &str) -> Result<Vec<Arc<Upstream>>, Error> {
+        let upstream = self
+            .upstreams
+            .iter()
+            .find(|r| r.name() == name)
+            .ok_or_else(|| Error::UnknownUpstream(name.to_owned()))?;
+        if !upstream.enabled() || !upstream.rules().admits(repository) {
+            return Err(Error::NotRouted {
+                upstream: name.to_owned(),
+                repository: repository.to_string(),
+            });
+        }
+        Ok(vec![upstream.clone()])
     }
 }
 
@@ -102,7 +140,8 @@ mod tests {
     }
 
     fn names(r: &Router, repo: &str, only: Option<&str>) -> Result<Vec<String>, String> {
-        r.candidates(&Repository::parse(repo).unwrap(), only)
+        let route = only.map_or(Route::Any, |name| Route::Upstream(name.to_owned()));
+        r.candidates(&Repository::parse(repo).unwrap(), &route)
             .map(|c| c.iter().map(|r| r.name().to_owned()).collect())
             .map_err(|e| e.to_string())
     }

@@ -17,6 +17,7 @@ use super::client::Upstream;
 use super::distribution::{fault_from_response, next_link, tags_request};
 use super::failover::try_in_order;
 use super::http::{ReadError, read_limited};
+use super::routing::Route;
 use super::{Engine, Error, Fault, Source};
 use crate::cache::NegativeKey;
 use crate::oci::{Repository, Tag};
@@ -48,8 +49,8 @@ pub struct TagsRequest {
     pub n: Option<usize>,
     /// Only tags lexically after this one.
     pub last: Option<Tag>,
-    /// Ask only this upstream.
-    pub upstream: Option<String>,
+    /// Which upstreams to ask.
+    pub route: Route,
 }
 
 /// A page of tags.
@@ -73,9 +74,7 @@ impl Engine {
     /// Lists a page of tags.
     pub async fn fetch_tags(&self, req: TagsRequest) -> Result<TagPage, Error> {
         let repository = &req.repository;
-        let candidates = self
-            .router
-            .candidates(repository, req.upstream.as_deref())?;
+        let candidates = self.router.candidates(repository, &req.route)?;
         let key = NegativeKey::Tags(repository.clone());
         let (upstream, mut tags) =
             try_in_order(&self.cache, &candidates, &key, |upstream| async move {

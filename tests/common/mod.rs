@@ -19,13 +19,16 @@
 //!   [`counting_proxy`] (a reverse proxy that counts what passes), [`tls`]
 //!   (a throw-away CA for the TLS fakes), [`otlp`] (an OTLP trace collector
 //!   that records the spans it receives), [`s3`] (a real S3-compatible
-//!   server, moto, for the shared cache tier).
+//!   server, moto, for the shared cache tier), [`skopeo`] (real skopeo
+//!   copying images into OCI layouts), [`containerd`] (a throw-away
+//!   containerd daemon and `ctr`).
 //! - Here: [`eventually`], [`require_binary`], [`free_port`],
 //!   [`capture_output`].
 
 #![allow(dead_code)]
 
 pub mod config;
+pub mod containerd;
 pub mod content;
 pub mod counting_proxy;
 pub mod distribution;
@@ -38,6 +41,7 @@ pub mod recording;
 pub mod rpc;
 pub mod s3;
 pub mod service;
+pub mod skopeo;
 pub mod slow;
 pub mod tls;
 pub mod token_issuer;

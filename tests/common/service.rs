@@ -73,6 +73,9 @@ pub struct InProcess {
     /// Its plaintext health listener (when the config has `health_listen`),
     /// bound to an ephemeral port.
     pub health_addr: Option<SocketAddr>,
+    /// Its OCI mirror (when the config has `mirror_listen`), bound to an
+    /// ephemeral port.
+    pub mirror_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     failure: Arc<Mutex<Option<String>>>,
@@ -118,12 +121,20 @@ impl InProcess {
             Some(_) => Some(ephemeral().await),
             None => None,
         };
-        let (metrics_addr, health_addr) =
-            (metrics.as_ref().map(address), health.as_ref().map(address));
+        let mirror = match config.mirror_listen {
+            Some(_) => Some(ephemeral().await),
+            None => None,
+        };
+        let (metrics_addr, health_addr, mirror_addr) = (
+            metrics.as_ref().map(address),
+            health.as_ref().map(address),
+            mirror.as_ref().map(address),
+        );
         let listeners = oci_upstream::app::Listeners {
             grpc: listener,
             metrics,
             health,
+            mirror,
         };
         let (shutdown, stop) = oneshot::channel::<()>();
         let failure = Arc::new(Mutex::new(None));
@@ -143,6 +154,7 @@ impl InProcess {
             addr,
             metrics_addr,
             health_addr,
+            mirror_addr,
             shutdown: Some(shutdown),
             task: Some(task),
             failure,
@@ -218,6 +230,9 @@ pub struct Spawned {
     pub addr: SocketAddr,
     /// Its `/metrics` listener, unless the config turned it off.
     pub metrics_addr: Option<SocketAddr>,
+    /// Its OCI mirror, when the config has `mirror_listen` (give it
+    /// `127.0.0.1:0`: the address is read from the log).
+    pub mirror_addr: Option<SocketAddr>,
     log: Arc<Mutex<String>>,
     dir: tempfile::TempDir,
 }
@@ -263,6 +278,7 @@ impl Spawned {
         let lines = super::capture_output_lines(&mut child, &log);
         let deadline = Instant::now() + START_TIMEOUT;
         let mut metrics_addr = None;
+        let mut mirror_addr = None;
         let addr = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match lines.recv_timeout(left) {
@@ -270,6 +286,10 @@ impl Spawned {
                 Ok(line) if line.contains("serving metrics") => {
                     metrics_addr = field(&line, "addr")
                         .map(|a| a.parse::<SocketAddr>().expect("metrics address in the log"));
+                }
+                Ok(line) if line.contains("serving the OCI mirror") => {
+                    mirror_addr = field(&line, "addr")
+                        .map(|a| a.parse::<SocketAddr>().expect("mirror address in the log"));
                 }
                 Ok(line) if line.contains("serving gRPC") => {
                     if let Some(addr) = field(&line, "addr") {
@@ -297,6 +317,7 @@ impl Spawned {
             child,
             addr,
             metrics_addr,
+            mirror_addr,
             log,
             dir,
         }

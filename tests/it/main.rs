@@ -28,6 +28,7 @@ mod hardening;
 mod hostile;
 mod memory;
 mod metrics;
+mod mirror;
 mod operations;
 mod registry;
 mod resilience;

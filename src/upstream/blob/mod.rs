@@ -26,7 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::client::Upstream;
 use super::failover::try_in_order;
-use super::routing::{holder_for, known_holder};
+use super::routing::{Route, holder_for, known_holder};
 use super::{Engine, Error, Source};
 use crate::cache::{Download, LockKey, NegativeKey, Progress, Reader};
 use crate::metrics::{ByteSource, LookupKind, LookupResult};
@@ -58,8 +58,8 @@ pub struct BlobRequest {
     pub digest: Digest,
     /// The range wanted.
     pub range: BlobRange,
-    /// Ask only this upstream.
-    pub upstream: Option<String>,
+    /// Which upstreams to ask.
+    pub route: Route,
 }
 
 /// Facts about a blob, known before its bytes.
@@ -144,9 +144,7 @@ impl Engine {
     /// route is known to hold it, else from the first upstream that has it
     /// (joining a download of the same blob already under way).
     pub async fn fetch_blob(&self, req: BlobRequest) -> Result<BlobStream, Error> {
-        let candidates = self
-            .router
-            .candidates(&req.repository, req.upstream.as_deref())?;
+        let candidates = self.router.candidates(&req.repository, &req.route)?;
         let origin = self
             .blob_origin(&candidates, &req.repository, &req.digest)
             .await;
@@ -205,9 +203,9 @@ impl Engine {
         &self,
         repository: &Repository,
         digest: &Digest,
-        upstream: Option<&str>,
+        route: &Route,
     ) -> Result<Option<BlobMeta>, Error> {
-        let candidates = self.router.candidates(repository, upstream)?;
+        let candidates = self.router.candidates(repository, route)?;
         let cached = |size, holder: &Upstream| BlobMeta {
             digest: digest.clone(),
             size,

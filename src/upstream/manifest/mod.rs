@@ -15,7 +15,7 @@ use bytes::Bytes;
 use super::client::Upstream;
 use super::distribution::{display_ref, media_types_or_default};
 use super::failover::try_in_order;
-use super::routing::{holder_for, known_holder};
+use super::routing::{Route, holder_for, known_holder};
 use super::{Engine, EngineCache, Error, Fault, Source};
 use crate::cache::{Freshness, LockKey, NegativeKey, TagKey};
 use crate::metrics::{LookupKind, LookupResult};
@@ -35,8 +35,8 @@ pub struct ManifestRequest {
     pub accept: Vec<MediaType>,
     /// Resolve an index to this platform's manifest.
     pub platform: Option<Platform>,
-    /// Ask only this upstream.
-    pub upstream: Option<String>,
+    /// Which upstreams to ask.
+    pub route: Route,
 }
 
 /// A verified manifest.
@@ -80,9 +80,7 @@ impl Engine {
     /// Fetches a manifest; with a platform, resolves an index to that
     /// platform's manifest (fetched from the upstream that served the index).
     pub async fn fetch_manifest(&self, req: ManifestRequest) -> Result<Manifest, Error> {
-        let candidates = self
-            .router
-            .candidates(&req.repository, req.upstream.as_deref())?;
+        let candidates = self.router.candidates(&req.repository, &req.route)?;
         let accept = media_types_or_default(&req.accept);
         let manifest = match &req.reference {
             Reference::Digest(digest) => {
@@ -90,7 +88,7 @@ impl Engine {
                     .await?
             }
             Reference::Tag(tag) => {
-                let key = TagKey::new(&req.repository, tag, req.upstream.as_deref(), &accept);
+                let key = TagKey::new(&req.repository, tag, req.route.key().as_deref(), &accept);
                 let refresh = TagRefresh {
                     cache: self.cache.clone(),
                     limits: self.limits,
@@ -136,9 +134,7 @@ impl Engine {
     /// Tells whether a manifest exists, from the cache when it can. `Ok(None)`
     /// only when every eligible upstream answered "not found".
     pub async fn head_manifest(&self, req: ManifestRequest) -> Result<Option<ManifestMeta>, Error> {
-        let candidates = self
-            .router
-            .candidates(&req.repository, req.upstream.as_deref())?;
+        let candidates = self.router.candidates(&req.repository, &req.route)?;
         let accept = media_types_or_default(&req.accept);
         let mut stale = None;
         let mut tag_key = None;
@@ -155,7 +151,7 @@ impl Engine {
                     .lookup(LookupKind::Manifest, LookupResult::Miss);
             }
             Reference::Tag(tag) => {
-                let key = TagKey::new(&req.repository, tag, req.upstream.as_deref(), &accept);
+                let key = TagKey::new(&req.repository, tag, req.route.key().as_deref(), &accept);
                 let entry = tag::entry(&self.cache, &key, &candidates);
                 tag_key = Some(key);
                 if let Some((entry, freshness)) = entry {
