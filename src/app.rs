@@ -224,7 +224,7 @@ pub async fn run(
     let mirror_drain = side_ports.child_token();
     if let Some(listener) = listeners.mirror {
         tracing::info!(addr = %listener.local_addr()?, "serving the OCI mirror");
-        let mirror = Mirror::new(engine.clone(), access.clone());
+        let mirror = Mirror::new(engine.clone(), access.clone(), admission.clone());
         let stop = mirror_drain.clone();
         side_tasks.spawn(async move {
             if let Err(e) = mirror::serve(listener, mirror, stop.cancelled_owned()).await {

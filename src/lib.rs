@@ -27,6 +27,7 @@
 #![deny(clippy::await_holding_lock)]
 
 pub(crate) mod access;
+pub(crate) mod admission;
 pub mod app;
 pub(crate) mod cache;
 pub(crate) mod circuit;

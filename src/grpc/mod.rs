@@ -29,7 +29,6 @@ macro_rules! rpc_span {
 }
 
 mod admin;
-mod admission;
 mod caller;
 mod convert;
 mod deadline;
@@ -50,8 +49,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span, field};
 
+pub use crate::admission::Admission;
 pub use admin::AdminApi;
-pub use admission::Admission;
 pub use health::health_reporter;
 pub use metrics::MetricsLayer;
 

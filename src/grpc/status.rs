@@ -8,6 +8,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use super::convert::InvalidField;
 use crate::access::Denied;
+use crate::admission::Refused;
 use crate::upstream::Error;
 
 impl From<Denied> for Status {
@@ -17,6 +18,15 @@ impl From<Denied> for Status {
             Status::unauthenticated(e.to_string())
         } else {
             Status::permission_denied(e.to_string())
+        }
+    }
+}
+
+impl From<Refused> for Status {
+    fn from(e: Refused) -> Self {
+        match e {
+            Refused::Draining => Status::unavailable(e.to_string()),
+            Refused::Overloaded(_) => Status::resource_exhausted(e.to_string()),
         }
     }
 }

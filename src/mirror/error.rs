@@ -10,6 +10,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::access::Denied;
+use crate::admission::Refused;
 use crate::upstream::{Error, Internal};
 
 /// The challenge a 401 carries: static bearer tokens, no token service.
@@ -125,6 +126,26 @@ impl MirrorError {
             tracing::debug!(error = %detail, status = error.status.as_u16(), "mirror request refused");
         }
         error
+    }
+}
+
+impl From<Refused> for MirrorError {
+    fn from(e: Refused) -> Self {
+        match e {
+            Refused::Draining => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                e.to_string(),
+            ),
+            Refused::Overloaded(_) => Self {
+                retry_after: Some(Duration::from_secs(1)),
+                ..Self::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TOOMANYREQUESTS",
+                    e.to_string(),
+                )
+            },
+        }
     }
 }
 

@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 use crate::access::{Access, Identity, Presented, bearer_token};
+use crate::admission::{Admission, Permit};
 use crate::oci::{Digest, Reference, Repository, Tag};
 use crate::upstream::{BlobRange, BlobRequest, Engine, ManifestRequest, Route, TagsRequest};
 use error::{Asked, MirrorError};
@@ -40,12 +41,19 @@ const NAMESPACE_HEADER: HeaderName = HeaderName::from_static("oci-namespace");
 pub struct Mirror {
     engine: Arc<Engine>,
     access: Arc<Access>,
+    admission: Arc<Admission>,
 }
 
 impl Mirror {
-    /// The mirror of `engine`, for the callers of `access`.
-    pub fn new(engine: Arc<Engine>, access: Arc<Access>) -> Self {
-        Self { engine, access }
+    /// The mirror of `engine`, for the callers of `access`, its requests
+    /// admitted by the gate gRPC calls pass too (`max_concurrent_rpcs`
+    /// counts both fronts; the drain waits for both).
+    pub fn new(engine: Arc<Engine>, access: Arc<Access>, admission: Arc<Admission>) -> Self {
+        Self {
+            engine,
+            access,
+            admission,
+        }
     }
 }
 
@@ -142,6 +150,7 @@ impl Mirror {
         if matches!(endpoint, Endpoint::Unknown) {
             return Err(MirrorError::no_endpoint());
         }
+        let permit = self.admission.admit()?;
         let caller = self.identify(headers)?;
         if matches!(endpoint, Endpoint::Upload) || !matches!(*method, Method::GET | Method::HEAD) {
             return Err(MirrorError::unsupported(
@@ -182,7 +191,7 @@ impl Mirror {
                 if head {
                     self.head_blob(&repository, &digest, &route).await
                 } else {
-                    self.blob(repository, digest, route, ByteRange::of(headers))
+                    self.blob(repository, digest, route, ByteRange::of(headers), permit)
                         .await
                 }
             }
@@ -275,6 +284,7 @@ impl Mirror {
         digest: Digest,
         route: Route,
         range: Option<ByteRange>,
+        permit: Permit,
     ) -> Result<Response, MirrorError> {
         // A suffix range needs the size before the first byte.
         let span = match range {
@@ -318,7 +328,9 @@ impl Mirror {
             return Err(MirrorError::range_unsatisfiable(size));
         }
         let end = end.min(size);
-        let body = Body::from_stream(blob.chunks.map(|item| {
+        // The permit is held until the body ends or the client leaves.
+        let body = Body::from_stream(blob.chunks.map(move |item| {
+            let _held = &permit;
             item.map(|chunk| chunk.data).map_err(|e| {
                 tracing::warn!(error = %crate::telemetry::describe(&e), "blob stream cut short");
                 std::io::Error::other(e)

@@ -23,6 +23,7 @@ use common::distribution::{Distribution, Image};
 use common::metrics::Scrape;
 use common::rpc::{blob_request, read_blob};
 use common::skopeo::{copy_to_layout, layout_files};
+use common::slow::SlowBlobServer;
 
 /// A registry with an image, and the service with the mirror on.
 struct Setup {
@@ -577,4 +578,54 @@ async fn containerd_fetches_every_blob_through_the_mirror_never_from_the_origin(
         &[("route", "blob"), ("code", "200")],
     );
     assert!(blobs >= 8.0, "the blobs went through the mirror ({blobs})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mirror_shares_the_concurrency_limit_with_grpc() {
+    let data = bytes::Bytes::from(common::content::pseudo_random_bytes(0x11, 8 * 1024 * 1024));
+    let slow = SlowBlobServer::start(
+        "team/big",
+        data,
+        64 * 1024,
+        std::time::Duration::from_millis(20),
+    );
+    let toml = ServiceConfig::with(Upstream::new("slow", &slow.url()))
+        .top("mirror_listen = \"127.0.0.1:0\"")
+        .top("max_concurrent_rpcs = 1")
+        .toml();
+    let service = InProcess::start(&toml).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = |path: &str| format!("http://{}{path}", service.mirror_addr.unwrap());
+    // One blob streaming (its body unread) holds the one permit.
+    let streaming = http
+        .get(url(&format!("/v2/team/big/blobs/{}", slow.digest())))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streaming.status(), StatusCode::OK);
+    let refused = http.get(url("/v2/")).send().await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(refused.headers().get("retry-after").is_some());
+    assert_eq!(error_code(refused).await, "TOOMANYREQUESTS");
+    let mut client = service.client().await;
+    let status = client
+        .head_blob(common::rpc::head_blob_request("team/big", &slow.digest()))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        tonic::Code::ResourceExhausted,
+        "gRPC shares the limit"
+    );
+    // The client leaves: the permit is back.
+    drop(streaming);
+    let mut answered = false;
+    for _ in 0..100 {
+        if http.get(url("/v2/")).send().await.unwrap().status() == StatusCode::OK {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(answered, "the permit came back when the client left");
 }
