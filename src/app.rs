@@ -224,7 +224,12 @@ pub async fn run(
     let mirror_drain = side_ports.child_token();
     if let Some(listener) = listeners.mirror {
         tracing::info!(addr = %listener.local_addr()?, "serving the OCI mirror");
-        let mirror = Mirror::new(engine.clone(), access.clone(), admission.clone());
+        let mirror = Mirror::new(
+            engine.clone(),
+            access.clone(),
+            admission.clone(),
+            config.stream_idle_timeout,
+        );
         let stop = mirror_drain.clone();
         side_tasks.spawn(async move {
             if let Err(e) = mirror::serve(listener, mirror, stop.cancelled_owned()).await {

@@ -34,6 +34,7 @@ pub(crate) mod circuit;
 pub mod config;
 pub(crate) mod glob;
 pub(crate) mod grpc;
+pub(crate) mod idle;
 pub mod metrics;
 pub(crate) mod mirror;
 pub(crate) mod oci;

@@ -33,7 +33,7 @@ mod caller;
 mod convert;
 mod deadline;
 mod health;
-mod idle;
+
 mod metrics;
 mod request_id;
 mod status;
@@ -56,6 +56,7 @@ pub use metrics::MetricsLayer;
 
 use crate::access::Access;
 use crate::config::Config;
+use crate::idle;
 use crate::pb;
 use crate::pb::upstream_service_server::{UpstreamService, UpstreamServiceServer};
 use crate::upstream::{BlobRequest, Engine, Error, ManifestRequest, TagsRequest};
@@ -219,6 +220,12 @@ impl UpstreamService for UpstreamApi {
                 self.limits.stream_idle_timeout,
                 permit,
                 stream_span,
+                |idle| {
+                    Status::deadline_exceeded(format!(
+                        "the caller read nothing for {} (stream_idle_timeout); the stream was ended",
+                        humantime::format_duration(idle)
+                    ))
+                },
             ));
             Ok(Response::new(stream))
         }

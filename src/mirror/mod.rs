@@ -15,6 +15,7 @@ mod path;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -27,6 +28,7 @@ use tokio::time::Instant;
 
 use crate::access::{Access, Identity, Presented, bearer_token};
 use crate::admission::{Admission, Permit};
+use crate::idle;
 use crate::oci::{Digest, Reference, Repository, Tag};
 use crate::upstream::{BlobRange, BlobRequest, Engine, ManifestRequest, Route, TagsRequest};
 use error::{Asked, MirrorError};
@@ -42,17 +44,27 @@ pub struct Mirror {
     engine: Arc<Engine>,
     access: Arc<Access>,
     admission: Arc<Admission>,
+    /// `stream_idle_timeout`: a blob body its client reads nothing of for
+    /// this long is cut, and what it held released.
+    idle: Duration,
 }
 
 impl Mirror {
     /// The mirror of `engine`, for the callers of `access`, its requests
     /// admitted by the gate gRPC calls pass too (`max_concurrent_rpcs`
-    /// counts both fronts; the drain waits for both).
-    pub fn new(engine: Arc<Engine>, access: Arc<Access>, admission: Arc<Admission>) -> Self {
+    /// counts both fronts; the drain waits for both). A blob body unread
+    /// for `idle` is cut short.
+    pub fn new(
+        engine: Arc<Engine>,
+        access: Arc<Access>,
+        admission: Arc<Admission>,
+        idle: Duration,
+    ) -> Self {
         Self {
             engine,
             access,
             admission,
+            idle,
         }
     }
 }
@@ -328,14 +340,26 @@ impl Mirror {
             return Err(MirrorError::range_unsatisfiable(size));
         }
         let end = end.min(size);
-        // The permit is held until the body ends or the client leaves.
-        let body = Body::from_stream(blob.chunks.map(move |item| {
-            let _held = &permit;
+        let chunks = blob.chunks.map(|item| {
             item.map(|chunk| chunk.data).map_err(|e| {
                 tracing::warn!(error = %crate::telemetry::describe(&e), "blob stream cut short");
                 std::io::Error::other(e)
             })
-        }));
+        });
+        // The permit is held until the body ends, its client leaves, or the
+        // client has read nothing for the idle timeout.
+        let body = Body::from_stream(idle::bounded(
+            chunks,
+            self.idle,
+            permit,
+            tracing::Span::current(),
+            |idle| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the client read nothing for {idle:?} (stream_idle_timeout)"),
+                )
+            },
+        ));
         let partial = span.map(|_| (offset, end, size));
         let status = if partial.is_some() {
             StatusCode::PARTIAL_CONTENT

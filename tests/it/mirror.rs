@@ -629,3 +629,41 @@ async fn the_mirror_shares_the_concurrency_limit_with_grpc() {
     }
     assert!(answered, "the permit came back when the client left");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unread_blob_body_is_cut_after_the_idle_timeout() {
+    let registry = Distribution::start();
+    let blob = registry
+        .push_big_blob("big/blob", 0x1D1E, 64 * 1024 * 1024)
+        .await;
+    let toml = ServiceConfig::with(Upstream::new("reg", &registry.url()))
+        .top("mirror_listen = \"127.0.0.1:0\"")
+        .top("max_concurrent_rpcs = 1")
+        .top("stream_idle_timeout = \"1s\"")
+        .toml();
+    let service = InProcess::start(&toml).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = |path: &str| format!("http://{}{path}", service.mirror_addr.unwrap());
+    let unread = http
+        .get(url(&format!("/v2/big/blob/blobs/{}", blob.digest)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unread.status(), StatusCode::OK);
+    // The client keeps the response and reads nothing: once the buffers
+    // are full, the idle rule releases the one permit.
+    let mut answered = false;
+    for _ in 0..200 {
+        if http.get(url("/v2/")).send().await.unwrap().status() == StatusCode::OK {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(answered, "the permit of an unread body came back");
+    let body = unread.bytes().await;
+    assert!(
+        body.as_ref().map_or(true, |b| (b.len() as u64) < blob.size),
+        "the body was cut short of its Content-Length"
+    );
+}

@@ -1,9 +1,13 @@
-//! The idle rule of server streams: a FetchBlob stream whose caller reads
-//! nothing for `stream_idle_timeout` ends with DEADLINE_EXCEEDED, and what
-//! it held (the admission permit, the engine's reader and its file) is
-//! released at that moment, not when the caller finally reads or leaves.
+//! The idle rule of blob streams, for both fronts: a FetchBlob stream (or a
+//! mirror blob body) whose caller reads nothing for `stream_idle_timeout`
+//! ends with an error of the front's kind (DEADLINE_EXCEEDED on gRPC; on
+//! the mirror the body is cut short), and what it held (the admission
+//! permit, the engine's reader and its file) is released at that moment,
+//! not when the caller finally reads or leaves.
 //!
-//! "Reads nothing" is seen through HTTP/2 flow control. The transport
+//! "Reads nothing" is seen through flow control (HTTP/2's window; on
+//! HTTP/1.1 the socket's send buffer, which hyper must flush before it
+//! pulls more of a body). The transport
 //! pulls the next message from the response stream only while the caller's
 //! window has room; once a caller stops reading, its window fills, hyper
 //! holds one encoded message waiting for capacity and stops pulling. A
@@ -26,32 +30,33 @@ use std::time::Duration;
 use futures::{Stream, StreamExt, stream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Status;
 use tracing::{Instrument, Span};
 
 /// Messages waiting between the forwarding task and the transport. One is
 /// enough: the transport asks for the next only when it can send it.
 const DEPTH: usize = 1;
 
-/// `source` as a stream that ends with DEADLINE_EXCEEDED once its consumer
+/// `source` as a stream that ends with `timed_out(idle)` once its consumer
 /// has taken nothing for `idle` while an item was ready for it. `held`
 /// (the admission permit) lives as long as `source` is being read: until
 /// it ends, the consumer goes away, or the idle rule ends it. The
 /// forwarding task runs in `span`.
-pub fn bounded<T, S, H>(
+pub fn bounded<T, E, S, H>(
     source: S,
     idle: Duration,
     held: H,
     span: Span,
-) -> impl Stream<Item = Result<T, Status>> + Send + 'static
+    timed_out: impl FnOnce(Duration) -> E + Send + 'static,
+) -> impl Stream<Item = Result<T, E>> + Send + 'static
 where
     T: Send + 'static,
-    S: Stream<Item = Result<T, Status>> + Send + 'static,
+    E: Send + 'static,
+    S: Stream<Item = Result<T, E>> + Send + 'static,
     H: Send + 'static,
 {
     let (tx, rx) = mpsc::channel(DEPTH);
     let (end_tx, end_rx) = oneshot::channel();
-    tokio::spawn(forward(source, idle, held, tx, end_tx).instrument(span));
+    tokio::spawn(forward(source, idle, held, tx, end_tx, timed_out).instrument(span));
     // After the forwarded items: the terminating status, if the idle rule
     // left one (the task sets it before it drops its sender).
     let end = stream::once(end_rx).filter_map(|end| async move { end.ok().map(Err) });
@@ -59,14 +64,15 @@ where
 }
 
 /// Moves items from `source` to `tx` while the consumer keeps taking them.
-async fn forward<T, S, H>(
+async fn forward<T, E, S, H>(
     source: S,
     idle: Duration,
     held: H,
-    tx: mpsc::Sender<Result<T, Status>>,
-    end: oneshot::Sender<Status>,
+    tx: mpsc::Sender<Result<T, E>>,
+    end: oneshot::Sender<E>,
+    timed_out: impl FnOnce(Duration) -> E,
 ) where
-    S: Stream<Item = Result<T, Status>>,
+    S: Stream<Item = Result<T, E>>,
 {
     let mut source = Box::pin(source);
     loop {
@@ -98,10 +104,7 @@ async fn forward<T, S, H>(
         ?idle,
         "the caller read nothing for stream_idle_timeout: stream ended"
     );
-    let _ = end.send(Status::deadline_exceeded(format!(
-        "the caller read nothing for {} (stream_idle_timeout); the stream was ended",
-        humantime::format_duration(idle)
-    )));
+    let _ = end.send(timed_out(idle));
 }
 
 #[cfg(test)]
@@ -109,7 +112,10 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use tonic::Code;
+
+    /// The error the idle rule leaves, in these tests.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Idle(Duration);
 
     /// Sets its flag when dropped: stands for the admission permit.
     struct Held(Arc<AtomicBool>);
@@ -120,15 +126,15 @@ mod tests {
         }
     }
 
-    fn endless() -> impl Stream<Item = Result<u64, Status>> + Send + 'static {
+    fn endless() -> impl Stream<Item = Result<u64, Idle>> + Send + 'static {
         stream::iter(0..).map(Ok)
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_consumer_that_stops_gets_deadline_exceeded_and_the_hold_is_released() {
+    async fn a_consumer_that_stops_gets_the_idle_error_and_the_hold_is_released() {
         let released = Arc::new(AtomicBool::new(false));
         let idle = Duration::from_secs(60);
-        let s = bounded(endless(), idle, Held(released.clone()), Span::none());
+        let s = bounded(endless(), idle, Held(released.clone()), Span::none(), Idle);
         let mut s = std::pin::pin!(s);
         for want in 0..3 {
             assert_eq!(s.next().await.unwrap().unwrap(), want);
@@ -145,7 +151,7 @@ mod tests {
         let (last, buffered) = rest.split_last().unwrap();
         assert!(buffered.iter().all(Result::is_ok));
         assert!(buffered.len() <= DEPTH);
-        assert_eq!(last.as_ref().unwrap_err().code(), Code::DeadlineExceeded);
+        assert_eq!(last.as_ref().unwrap_err(), &Idle(idle));
     }
 
     #[tokio::test(start_paused = true)]
@@ -160,6 +166,7 @@ mod tests {
             Duration::from_secs(1),
             Held(released.clone()),
             Span::none(),
+            Idle,
         );
         let all: Vec<_> = s.collect().await;
         assert_eq!(all.len(), 3);
@@ -175,6 +182,7 @@ mod tests {
             Duration::from_secs(60),
             Held(released.clone()),
             Span::none(),
+            Idle,
         );
         drop(s);
         tokio::time::sleep(Duration::from_millis(1)).await;
