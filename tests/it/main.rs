@@ -21,6 +21,7 @@ mod basic_auth;
 mod cache;
 mod cache_faults;
 mod callers;
+mod conformance;
 mod edge;
 mod fake_upstream;
 mod grpcurl;
