@@ -31,21 +31,34 @@ pub(super) enum Asked {
 #[derive(Debug)]
 pub(super) struct MirrorError {
     status: StatusCode,
-    code: &'static str,
+    /// The OCI error code of the JSON body; `None`: a plain-text body (the
+    /// spec's table has no code for it, and a JSON body must use one).
+    code: Option<&'static str>,
     message: String,
     retry_after: Option<Duration>,
     /// `bytes */SIZE` of an unsatisfiable range.
     content_range: Option<u64>,
+    /// The `Allow` header of a 405: the methods the resource serves.
+    allow: &'static str,
 }
 
 impl MirrorError {
     pub(super) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
-            code,
+            code: Some(code),
             message: message.into(),
             retry_after: None,
             content_range: None,
+            allow: "GET, HEAD",
+        }
+    }
+
+    /// A 4xx the spec's code table has no code for: a plain-text body.
+    pub(super) fn plain(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            code: None,
+            ..Self::new(status, "", message)
         }
     }
 
@@ -69,9 +82,13 @@ impl MirrorError {
         Self::new(StatusCode::NOT_FOUND, code, message)
     }
 
-    /// 405 `UNSUPPORTED`: this mirror pulls only.
-    pub(super) fn unsupported(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", message)
+    /// 405 `UNSUPPORTED`: this mirror pulls only; `allow` names what the
+    /// resource does serve (`""` for none, as for upload sessions).
+    pub(super) fn unsupported(message: impl Into<String>, allow: &'static str) -> Self {
+        Self {
+            allow,
+            ..Self::new(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", message)
+        }
     }
 
     /// 404 for a path that is no endpoint of the API.
@@ -83,14 +100,14 @@ impl MirrorError {
         )
     }
 
-    /// 416 for a range that does not overlap a blob of `size` bytes.
+    /// 416 for a range that does not overlap a blob of `size` bytes (or
+    /// ends before it starts), with `Content-Range: bytes */SIZE`.
     pub(super) fn range_unsatisfiable(size: u64) -> Self {
         Self {
             content_range: Some(size),
-            ..Self::new(
+            ..Self::plain(
                 StatusCode::RANGE_NOT_SATISFIABLE,
-                "RANGE_INVALID",
-                format!("the range is outside the blob's {size} bytes"),
+                format!("the range is not within the blob's {size} bytes"),
             )
         }
     }
@@ -162,15 +179,25 @@ impl From<Denied> for MirrorError {
 
 impl IntoResponse for MirrorError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "errors": [{ "code": self.code, "message": self.message, "detail": {} }]
-        });
-        let mut response = (
-            self.status,
-            [(header::CONTENT_TYPE, "application/json")],
-            body.to_string(),
-        )
-            .into_response();
+        let mut response = match self.code {
+            Some(code) => {
+                let body = serde_json::json!({
+                    "errors": [{ "code": code, "message": self.message, "detail": {} }]
+                });
+                (
+                    self.status,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    body.to_string(),
+                )
+                    .into_response()
+            }
+            None => (
+                self.status,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                format!("{}\n", self.message),
+            )
+                .into_response(),
+        };
         let headers = response.headers_mut();
         if self.status == StatusCode::UNAUTHORIZED {
             headers.insert(
@@ -179,7 +206,7 @@ impl IntoResponse for MirrorError {
             );
         }
         if self.status == StatusCode::METHOD_NOT_ALLOWED {
-            headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            headers.insert(header::ALLOW, HeaderValue::from_static(self.allow));
         }
         if let Some(delay) = self.retry_after {
             headers.insert(

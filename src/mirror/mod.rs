@@ -164,9 +164,16 @@ impl Mirror {
         }
         let permit = self.admission.admit()?;
         let caller = self.identify(headers)?;
-        if matches!(endpoint, Endpoint::Upload) || !matches!(*method, Method::GET | Method::HEAD) {
+        if matches!(endpoint, Endpoint::Upload) {
+            return Err(MirrorError::unsupported(
+                "this mirror serves pulls only: no uploads",
+                "",
+            ));
+        }
+        if !matches!(*method, Method::GET | Method::HEAD) {
             return Err(MirrorError::unsupported(
                 "this mirror serves pulls only (GET and HEAD)",
+                "GET, HEAD",
             ));
         }
         let route = match namespace {
@@ -298,9 +305,10 @@ impl Mirror {
         range: Option<ByteRange>,
         permit: Permit,
     ) -> Result<Response, MirrorError> {
-        // A suffix range needs the size before the first byte.
+        // A suffix range needs the size before the first byte (and a
+        // backwards one, for its 416's Content-Range).
         let span = match range {
-            Some(range @ ByteRange::Suffix(_)) => {
+            Some(range @ (ByteRange::Suffix(_) | ByteRange::Backwards)) => {
                 let meta = self
                     .engine
                     .head_blob(&repository, &digest, &route)
@@ -379,9 +387,8 @@ impl Mirror {
         let n = match query_value(query, "n") {
             None => None,
             Some(n) => Some(n.parse::<usize>().map_err(|_| {
-                MirrorError::new(
+                MirrorError::plain(
                     StatusCode::BAD_REQUEST,
-                    "PAGINATION_NUMBER_INVALID",
                     format!("n must be a number of tags (got {n:?})"),
                 )
             })?),

@@ -101,12 +101,16 @@ pub(crate) enum ByteRange {
     From { first: u64, last: Option<u64> },
     /// `bytes=-N`: the last `N` bytes.
     Suffix(u64),
+    /// `bytes=LAST-FIRST`, ending before it starts: never satisfiable.
+    Backwards,
 }
 
 impl ByteRange {
     /// The single range of a `Range` header; `None` when there is none, or
     /// it is not one `bytes` range (several ranges, another unit, nonsense),
-    /// which HTTP lets a server answer with the whole blob.
+    /// which HTTP lets a server answer with the whole blob. A range that
+    /// ends before it starts is kept, to be refused (416), as Distribution
+    /// and the conformance suite do.
     pub(crate) fn of(headers: &HeaderMap) -> Option<Self> {
         let value = headers.get(RANGE)?.to_str().ok()?.trim();
         let spec = value.strip_prefix("bytes=")?.trim();
@@ -124,7 +128,7 @@ impl ByteRange {
             last => Some(last.parse().ok()?),
         };
         if last.is_some_and(|last| last < first) {
-            return None;
+            return Some(Self::Backwards);
         }
         Some(Self::From { first, last })
     }
@@ -136,7 +140,7 @@ impl ByteRange {
         match self {
             Self::From { first, .. } if first >= size => None,
             Self::From { first, last } => Some((first, last.map_or(size, |l| (l + 1).min(size)))),
-            Self::Suffix(0) => None,
+            Self::Suffix(0) | Self::Backwards => None,
             Self::Suffix(n) => Some((size.saturating_sub(n), size)),
         }
     }

@@ -836,7 +836,6 @@ async fn unsatisfiable_ranges_are_416_with_the_size() {
 /// but Distribution rejects it with 416, and the mirror must too to pass
 /// the suite.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: `bytes=500-0` is ignored (200, whole blob) where the conformance suite requires 416"]
 async fn range_ending_before_it_starts_is_416() {
     let s = Setup::start().await;
     let (path, _) = range_blobs(&s, 1).await.remove(0);
@@ -1131,7 +1130,6 @@ async fn push_and_delete_are_405_unsupported_with_allow() {
 /// itself be answered 405 (an upload session supports none: its `Allow`
 /// should be empty).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: an upload session's 405 says `Allow: GET, HEAD`, and GET and HEAD there are 405 too"]
 async fn allow_names_only_methods_the_resource_serves() {
     let s = Setup::start().await;
     for (method, path) in [
@@ -1284,7 +1282,6 @@ async fn upstream_rate_limits_are_429_toomanyrequests_with_retry_after() {
 /// `last`, an unknown manifest, a malformed digest and name, an unknown
 /// repository, a delete, a path outside the API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: 416 says RANGE_INVALID and a bad `n` says PAGINATION_NUMBER_INVALID, codes outside the spec's table"]
 async fn every_4xx_code_is_one_of_the_specs() {
     let s = Setup::start().await;
     let (range_blob, _) = range_blobs(&s, 1).await.remove(0);
@@ -1305,6 +1302,12 @@ async fn every_4xx_code_is_one_of_the_specs() {
         let headers: Vec<(&str, &str)> = range.map(|r| ("range", r)).into_iter().collect();
         let answer = s.send(method.clone(), &path, &headers).await;
         assert!(answer.status.is_client_error(), "{}", answer.what);
+        // "A 4XX response code from the registry MAY return a body in any
+        // format": only a JSON body's code is bound to the table.
+        if !answer.must("content-type").starts_with("application/json") {
+            assert!(!answer.body.is_empty(), "{}: some body", answer.what);
+            continue;
+        }
         let code = answer.error_code();
         if !SPEC_CODES.contains(&code.as_str()) && code != "TAG_INVALID" {
             outside.push(format!("{method} {path} -> {} {code}", answer.status));
