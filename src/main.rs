@@ -49,13 +49,16 @@ fn main() -> ExitCode {
             match checked {
                 Ok(config) => {
                     println!(
-                        "{}: OK ({} upstream{}); gRPC on {}; metrics on {}; cache at {} ({}){}",
+                        "{}: OK ({} upstream{}); gRPC on {}; metrics on {}; mirror on {}; cache at {} ({}){}",
                         file.display(),
                         config.upstreams.len(),
                         if config.upstreams.len() == 1 { "" } else { "s" },
                         config.listen,
                         config
                             .metrics_listen
+                            .map_or_else(|| "none".to_owned(), |a| a.to_string()),
+                        config
+                            .mirror_listen
                             .map_or_else(|| "none".to_owned(), |a| a.to_string()),
                         config.cache.dir.display(),
                         config.cache.dir.describe(),

@@ -156,7 +156,7 @@ fn check_config_runs_the_checks_serve_runs_and_names_what_it_would_use() {
     std::fs::write(
         &good,
         format!(
-            "listen = \"127.0.0.1:7001\"\n[cache]\ndir = \"{}\"\n[[upstreams]]\nname = \"a\"\nurl = \"http://127.0.0.1:5000\"\n",
+            "listen = \"127.0.0.1:7001\"\nmirror_listen = \"127.0.0.1:7005\"\n[cache]\ndir = \"{}\"\n[[upstreams]]\nname = \"a\"\nurl = \"http://127.0.0.1:5000\"\n",
             cache.display()
         ),
     )
@@ -168,6 +168,7 @@ fn check_config_runs_the_checks_serve_runs_and_names_what_it_would_use() {
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("127.0.0.1:7001"), "{stdout}");
+    assert!(stdout.contains("mirror on 127.0.0.1:7005"), "{stdout}");
     assert!(stdout.contains(&cache.display().to_string()), "{stdout}");
 }
 
