@@ -41,7 +41,9 @@ What is taken from the rendering, as the kubelet would:
 What is changed, and why:
   - config.toml: in a copy for `serve`, only each upstream's `url`, which
     points at a CNCF Distribution registry this script starts on
-    127.0.0.1 with a test image pushed; `check-config` reads the file as
+    127.0.0.1 (port 5000, or the next one free when a listener of the pod
+    takes it, as mirror_listen = "0.0.0.0:5000" does) with a test image
+    pushed; `check-config` reads the file as
     rendered.
   - Secret values: throwaway test ones. A Docker config (the docker-config
     auth file) with the test registry's credentials (it requires them, so a
@@ -96,6 +98,22 @@ new to the cache streams from the registry, the failures are counted in
 oci_upstream_cache_backend_errors_total{backend="s3"}, and SIGTERM still ends
 the process with status 0 in time. Not exercised: DeleteObject and
 AbortMultipartUpload (eviction, a download that fails its digest).
+
+With mirror_listen (the OCI HTTP mirror), also, on its port over plain
+HTTP and with a caller's token when the config has [[callers]] (then
+GET /v2/ without one is 401 UNAUTHORIZED with a Bearer challenge): GET /v2/
+answers 200 with Docker-Distribution-API-Version: registry/2.0; a second
+image, pushed for the mirror alone, is pulled as containerd asks for it
+(`?ns=` the registry's host:port, which the upstreams answer for by
+default): its manifest and layer come back with their Docker-Content-Digest
+and bytes, from the registry (oci_upstream_registry_requests_total grows),
+and a Range of the layer is 206 with that span; an ns no upstream lists is
+404 NAME_UNKNOWN; skopeo copies the first image through the mirror, byte
+for byte; a containerd of its own (no CRI) fetches it through a
+certs.d/<registry>/hosts.toml as deploy/README.md gives nodes (the token as
+a static header), holding no credentials for the registry, which requires
+them, so only the mirror can have served it; and /metrics counts the
+requests in oci_upstream_http_requests_total by route, method and code.
 """
 
 from __future__ import annotations
@@ -117,6 +135,7 @@ import sys
 import tarfile
 import time
 import tomllib
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path, PurePosixPath
@@ -184,10 +203,16 @@ def create_aws_request(self):
 access_control.IAMRequestBase._create_aws_request = create_aws_request
 main(sys.argv[1:])
 """
-REGISTRY_ADDR = ("127.0.0.1", 5000)
+# The test registry's address: 127.0.0.1 on the first of these ports that no
+# listener of the pod takes (a mirror_listen of 0.0.0.0:5000 does).
+REGISTRY_HOST = "127.0.0.1"
+REGISTRY_PORTS = (5000, 5001, 5002)
 REGISTRY_USER = "deploy-check"
 TEST_REPO = "deploy-check/app"
 TEST_TAG = "v1"
+# An image only the OCI HTTP mirror asks for (when mirror_listen is on), so
+# that it comes from the registry through the mirror, not from the cache.
+MIRROR_TAG = "mirror"
 # The kubelet's timestamped dir in ConfigMap/Secret volumes.
 ATOMIC_DIR = "..2026_01_01_00_00_00.000000000"
 # The kubelet's /etc/hosts (the pod's IP is loopback here: its network
@@ -242,7 +267,8 @@ class Registry:
     """CNCF Distribution (Debian's docker-registry) on 127.0.0.1 behind
     htpasswd basic auth, with a small image pushed."""
 
-    def __init__(self, workdir: Path, procs: list[subprocess.Popen]):
+    def __init__(self, workdir: Path, procs: list[subprocess.Popen], taken: set[int]):
+        self.addr = (REGISTRY_HOST, next(p for p in REGISTRY_PORTS if p not in taken))
         self.dir = workdir / "registry"
         self.dir.mkdir()
         self.password = secrets.token_urlsafe(18)
@@ -250,7 +276,7 @@ class Registry:
             ["htpasswd", "-Bbn", REGISTRY_USER, self.password], check=True, capture_output=True, text=True
         ).stdout
         (self.dir / "htpasswd").write_text(htpasswd)
-        host, port = REGISTRY_ADDR
+        host, port = self.addr
         (self.dir / "config.yml").write_text(
             "version: 0.1\n"
             "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
@@ -272,7 +298,7 @@ class Registry:
             preexec_fn=die_with_parent,
         )
         self.procs.append(self.proc)
-        wait_port(REGISTRY_ADDR, 20, self.proc)
+        wait_port(self.addr, 20, self.proc)
 
     def stop(self) -> None:
         self.proc.kill()
@@ -296,11 +322,10 @@ class Registry:
             assert r.status == 201, r.status
         return digest
 
-    def push_image(self) -> dict:
+    def push_image(self, tag: str = TEST_TAG, content: bytes = b"pushed by deploy/check\n") -> dict:
         """A one-layer OCI image; returns its manifest, digest and layer."""
         layer_tar = io.BytesIO()
         with tarfile.open(fileobj=layer_tar, mode="w") as tar:
-            content = b"pushed by deploy/check\n"
             info = tarfile.TarInfo("hello.txt")
             info.size, info.mtime, info.mode = len(content), 0, 0o644
             tar.addfile(info, io.BytesIO(content))
@@ -319,7 +344,7 @@ class Registry:
             "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
                         "digest": layer_digest, "size": len(layer)}],
         }).encode()
-        with self._request("PUT", f"{self.url}/v2/{TEST_REPO}/manifests/{TEST_TAG}", manifest,
+        with self._request("PUT", f"{self.url}/v2/{TEST_REPO}/manifests/{tag}", manifest,
                            "application/vnd.oci.image.manifest.v1+json") as r:
             assert r.status == 201, r.status
         return {"manifest": manifest, "digest": "sha256:" + hashlib.sha256(manifest).hexdigest(),
@@ -764,9 +789,14 @@ def _run(mode: str, name: str, rendered: Path, dockerfile: Path, binary: Path, w
     registry = None
     s3 = None
     if mode == "contract":
-        registry = Registry(workdir, procs)
+        taken = {split_address(a)[1] for a in (pod.listen, pod.metrics_listen, pod.health_listen,
+                                                pod.mirror_listen) if a}
+        registry = Registry(workdir, procs, taken)
         image = registry.push_image()
         log(f"ok    registry on {registry.url} (htpasswd auth) holds {TEST_REPO}:{TEST_TAG} {image['digest']}")
+        if pod.mirror_listen:
+            image["mirror"] = registry.push_image(MIRROR_TAG, b"pulled through the mirror by deploy/check\n")
+            log(f"ok    and {TEST_REPO}:{MIRROR_TAG} {image['mirror']['digest']}, for the mirror only")
         if pod.shared_cache is not None:
             s3 = S3Server(pod.shared_cache, workdir, procs)
             # Large enough for a multipart upload to the bucket.
@@ -805,7 +835,7 @@ def _run(mode: str, name: str, rendered: Path, dockerfile: Path, binary: Path, w
 
     first = Serve(pod, binary, workdir, "serve", config_text, secret_values, hosts, procs)
     try:
-        _calls(pod, first, image, pki, tokens, s3)
+        _calls(pod, first, image, registry, pki, tokens, s3)
     except ContractFailure as e:
         raise ContractFailure(f"{e}\n--- the service's log (end) ---\n{first.logs()[-4000:]}") from None
     if s3 is None:
@@ -909,6 +939,16 @@ def scrape(pod: Pod) -> tuple[str, str]:
         return r.read().decode(), r.headers.get("Content-Type", "")
 
 
+def samples(body: str, family: str) -> list[tuple[dict[str, str], float]]:
+    """The samples of one metric in a text exposition: labels and value."""
+    out = []
+    for line in body.splitlines():
+        if line.startswith(family + "{") or line.startswith(family + " "):
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', line.partition("{")[2].rpartition("}")[0]))
+            out.append((labels, float(line.split()[-1])))
+    return out
+
+
 def s3_errors(body: str) -> dict[str, float]:
     """oci_upstream_cache_backend_errors_total{backend="s3",...}, by operation."""
     out: dict[str, float] = {}
@@ -919,7 +959,8 @@ def s3_errors(body: str) -> dict[str, float]:
     return out
 
 
-def _calls(pod: Pod, serve: Serve, image: dict, pki: TestPki, tokens: dict, s3: S3Server | None) -> None:
+def _calls(pod: Pod, serve: Serve, image: dict, registry: Registry, pki: TestPki, tokens: dict,
+           s3: S3Server | None) -> None:
     wait_ready(pod, serve)
     client = Client(pod, pki, tokens)
     tls, callers, caller = client.tls, client.callers, client.caller
@@ -948,6 +989,8 @@ def _calls(pod: Pod, serve: Serve, image: dict, pki: TestPki, tokens: dict, s3: 
 
     if s3 is not None:
         _in_bucket(s3, image, upstream)
+    if pod.mirror_listen:
+        _mirror(pod, serve, image, registry, client, tokens)
 
     if pod.metrics_listen:
         body, ctype = scrape(pod)
@@ -972,6 +1015,202 @@ def _calls(pod: Pod, serve: Serve, image: dict, pki: TestPki, tokens: dict, s3: 
     if limit:
         require(rss < parse_quantity(limit), f"peak RSS {rss / 2**20:.0f} MiB < limits.memory {limit}")
     stop(pod, serve)
+
+
+class MirrorClient:
+    """A puller of the OCI HTTP mirror on mirror_listen, as a node's
+    containerd is: plain HTTP, `?ns=` naming the registry it pulls for, the
+    caller's token as `Authorization: Bearer` when the config has callers."""
+
+    def __init__(self, pod: Pod, client: Client, tokens: dict[str, str]):
+        _, port = split_address(pod.mirror_listen)
+        self.address = f"127.0.0.1:{port}"
+        self.token = tokens[client.caller["token_file"]] if client.caller else None
+
+    def get(self, path: str, headers: dict[str, str] | None = None,
+            with_token: bool = True) -> tuple[int, dict[str, str], bytes]:
+        """Status, headers (lowercase names) and body; errors are answers too."""
+        request = urllib.request.Request(f"http://{self.address}{path}", headers=headers or {})
+        if self.token and with_token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=15) as r:
+                return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def registry_requests(pod: Pod) -> dict[str, float] | None:
+    """oci_upstream_registry_requests_total{status="2xx"} by operation
+    (None without metrics_listen)."""
+    if not pod.metrics_listen:
+        return None
+    out: dict[str, float] = {}
+    for labels, value in samples(scrape(pod)[0], "oci_upstream_registry_requests_total"):
+        if labels.get("status") == "2xx":
+            out[labels.get("operation", "?")] = out.get(labels.get("operation", "?"), 0) + value
+    return out
+
+
+class Containerd:
+    """A containerd of its own (no CRI, state under `dir`), pulling as a
+    node's does: through the hosts.toml deploy/README.md gives nodes."""
+
+    def __init__(self, dir: Path, procs: list[subprocess.Popen]):
+        self.dir = dir
+        dir.mkdir()
+        self.socket = dir / "containerd.sock"
+        disabled = ["io.containerd.grpc.v1.cri"] + [f"io.containerd.snapshotter.v1.{s}"
+                                                    for s in ("aufs", "btrfs", "zfs", "devmapper")]
+        (dir / "config.toml").write_text(
+            f'version = 2\nroot = "{dir / "root"}"\nstate = "{dir / "state"}"\n'
+            f"disabled_plugins = {json.dumps(disabled)}\n"
+            f'[grpc]\naddress = "{self.socket}"\n[ttrpc]\naddress = "{dir / "ttrpc.sock"}"\n'
+            f'[debug]\naddress = "{dir / "debug.sock"}"\n'
+            f'[plugins."io.containerd.internal.v1.opt"]\npath = "{dir / "opt"}"\n')
+        self.log = open(dir / "log", "w")
+        self.proc = subprocess.Popen(["containerd", "--config", str(dir / "config.toml")],
+                                     stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=die_with_parent)
+        procs.append(self.proc)
+        deadline = time.monotonic() + 30
+        while self.ctr("version").returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise ContractFailure(f"containerd did not start: {(dir / 'log').read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def ctr(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["ctr", "--address", str(self.socket), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    def hosts(self, registry: str, origin: str, mirror: str, token: str | None) -> Path:
+        """certs.d/<registry>/hosts.toml, as a node's /etc/containerd/certs.d holds it."""
+        certs = self.dir / "certs.d"
+        (certs / registry).mkdir(parents=True)
+        text = f'server = "{origin}"\n\n[host."http://{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
+        if token:
+            text += f'  [host."http://{mirror}".header]\n    authorization = "Bearer {token}"\n'
+        (certs / registry / "hosts.toml").write_text(text)
+        return certs
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def error_code(body: bytes) -> str:
+    """The first code of a distribution API error body."""
+    try:
+        return json.loads(body)["errors"][0]["code"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return f"(not an error body: {body[:200]!r})"
+
+
+def _mirror(pod: Pod, serve: Serve, image: dict, registry: Registry, client: Client,
+            tokens: dict[str, str]) -> None:
+    """The OCI HTTP mirror: the base endpoint, the pushed manifest and layer
+    by plain HTTP as containerd asks for them (with `?ns=`), a range, an
+    unknown namespace, skopeo copying the image through it, and the
+    requests counted in /metrics."""
+    mirror = MirrorClient(pod, client, tokens)
+    by = f" with caller {client.caller['name']}'s token" if client.caller else ""
+    if client.caller:
+        status, headers, body = mirror.get("/v2/", with_token=False)
+        require(status == 401 and headers.get("www-authenticate", "").startswith("Bearer ")
+                and error_code(body) == "UNAUTHORIZED",
+                "mirror: GET /v2/ without a token is 401 UNAUTHORIZED with a Bearer challenge",
+                f"{status} {headers.get('www-authenticate')!r} {body[:200]!r}")
+    status, headers, body = mirror.get("/v2/")
+    require(status == 200 and headers.get("docker-distribution-api-version") == "registry/2.0",
+            f"mirror: GET /v2/ on plain HTTP {mirror.address}{by} answers 200 with "
+            "Docker-Distribution-API-Version: registry/2.0",
+            f"{status} {headers} {body[:200]!r}")
+    # What containerd sends for a registry host: `ns=host:port`. The serve
+    # config points every upstream at the test registry, so by default they
+    # answer for its host:port.
+    upstreams = [u for u in pod.config.get("upstreams") or [] if u.get("enabled", True)]
+    ns = ((upstreams[0].get("namespaces") if upstreams else None) or [registry.host])[0]
+    query = "?" + urllib.parse.urlencode({"ns": ns})
+    fresh = image["mirror"]
+    before = registry_requests(pod)
+    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, "
+                        "application/vnd.docker.distribution.manifest.v2+json"}
+    status, headers, body = mirror.get(f"/v2/{TEST_REPO}/manifests/{MIRROR_TAG}{query}", accept)
+    require(status == 200 and headers.get("docker-content-digest") == fresh["digest"] and body == fresh["manifest"]
+            and headers.get("content-type") == "application/vnd.oci.image.manifest.v1+json",
+            f"mirror: GET /v2/{TEST_REPO}/manifests/{MIRROR_TAG}{query} returns the pushed manifest, "
+            f"Docker-Content-Digest {fresh['digest'][:19]}...",
+            f"{status} {headers} {body[:200]!r}")
+    status, headers, body = mirror.get(f"/v2/{TEST_REPO}/blobs/{fresh['layer_digest']}{query}")
+    require(status == 200 and headers.get("docker-content-digest") == fresh["layer_digest"]
+            and body == fresh["layer"],
+            f"mirror: GET /v2/{TEST_REPO}/blobs/{fresh['layer_digest'][:19]}... returns its layer's "
+            f"{len(fresh['layer'])} bytes and Docker-Content-Digest",
+            f"{status} {headers} {len(body)} bytes")
+    after = registry_requests(pod)
+    if before is not None and after is not None:
+        grew = {op: after.get(op, 0) - before.get(op, 0) for op in ("manifest", "blob")}
+        require(all(n >= 1 for n in grew.values()),
+                "mirror: both came from the registry (oci_upstream_registry_requests_total 2xx: "
+                f"manifest +{grew['manifest']:g}, blob +{grew['blob']:g}), not from the cache", str(grew))
+    status, headers, body = mirror.get(f"/v2/{TEST_REPO}/blobs/{fresh['layer_digest']}{query}",
+                                       {"Range": "bytes=0-15"})
+    require(status == 206 and body == fresh["layer"][:16]
+            and headers.get("content-range") == f"bytes 0-15/{len(fresh['layer'])}",
+            "mirror: the layer with Range: bytes=0-15 is 206 with those 16 bytes and Content-Range",
+            f"{status} {headers} {body!r}")
+    status, _, body = mirror.get(f"/v2/{TEST_REPO}/manifests/{TEST_TAG}?ns=registry.invalid", accept)
+    require(status == 404 and error_code(body) == "NAME_UNKNOWN",
+            "mirror: ?ns=registry.invalid (no upstream lists it) is 404 NAME_UNKNOWN, so containerd "
+            "would go to that registry itself", f"{status} {body[:200]!r}")
+
+    # skopeo pulls the image gRPC fetched through the mirror (one cache for
+    # both; skopeo sends no ns, so every upstream may answer) into a dir:
+    # layout, blob files named by digest.
+    out = serve.sandbox.dir.parent / "skopeo"
+    copy = ["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false", "--preserve-digests",
+            *(["--src-registry-token", mirror.token] if mirror.token else []),
+            f"docker://{mirror.address}/{TEST_REPO}:{TEST_TAG}", f"dir:{out}"]
+    result = subprocess.run(copy, capture_output=True, text=True, timeout=120)
+    manifest = (out / "manifest.json").read_bytes() if (out / "manifest.json").exists() else b""
+    layer_file = out / image["layer_digest"].split(":", 1)[1]
+    require(result.returncode == 0 and manifest == image["manifest"]
+            and layer_file.exists() and layer_file.read_bytes() == image["layer"],
+            f"skopeo copy docker://{mirror.address}/{TEST_REPO}:{TEST_TAG}{by} gets the pushed manifest "
+            "and layer, byte for byte", (result.stdout + result.stderr).strip()[-2000:])
+
+    # containerd, as on a node: the registry's hosts.toml names the mirror
+    # (and the caller's token as a static header). The registry wants
+    # credentials containerd does not have, so only the mirror can have
+    # served what it fetched.
+    containerd = Containerd(serve.sandbox.dir.parent / "containerd", [])
+    try:
+        certs = containerd.hosts(registry.host, registry.url, mirror.address, mirror.token)
+        reference = f"{registry.host}/{TEST_REPO}:{TEST_TAG}"
+        result = containerd.ctr("content", "fetch", "--hosts-dir", str(certs), reference)
+        content = set(containerd.ctr("content", "ls", "-q").stdout.split())
+    finally:
+        containerd.stop()
+    wanted_content = {image["digest"], image["layer_digest"]}
+    require(result.returncode == 0 and wanted_content <= content,
+            f"containerd fetches {reference} through certs.d/{registry.host}/hosts.toml "
+            f"(server {registry.url}, host http://{mirror.address}{', a Bearer header' if mirror.token else ''}) "
+            "with no credentials for the registry: the manifest and layer are in its content store",
+            (result.stdout + result.stderr)[-2000:] + f"\ncontent: {sorted(content)}")
+
+    if pod.metrics_listen:
+        body, _ = scrape(pod)
+        counted = {(labels.get("route"), labels.get("method"), labels.get("code")): value
+                   for labels, value in samples(body, "oci_upstream_http_requests_total")}
+        wanted = [("base", "GET", "200"), ("manifest", "GET", "200"), ("manifest", "HEAD", "200"),
+                  ("blob", "GET", "200"), ("blob", "GET", "206"), ("manifest", "GET", "404")]
+        if client.caller:
+            wanted.append(("base", "GET", "401"))
+        missing = [w for w in wanted if counted.get(w, 0) < 1]
+        require(not missing,
+                "/metrics counts them in oci_upstream_http_requests_total: "
+                + ", ".join(f"{r} {m} {c}: {counted.get((r, m, c), 0):g}" for r, m, c in wanted),
+                f"missing {missing}; counted {counted}")
 
 
 def _in_bucket(s3: S3Server, image: dict, upstream: str) -> None:

@@ -8,7 +8,9 @@
 either with optional components) and asserts what the pods need to work as
 the config says: the config file the container reads comes from a generated
 ConfigMap; probe, container, Service and NetworkPolicy ports agree with the
-config's listen addresses; the security context; the cache volume at
+config's listen addresses; the OCI HTTP mirror's container port and Service
+port `mirror` exist exactly when mirror_listen is on, and ingress admits it
+from an address block (nodes' containerd is no pod); the security context; the cache volume at
 cache.dir with room above cache.max_size; the grace period above the drain
 time; every file the config names is on a Secret or ConfigMap volume (never
 a subPath mount); environment variables are plain values or Secret keys
@@ -411,6 +413,11 @@ class Pod:
         return self.config.get("health_listen") or None
 
     @property
+    def mirror_listen(self) -> str | None:
+        """The OCI HTTP mirror's address; None when off (absent or "")."""
+        return self.config.get("mirror_listen") or None
+
+    @property
     def shutdown_grace_s(self) -> float:
         return parse_duration(self.config.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE))
 
@@ -485,9 +492,15 @@ class Pod:
         return merged
 
 
-def port_allowed(rules: list[dict], port: int | None, protocol: str, names: dict[str, int]) -> bool:
-    """Whether NetworkPolicy rules allow `port`/`protocol` (a rule without ports allows all)."""
+def port_allowed(rules: list[dict], port: int | None, protocol: str, names: dict[str, int],
+                 from_nodes: bool = False) -> bool:
+    """Whether NetworkPolicy rules allow `port`/`protocol` (a rule without ports allows all).
+    With `from_nodes`, only rules whose sources can be a node count: no
+    `from` (every source), or an ipBlock among them; a node's processes run
+    in the host network, which pod and namespace selectors never select."""
     for rule in rules:
+        if from_nodes and rule.get("from") and not any("ipBlock" in peer for peer in rule["from"]):
+            continue
         ports = rule.get("ports")
         if not ports:
             return True
@@ -572,6 +585,19 @@ def check_rendered(name: str, path: Path, dockerfile: Path, cargo_version: str) 
         h_host, health_port = split_address(pod.health_listen)
         f.check(h_host in ("0.0.0.0", "::"), f"health_listen {pod.health_listen} accepts the kubelet's probes")
         f.check(health_port in ports.values(), f"health_listen port {health_port} is a container port", str(ports))
+    # The OCI HTTP mirror: a container port `mirror` exactly when it is on.
+    mirror = pod.mirror_listen
+    mirror_port = None
+    if mirror:
+        mirror_host, mirror_port = split_address(mirror)
+        f.check(mirror_host in ("0.0.0.0", "::"), f"mirror_listen {mirror} accepts nodes' connections")
+        f.check(ports.get("mirror") == mirror_port, f"container port mirror = mirror_listen port {mirror_port}",
+                str(ports))
+        others = {split_address(a)[1] for a in (pod.listen, metrics, pod.health_listen) if a}
+        f.check(mirror_port not in others, f"mirror_listen port {mirror_port} is no other listener's",
+                str(sorted(others)))
+    else:
+        f.check("mirror" not in ports, "mirror_listen is off and no container port is named mirror", str(ports))
 
     # Native gRPC probes on a numeric port the service serves plaintext health on.
     probes = pod.probes()
@@ -731,6 +757,16 @@ def check_rendered(name: str, path: Path, dockerfile: Path, cargo_version: str) 
                 target = met.get("targetPort", met["port"])
                 f.check((ports.get(target) if isinstance(target, str) else target) == split_address(metrics)[1],
                         "Service port metrics targets metrics_listen's port", str(target))
+            mir = sports.get("mirror")
+            if mirror_port is None:
+                f.check(mir is None, f"mirror_listen is off and Service {svc['metadata']['name']} has no port mirror",
+                        str(mir))
+            elif f.check(mir is not None, f"Service {svc['metadata']['name']} has a port mirror"):
+                target = mir.get("targetPort", mir["port"])
+                f.check((ports.get(target) if isinstance(target, str) else target) == mirror_port,
+                        f"Service port mirror ({mir['port']}) targets mirror_listen's port {mirror_port}", str(target))
+                f.check(mir.get("appProtocol") == "http" and mir.get("protocol", "TCP") == "TCP",
+                        "Service port mirror is TCP with appProtocol: http (plain HTTP)", str(mir))
 
     # Replicas: the HPA's, at least two; the PDB lets one of them be drained.
     hpas = [o for o in objects if o["kind"] == "HorizontalPodAutoscaler"
@@ -764,6 +800,11 @@ def check_rendered(name: str, path: Path, dockerfile: Path, cargo_version: str) 
                 f.check(port_allowed(ingress, listen_port, "TCP", ports), f"ingress allows gRPC ({listen_port})")
                 if metrics:
                     f.check(port_allowed(ingress, split_address(metrics)[1], "TCP", ports), "ingress allows metrics")
+                if mirror_port is not None:
+                    f.check(port_allowed(ingress, mirror_port, "TCP", ports), f"ingress allows the mirror ({mirror_port})")
+                    f.check(port_allowed(ingress, mirror_port, "TCP", ports, from_nodes=True),
+                            "ingress admits the mirror port from nodes: a rule without `from` or with an ipBlock "
+                            "(pod and namespace selectors never match a node's containerd)")
             if "Egress" in types:
                 egress = np["spec"].get("egress") or []
                 f.check(port_allowed(egress, 53, "UDP", ports) and port_allowed(egress, 53, "TCP", ports),
