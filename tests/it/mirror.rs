@@ -668,3 +668,43 @@ async fn an_unread_blob_body_is_cut_after_the_idle_timeout() {
         "the body was cut short of its Content-Length"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_that_fails_its_digest_is_cut_short_and_never_served_whole() {
+    let fake = common::fake::FakeRegistry::start().await;
+    // Bytes that do not hash to the digest asked for, with a true length.
+    let good = common::content::pseudo_random_bytes(0xBAD, 600 * 1024);
+    let digest = sha256_digest(&good);
+    let mut bad = good.clone();
+    bad[599 * 1024] ^= 0xff;
+    fake.on(
+        &format!("/v2/team/app/blobs/{digest}"),
+        common::fake::Reply::ok(bad),
+    );
+    let toml = ServiceConfig::with(Upstream::new("fake", &fake.url()).retries(0))
+        .top("mirror_listen = \"127.0.0.1:0\"")
+        .toml();
+    let service = InProcess::start(&toml).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!(
+        "http://{}/v2/team/app/blobs/{digest}",
+        service.mirror_addr.unwrap()
+    );
+    let response = http.get(&url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        header(response.headers(), "content-length"),
+        good.len().to_string()
+    );
+    match response.bytes().await {
+        Ok(body) => assert!(
+            body.len() < good.len(),
+            "a complete-looking body of a blob that failed its digest"
+        ),
+        Err(e) => assert!(e.is_body() || e.is_decode(), "{e}"),
+    }
+    // Not kept either: the next request fails at once, nothing is served.
+    let again = http.get(&url).send().await.unwrap();
+    assert_eq!(again.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error_code(again).await, "UNAVAILABLE");
+}
