@@ -58,13 +58,11 @@ mod common;
 mod bare;
 #[path = "common_bench/clients.rs"]
 mod clients;
-#[path = "common_bench/distribution.rs"]
-mod distribution;
 #[path = "common_bench/report.rs"]
 mod report;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -81,8 +79,7 @@ use clients::{H2Settings, Pulled, bounded, grpc_fetch_blob, http_get_blob};
 use common::Spawned;
 use common::config::{ServiceConfig, Upstream};
 use common::content::{Descriptor, OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, manifest_json};
-use common::distribution::Distribution as Seeder;
-use distribution::{Distribution, Mode};
+use common::distribution::{Counts, Distribution as Seeder, Mode, Process};
 use report::{Better, Report, Target};
 
 const MIB: u64 = 1 << 20;
@@ -132,7 +129,8 @@ impl Plan {
             .split(',')
             .map(|g| g.trim().to_string())
             .collect();
-        let out = env("BENCH_OUT").map_or_else(default_out, PathBuf::from);
+        let out =
+            env("BENCH_OUT").map_or_else(|| report::default_out("bench-e2e.json"), PathBuf::from);
         Plan {
             quick,
             runs,
@@ -183,17 +181,6 @@ impl Plan {
     }
 }
 
-/// `target/bench-e2e.json` next to this executable (`target/release/deps/`),
-/// so `CARGO_TARGET_DIR` is respected.
-fn default_out() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf()))
-        .filter(|dir| dir.is_dir())
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
-        .join("bench-e2e.json")
-}
-
 /// `1 MiB`, `256 MiB`, `1 GiB`.
 fn size_label(size: u64) -> String {
     if size >= 1024 * MIB && size % (1024 * MIB) == 0 {
@@ -215,7 +202,7 @@ struct BlobSpec {
 
 /// Everything set up once and shared by the groups.
 struct World {
-    upstream: Distribution,
+    upstream: Process,
     /// The seeding registry (stopped); keeps the upstream's storage dir.
     _seeded: Seeder,
     work: tempfile::TempDir,
@@ -245,8 +232,8 @@ impl World {
     }
 
     /// A proxy registry on fresh storage.
-    fn start_proxy(&self) -> Distribution {
-        Distribution::start(&self.fresh_dir("proxy"), Mode::Proxy(self.upstream.url()))
+    fn start_proxy(&self) -> Process {
+        Process::start(&self.fresh_dir("proxy"), Mode::Proxy(self.upstream.url()))
     }
 
     /// oci-upstream on a fresh cache dir.
@@ -266,7 +253,7 @@ impl World {
     }
 
     /// Upstream GETs of `blob` since `before`, once the log has settled.
-    fn blob_gets_since(&self, before: &distribution::Counts, blob: &BlobSpec) -> u64 {
+    fn blob_gets_since(&self, before: &Counts, blob: &BlobSpec) -> u64 {
         self.upstream
             .settle(Duration::from_millis(150), Duration::from_secs(10));
         self.upstream
@@ -277,7 +264,7 @@ impl World {
 }
 
 /// Stops a proxy registry and deletes its storage.
-fn discard_proxy(proxy: Distribution) {
+fn discard_proxy(proxy: Process) {
     let root = proxy.root.clone();
     drop(proxy);
     let _ = std::fs::remove_dir_all(root);
@@ -439,7 +426,7 @@ async fn setup(plan: &Plan) -> World {
 
     let mut seeded = seeded;
     seeded.stop();
-    let upstream = Distribution::start(&seeded.dir().join("data"), Mode::Plain);
+    let upstream = Process::start(&seeded.dir().join("data"), Mode::Plain);
     let mut config = ServiceConfig::with(Upstream::new("upstream", &upstream.url()));
     if let Some(ttl) = &plan.tag_ttl {
         config = config.cache(&format!("tag_ttl = \"{ttl}\""));
@@ -1054,7 +1041,7 @@ async fn manifests(plan: &Plan, world: &World, warm: &Spawned, report: &mut Repo
     }
     let warmup = plan.manifest_time.min(Duration::from_millis(250));
     let mut upstream_per_1k: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
-    let mut upstream_all = vec![distribution::Counts::default(); systems.len()];
+    let mut upstream_all = vec![Counts::default(); systems.len()];
     let mut calls = vec![0u64; systems.len()];
     for &callers in &plan.manifest_callers {
         eprintln!("  {callers} caller(s)");

@@ -261,10 +261,25 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
 /// CPU time (user + system) `pid` has used so far, in seconds, from
 /// `/proc/PID/stat` (clock ticks of 10 ms).
 pub fn cpu_seconds(pid: u32) -> f64 {
+    stat_seconds(pid, 14, 15)
+}
+
+/// CPU time (user + system) of the children `pid` has waited for, in
+/// seconds (`cutime` and `cstime` of `/proc/PID/stat`): the cost of a
+/// short-lived child such as `skopeo` is the change across its run, when
+/// no other child is reaped meanwhile.
+#[allow(dead_code, reason = "the mirror benchmark's; e2e has no such child")]
+pub fn waited_children_cpu_seconds(pid: u32) -> f64 {
+    stat_seconds(pid, 16, 17)
+}
+
+/// Fields `user` and `system` (1-based, as in proc(5)) of `/proc/PID/stat`,
+/// clock ticks of 10 ms, summed in seconds.
+fn stat_seconds(pid: u32, user: usize, system: usize) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .unwrap_or_else(|e| panic!("read /proc/{pid}/stat: {e}"));
     // Fields after the command name (which is in parentheses and may hold
-    // spaces): state is field 3, utime 14, stime 15.
+    // spaces): state is field 3.
     let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| -> f64 {
@@ -273,7 +288,7 @@ pub fn cpu_seconds(pid: u32) -> f64 {
             .and_then(|f| f.parse::<u64>().ok())
             .unwrap_or_else(|| panic!("/proc/{pid}/stat has no field {i}: {stat}")) as f64
     };
-    (ticks(14) + ticks(15)) / 100.0
+    (ticks(user) + ticks(system)) / 100.0
 }
 
 /// Resets the peak resident set of `pid` to its current RSS (writing `5` to

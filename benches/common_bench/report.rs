@@ -1,7 +1,11 @@
 //! Figures, their statistics (median with min–max over the runs), the table
 //! printed at the end, its JSON twin, and what the machine was.
 
+use std::path::{Path, PathBuf};
+
 use serde_json::{Value, json};
+
+pub use crate::common::num;
 
 /// Which way a figure is better, for reading ratios.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -269,22 +273,6 @@ pub fn print_targets(targets: &[Target]) -> Value {
     )
 }
 
-/// A number with as many decimals as its size deserves.
-pub fn num(v: f64) -> String {
-    let a = v.abs();
-    if !v.is_finite() {
-        "n/a".into()
-    } else if a >= 100.0 || a == 0.0 {
-        format!("{v:.0}")
-    } else if a >= 10.0 {
-        format!("{v:.1}")
-    } else if a >= 1.0 {
-        format!("{v:.2}")
-    } else {
-        format!("{v:.3}")
-    }
-}
-
 fn finite(v: f64) -> Option<f64> {
     v.is_finite().then_some(v)
 }
@@ -348,6 +336,17 @@ pub fn loadavg() -> String {
         .unwrap_or_default()
         .trim()
         .to_string()
+}
+
+/// `target/FILE` next to the running benchmark (`target/release/deps/`), so
+/// `CARGO_TARGET_DIR` is respected; `target/` of the crate otherwise.
+pub fn default_out(file: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf()))
+        .filter(|dir| dir.is_dir())
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join(file)
 }
 
 /// Prints the machine description.

@@ -13,6 +13,15 @@
 //! let registry = Distribution::start_token(&issuer);          // token auth
 //! let image = registry.push_image("team/app", "v1").await;
 //! ```
+//!
+//! [`Process`] serves a storage root (such a registry's, once stopped) as a
+//! plain registry or as a pull-through proxy of another, with its process
+//! id and access log counts, for the benchmarks.
+
+mod process;
+
+#[allow(unused_imports, reason = "the benchmarks use these, the tests do not")]
+pub use process::{Counts, Mode, Process};
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};

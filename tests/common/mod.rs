@@ -11,7 +11,8 @@
 //! - [`rpc`]: request builders and bounded calls, the one FetchBlob reader,
 //!   the one bound ([`rpc::RPC_BOUND`]).
 //! - Peers: [`distribution`] (a real CNCF Distribution registry: anonymous,
-//!   htpasswd or token auth), [`token_issuer`] (a Docker token issuer),
+//!   htpasswd or token auth; for the benchmarks, one over a given storage
+//!   root, plain or in proxy mode, with its pid and access log counts), [`token_issuer`] (a Docker token issuer),
 //!   [`fake`] (a scripted axum registry), [`recording`] (a handler-driven
 //!   axum server that records hosts and connections, over http or TLS),
 //!   [`faulty`] (a hand-written HTTP/1.1 server for faults axum cannot
@@ -23,7 +24,8 @@
 //!   copying images into OCI layouts), [`containerd`] (a throw-away
 //!   containerd daemon and `ctr`).
 //! - Here: [`eventually`], [`require_binary`], [`free_port`],
-//!   [`capture_output`].
+//!   [`capture_output`]; for the benchmarks [`bench_quick`], [`median`],
+//!   [`num`].
 
 #![allow(dead_code)]
 
@@ -140,6 +142,24 @@ pub fn median<T: Copy + PartialOrd>(values: &[T]) -> T {
     let mut sorted = values.to_vec();
     sorted.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     sorted[(sorted.len() - 1) / 2]
+}
+
+/// A number with as many decimals as its size deserves, for the
+/// benchmarks' tables.
+#[allow(dead_code, reason = "used by the benchmarks, not the tests")]
+pub fn num(v: f64) -> String {
+    let a = v.abs();
+    if !v.is_finite() {
+        "n/a".into()
+    } else if a >= 100.0 || a == 0.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
 }
 
 /// Appends a child's stdout and stderr, line by line, to `log`.

@@ -1,9 +1,10 @@
-//! CNCF Distribution (`docker-registry`) processes run by the benchmark
-//! itself, rather than through the test harness, because the benchmark needs
-//! what the harness does not expose: the process id (for VmHWM/VmRSS), the
-//! access log (to count the requests a registry answered), and proxy mode
-//! (`proxy: remoteurl:`), which makes a pull-through cache of another
-//! registry.
+//! A Distribution process over a storage root the caller owns, for the
+//! benchmarks: it exposes what [`super::Distribution`] (the harness's
+//! registry, which pushes content) does not: the process id (for VmHWM,
+//! VmRSS and CPU time), the access log (to count the requests it answered),
+//! and proxy mode (`proxy: remoteurl:`), which makes a pull-through cache of
+//! another registry. A benchmark pushes through the harness's registry,
+//! stops it, and serves the same storage from a [`Process`].
 //!
 //! The access log is parsed as it arrives and only counted (per request line,
 //! query string dropped), so a long run does not accumulate log text.
@@ -83,7 +84,7 @@ impl Counts {
         }
         kinds
             .iter()
-            .map(|(k, n)| format!("{k} {}", crate::report::num(*n as f64 * scale)))
+            .map(|(k, n)| format!("{k} {}", super::super::num(*n as f64 * scale)))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -111,7 +112,7 @@ impl Counts {
 }
 
 /// A running `docker-registry serve CONFIG`, killed on drop.
-pub struct Distribution {
+pub struct Process {
     child: Child,
     /// Where it listens.
     pub addr: SocketAddr,
@@ -123,12 +124,12 @@ pub struct Distribution {
     _config_dir: tempfile::TempDir,
 }
 
-impl Distribution {
+impl Process {
     /// Starts a registry over `root` (created if missing) and waits until it
     /// answers `GET /v2/`. A proxy needs its remote up: Distribution 2.8
     /// pings the remote's `/v2/` at start and panics if it cannot connect.
-    pub fn start(root: &Path, mode: Mode) -> Distribution {
-        let bin = crate::common::require_binary(
+    pub fn start(root: &Path, mode: Mode) -> Process {
+        let bin = super::super::require_binary(
             "docker-registry",
             &["/usr/bin/docker-registry"],
             "apt-get install -y docker-registry",
@@ -137,7 +138,7 @@ impl Distribution {
         let config_dir = tempfile::tempdir().expect("temp dir for a registry config");
         let mut last = String::new();
         for _ in 0..START_ATTEMPTS {
-            let addr: SocketAddr = ([127, 0, 0, 1], crate::common::free_port()).into();
+            let addr: SocketAddr = ([127, 0, 0, 1], super::super::free_port()).into();
             let config = config_dir.path().join("config.yml");
             std::fs::write(&config, config_yaml(root, addr, &mode)).expect("write registry config");
             let mut child = Command::new(&bin)
@@ -184,9 +185,9 @@ impl Distribution {
                     }
                 });
             }
-            match crate::common::distribution::wait_ready(&mut child, addr) {
+            match super::wait_ready(&mut child, addr) {
                 Ok(()) => {
-                    return Distribution {
+                    return Process {
                         child,
                         addr,
                         root: root.to_path_buf(),
@@ -253,7 +254,7 @@ impl Distribution {
             .is_file()
     }
 
-    /// Waits (up to `limit`) until [`Distribution::holds_blob`]; whether it
+    /// Waits (up to `limit`) until [`Process::holds_blob`]; whether it
     /// does.
     pub fn wait_for_blob(&self, digest: &str, limit: Duration) -> bool {
         let started = Instant::now();
@@ -272,7 +273,7 @@ impl Distribution {
     }
 }
 
-impl Drop for Distribution {
+impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
