@@ -620,14 +620,11 @@ async fn the_mirror_shares_the_concurrency_limit_with_grpc() {
     );
     // The client leaves: the permit is back.
     drop(streaming);
-    let mut answered = false;
-    for _ in 0..100 {
-        if http.get(url("/v2/")).send().await.unwrap().status() == StatusCode::OK {
-            answered = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let base = url("/v2/");
+    let answered = common::eventually_async(|| async {
+        http.get(&base).send().await.unwrap().status() == StatusCode::OK
+    })
+    .await;
     assert!(answered, "the permit came back when the client left");
 }
 
@@ -653,14 +650,11 @@ async fn an_unread_blob_body_is_cut_after_the_idle_timeout() {
     assert_eq!(unread.status(), StatusCode::OK);
     // The client keeps the response and reads nothing: once the buffers
     // are full, the idle rule releases the one permit.
-    let mut answered = false;
-    for _ in 0..200 {
-        if http.get(url("/v2/")).send().await.unwrap().status() == StatusCode::OK {
-            answered = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let base = url("/v2/");
+    let answered = common::eventually_async(|| async {
+        http.get(&base).send().await.unwrap().status() == StatusCode::OK
+    })
+    .await;
     assert!(answered, "the permit of an unread body came back");
     let body = unread.bytes().await;
     assert!(

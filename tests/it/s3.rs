@@ -20,7 +20,7 @@ use crate::common;
 use common::Spawned;
 use common::config::{ServiceConfig, Upstream};
 use common::content::{pseudo_random_bytes, sha256_digest};
-use common::distribution::Distribution;
+use common::distribution::{Distribution, Image};
 use common::metrics::Scrape;
 use common::rpc::{blob_request, bounded, fetch_manifest, read_blob, read_blob_discarded};
 use common::s3::{S3, StoredObject};
@@ -67,6 +67,19 @@ async fn published(s3: &S3, digest: &str) -> StoredObject {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// FetchBlob of every blob of `image` (bounded), each checked; how long
+/// they took in all (printed, never asserted).
+async fn fetch_every_blob(client: &mut common::rpc::Client, image: &Image, what: &str) -> Duration {
+    let started = Instant::now();
+    for blob in image.blobs() {
+        let read = bounded(read_blob(client, blob_request("team/app", &blob.digest))).await;
+        read.assert_bytes(&blob.data, what);
+    }
+    let took = started.elapsed();
+    eprintln!("{} blobs {what} in {took:?}", image.blobs().count());
+    took
 }
 
 fn s3_errors(scrape: &Scrape) -> f64 {
@@ -341,20 +354,12 @@ async fn with_the_bucket_down_blobs_come_from_the_upstream_and_the_errors_are_co
     let a = replica(&registry.url(), &s3);
     s3.stop();
     let mut client = a.client().await;
-    let started = Instant::now();
-    for blob in image.blobs() {
-        let read = bounded(read_blob(
-            &mut client,
-            blob_request("team/app", &blob.digest),
-        ))
-        .await;
-        read.assert_bytes(&blob.data, "from the upstream with the bucket down");
-    }
-    eprintln!(
-        "{} blobs with the bucket down in {:?}",
-        image.blobs().count(),
-        started.elapsed()
-    );
+    fetch_every_blob(
+        &mut client,
+        &image,
+        "from the upstream with the bucket down",
+    )
+    .await;
     let manifest = fetch_manifest(&mut client, "team/app", "v1")
         .await
         .expect("FetchManifest");
@@ -428,20 +433,7 @@ async fn a_bucket_that_accepts_and_never_answers_costs_a_bounded_wait() {
     let config = ServiceConfig::with(Upstream::new("hub", &registry.url())).shared_cache(&table);
     let a = Spawned::start_with_env(&config.toml(), &S3::ENV);
     let mut client = a.client().await;
-    let started = Instant::now();
-    for blob in image.blobs() {
-        let read = bounded(read_blob(
-            &mut client,
-            blob_request("team/app", &blob.digest),
-        ))
-        .await;
-        read.assert_bytes(&blob.data, "served past a bucket that never answers");
-    }
-    eprintln!(
-        "{} blobs past a black hole in {:?}",
-        image.blobs().count(),
-        started.elapsed()
-    );
+    fetch_every_blob(&mut client, &image, "past a bucket that never answers").await;
     let scrape = Scrape::of(a.metrics_addr.unwrap()).await;
     assert!(s3_errors(&scrape) > 0.0, "the timeouts are counted");
 }
