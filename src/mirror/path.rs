@@ -239,13 +239,9 @@ mod tests {
             })
         );
         assert_eq!(of("bytes=-10"), Some(ByteRange::Suffix(10)));
-        for ignored in [
-            "bytes=0-1,5-6",
-            "items=0-1",
-            "bytes=5-2",
-            "bytes=x-",
-            "bytes=",
-        ] {
+        assert_eq!(of("bytes=5-2"), Some(ByteRange::Backwards));
+        assert_eq!(ByteRange::Backwards.span(1000), None);
+        for ignored in ["bytes=0-1,5-6", "items=0-1", "bytes=x-", "bytes="] {
             assert_eq!(of(ignored), None, "{ignored}");
         }
         let r = |first, last| ByteRange::From { first, last };
