@@ -281,21 +281,38 @@ impl<E: Clone + Send + Sync + From<CacheError> + 'static> Cache<E> {
         object: &Object,
     ) -> Option<Reader<E>> {
         match &object.place {
-            Place::Disk(path) => {
-                let file = std::fs::File::open(path).ok()?;
-                let on_disk = file.metadata().ok()?.len();
-                if on_disk != object.size {
-                    self.evict_damaged(digest, object.size, on_disk);
-                    return None;
-                }
-                Some(Reader::stored(file, object.size))
-            }
+            Place::Disk(path) => self.open_stored(digest, path, object.size),
             Place::Shared => {
                 if let Some(download) = self.downloads.get(digest) {
-                    return self.join(&download).ok();
+                    return self.join_or_stored(digest, &download);
                 }
                 self.fill_from_shared(digest, object).await
             }
+        }
+    }
+
+    /// A reader of the stored file of `digest`, unless it is not `size`
+    /// bytes (then it is evicted).
+    fn open_stored(&self, digest: &Digest, path: &Path, size: u64) -> Option<Reader<E>> {
+        let file = std::fs::File::open(path).ok()?;
+        let on_disk = file.metadata().ok()?.len();
+        if on_disk != size {
+            self.evict_damaged(digest, size, on_disk);
+            return None;
+        }
+        Some(Reader::stored(file, size))
+    }
+
+    /// A reader of `download`, or, when it was committed a moment ago (its
+    /// temp file already renamed into the store), of the stored object.
+    fn join_or_stored(&self, digest: &Digest, download: &Arc<Download<E>>) -> Option<Reader<E>> {
+        if let Ok(reader) = self.join(download) {
+            return Some(reader);
+        }
+        let stored = self.store.lookup(digest)?;
+        match &stored.place {
+            Place::Disk(path) => self.open_stored(digest, path, stored.size),
+            Place::Shared => None,
         }
     }
 
@@ -451,7 +468,7 @@ impl<E: Clone + Send + Sync + From<CacheError> + 'static> Cache<E> {
         let download = Arc::new(Download::new(path, object.size, object.holders.clone()));
         if let Err(existing) = self.downloads.insert_new(digest.clone(), download.clone()) {
             let _ = std::fs::remove_file(&download.path);
-            return self.join(&existing).ok();
+            return self.join_or_stored(digest, &existing);
         }
         let writer = DownloadWriter::start(file, digest.algorithm().verifier(), download.clone());
         let reader = self.join(&download);
